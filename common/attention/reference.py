@@ -1,0 +1,122 @@
+"""Plain-torch paged attention: the CPU path, and the reference every kernel is tested against.
+
+Signatures match the Triton kernels (common/attention/triton_*.py) so a backend can
+swap one for the other. fp8 caches hold K/V divided by their per-layer scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.attention.metadata import AttentionMetadata
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def write_kv(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,  # [N, L, 2, Hkv, BS, D]
+    layer: int,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    block_size = kv_cache.shape[4]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    kv_cache[blocks, layer, 0, :, offsets] = _to_cache(key, k_scale, kv_cache.dtype)
+    kv_cache[blocks, layer, 1, :, offsets] = _to_cache(value, v_scale, kv_cache.dtype)
+
+
+def _to_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if dtype in FP8_DTYPES:
+        return (x.float() / scale).to(dtype)
+    return x.to(dtype)
+
+
+def _from_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if x.dtype in FP8_DTYPES:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
+
+
+def gather_context(
+    kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, seq_len: int, kv: int
+) -> torch.Tensor:
+    """One request's K (kv=0) or V (kv=1) of one layer as [Hkv, seq_len, D]."""
+    num_blocks = -(-seq_len // kv_cache.shape[4])
+    tiles = kv_cache[block_table[:num_blocks].long(), layer, kv]  # [nb, Hkv, BS, D]
+    hkv, d = tiles.shape[1], tiles.shape[3]
+    return tiles.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :seq_len]
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    kv_cache: torch.Tensor,
+    layer: int,
+    metadata: AttentionMetadata,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """Causal attention of every packed query token to its request's cached context."""
+    if metadata.is_pure_decode:
+        return _decode_attention(query, kv_cache, layer, metadata, scale, k_scale, v_scale)
+    out = torch.empty_like(query)
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+        table = metadata.block_tables[i]
+        k = _from_cache(gather_context(kv_cache, layer, table, seq_len, 0), k_scale, query.dtype)
+        v = _from_cache(gather_context(kv_cache, layer, table, seq_len, 1), v_scale, query.dtype)
+        q = query[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
+        first_pos = seq_len - q_len
+        mask = torch.arange(seq_len)[None, :] <= (first_pos + torch.arange(q_len))[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    metadata: AttentionMetadata,
+    scale: float,
+    k_scale: float,
+    v_scale: float,
+) -> torch.Tensor:
+    """One query token per request: all requests in one padded SDPA call."""
+    block_size = kv_cache.shape[4]
+    max_len = metadata.max_seq_len
+    num_blocks = -(-max_len // block_size)
+    tables = metadata.block_tables[:, :num_blocks].long()  # [B, nb]
+    tiles = kv_cache[tables, layer]  # [B, nb, 2, Hkv, BS, D]
+    b, nb, _, hkv, bs, d = tiles.shape
+    kv = tiles.permute(2, 0, 3, 1, 4, 5).reshape(2, b, hkv, nb * bs, d)[:, :, :, :max_len]
+    k = _from_cache(kv[0], k_scale, query.dtype)
+    v = _from_cache(kv[1], v_scale, query.dtype)
+    seq_lens = metadata.seq_lens.to(torch.long).cpu() if metadata.seq_lens.is_cuda else metadata.seq_lens
+    mask = torch.arange(max_len, device=query.device)[None, :] < seq_lens.to(query.device)[:, None]
+    q = query.unsqueeze(2)  # [B, Hq, 1, D]
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o.squeeze(2)
+
+
+class TorchAttentionBackend:
+    """The attention backend of the CPU path (and any device without the Triton kernels)."""
+
+    name = "torch"
+
+    def write_kv(self, key, value, kv_cache, layer, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
+        write_kv(key, value, kv_cache, layer, slot_mapping, k_scale, v_scale)
+
+    def attention(self, query, kv_cache, layer, metadata, scale, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
+        return paged_attention(query, kv_cache, layer, metadata, scale, k_scale, v_scale)

@@ -1,0 +1,1 @@
+"""Configuration and command-line flags (torch-free)."""

@@ -1,0 +1,52 @@
+"""The engine's settings, named as vLLM's flags (dest names), with vLLM's defaults.
+
+Filled from the command line by common/config/engine_args.py. `None` means "resolve
+from the model or device" (see resolve_defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    # model
+    model: str | None = None  # None: the embedded default model
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    served_model_name: list[str] | None = None
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    download_dir: str | None = None
+    hf_config_path: str | None = None
+    generation_config: str = "auto"  # auto | vllm | a folder
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (half, float, bf16 aliases)
+    seed: int = 0
+    max_model_len: int | None = None
+    max_logprobs: int = 20
+    chat_template: str | None = None
+    # device and cache
+    device: str = "auto"  # auto | cpu | cuda
+    block_size: int | None = None  # None -> 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    kv_cache_dtype: str = "auto"  # auto | fp8 | fp8_e4m3 | bfloat16 | float16 | float32
+    enable_prefix_caching: bool | None = None  # None -> True
+    prefix_caching_hash_algo: str = "sha256"  # sha256 | sha256_cbor | xxhash | xxhash_cbor
+    # scheduler
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    enable_chunked_prefill: bool | None = None  # None -> True
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+    enforce_eager: bool = False
+    # parallelism and disaggregation
+    tensor_parallel_size: int = 1
+    kv_transfer_config: dict[str, Any] | None = None
+    kv_events_config: dict[str, Any] | None = None
+    disable_log_stats: bool = False

@@ -1,0 +1,25 @@
+"""What the engine reports after a step, per request that made progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    stop_reason: int | None  # the stop token id, when one ended the request
+    num_prompt_tokens: int
+    num_cached_tokens: int

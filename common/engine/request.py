@@ -1,0 +1,78 @@
+"""One request's state inside an engine: its tokens, progress and status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from common.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None
+    priority: int = 0  # lower runs first under --scheduling-policy priority
+    arrival_time: float = field(default_factory=time.monotonic)
+    cache_salt: str | None = None
+
+    # prompt + output; the single source of truth for this request's tokens
+    all_token_ids: list[int] = field(init=False)
+    # tokens whose K/V are in the cache (cached prefix hits count as computed)
+    num_computed_tokens: int = 0
+    # prompt tokens found in the prefix cache at the first schedule; -1 before that
+    num_cached_tokens: int = -1
+    status: RequestStatus = RequestStatus.WAITING
+    # hashes of the full blocks of all_token_ids, filled by the KV-cache manager
+    block_hashes: list = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: int | None = None  # the stop token id that ended it, if one did
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids) :]
+
+    def append_output_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
