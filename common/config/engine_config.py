@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.config.kv_events_config import KVEventsConfig
+from common.config.kv_transfer_config import KVTransferConfig
+
 
 @dataclass
 class EngineConfig:
@@ -23,7 +26,7 @@ class EngineConfig:
     hf_config_path: str | None = None
     generation_config: str = "auto"  # auto | vllm | a folder
     override_generation_config: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (half, float, bf16 aliases)
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (the flag's half/float become float16/float32)
     seed: int = 0
     max_model_len: int | None = None
     max_logprobs: int = 20
@@ -43,10 +46,11 @@ class EngineConfig:
     enable_chunked_prefill: bool | None = None  # None -> True
     long_prefill_token_threshold: int = 0
     max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
     scheduling_policy: str = "fcfs"  # fcfs | priority
     enforce_eager: bool = False
     # parallelism and disaggregation
     tensor_parallel_size: int = 1
-    kv_transfer_config: dict[str, Any] | None = None
-    kv_events_config: dict[str, Any] | None = None
+    kv_transfer_config: KVTransferConfig | None = None
+    kv_events_config: KVEventsConfig | None = None
     disable_log_stats: bool = False

@@ -23,3 +23,11 @@ class RequestOutput:
     stop_reason: int | None  # the stop token id, when one ended the request
     num_prompt_tokens: int
     num_cached_tokens: int
+
+
+@dataclass
+class SampledToken:
+    """The token the sampler chose for one request this step (what the scheduler consumes)."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None = None

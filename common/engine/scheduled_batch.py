@@ -17,6 +17,9 @@ class ScheduledBatch:
     # every block id the request holds, in order (its block table)
     block_tables: list[list[int]]
     preempted_request_ids: list[str] = field(default_factory=list)
+    # requests finished (stopped, aborted) since the previous step: the runner drops
+    # whatever it keeps per request for them
+    finished_request_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

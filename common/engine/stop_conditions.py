@@ -1,0 +1,30 @@
+"""Whether a request is done after its newest token: EOS, stop token ids, or a length limit.
+
+Stop strings are not here: they need text, which the router (or the batch front end)
+checks and answers with an abort.
+"""
+
+from __future__ import annotations
+
+from common.engine.request import Request, RequestStatus
+
+
+def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
+    """The finished status the newest output token puts the request in, or None to go on.
+
+    A stop token (EOS unless ignore_eos, or one of stop_token_ids) counts only once
+    min_tokens outputs exist, and wins over a length limit reached by the same token, so
+    a model that ended on its own reads "stop". Sets request.stop_reason for stop_token_ids.
+    """
+    params = request.sampling_params
+    num_output = request.num_output_tokens
+    if num_output >= params.min_tokens and num_output > 0:
+        last = request.all_token_ids[-1]
+        if last == request.eos_token_id and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if last in params.stop_token_ids:
+            request.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
+    if num_output >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None

@@ -1,0 +1,215 @@
+"""`pdserve`: lazy subcommands, help, version, exit statuses and one-line errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from common.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[2]
+ALL_SUBCOMMANDS = [
+    "serve",
+    "router",
+    "prefill",
+    "decode",
+    "chat",
+    "complete",
+    "bench",
+    "collect-env",
+    "run-batch",
+]
+
+FAKE_SUBCOMMAND = '''
+"""A subcommand with the engine flags, for tests; it records the EngineConfig it got."""
+from common.config.engine_args import add_engine_args, engine_config_from_args
+
+received = []
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("fake", help="a fake subcommand")
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    received.append(engine_config_from_args(args))
+    return 3 if args.max_model_len == 3 else None
+'''
+
+
+@pytest.fixture
+def fake_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`fake` (a working subcommand), `boom` (fails on import) and `needy` (needs a missing package)."""
+    (tmp_path / "pdserve_fake_cmd.py").write_text(FAKE_SUBCOMMAND)
+    (tmp_path / "pdserve_boom_cmd.py").write_text("raise RuntimeError('imported although not invoked')\n")
+    (tmp_path / "pdserve_needy_cmd.py").write_text("import pdserve_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(
+        cli,
+        "SUBCOMMANDS",
+        {
+            "fake": cli.Subcommand("pdserve_fake_cmd", "A fake subcommand."),
+            "boom": cli.Subcommand("pdserve_boom_cmd", "Explodes when imported."),
+            "needy": cli.Subcommand("pdserve_needy_cmd", "Needs a missing package."),
+            "later": cli.Subcommand("common.cli.pdserve_not_written_yet", "Comes in a later build."),
+        },
+    )
+    for name in ("pdserve_fake_cmd", "pdserve_boom_cmd", "pdserve_needy_cmd"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return tmp_path
+
+
+def one_line(text: str) -> str:
+    assert text.count("\n") == 1 and text.endswith("\n"), f"expected one line, got {text!r}"
+    return text.strip()
+
+
+def test_subcommand_runs_with_its_engine_flags_and_imports_only_itself(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["fake", "--max-model-len", "1k", "--block-size", "32"]) == 0
+    received = sys.modules["pdserve_fake_cmd"].received
+    assert [(c.max_model_len, c.block_size) for c in received] == [(1000, 32)]
+    assert "pdserve_boom_cmd" not in sys.modules
+
+
+def test_subcommand_exit_status_is_returned(fake_modules: Path) -> None:
+    assert cli.main(["fake", "--max-model-len", "3"]) == 3
+
+
+def test_help_lists_every_subcommand_without_importing_any(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    for name, sub in cli.SUBCOMMANDS.items():
+        assert name in out and sub.help in out
+    assert "pdserve_boom_cmd" not in sys.modules and "pdserve_fake_cmd" not in sys.modules
+
+
+def test_bad_value_is_one_line_naming_the_subcommand_and_flag(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["fake", "--block-size", "7"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "pdserve fake: error: argument --block-size: invalid choice: '7' (choose from 1, 8, 16, 32, 64, 128)"
+    )
+    assert cli.main(["fake", "--max-model-len", "abc"]) == 2
+    assert "pdserve fake: error: argument --max-model-len: invalid value 'abc'" in one_line(
+        capsys.readouterr().err
+    )
+
+
+def test_trust_remote_code_is_refused_through_main(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["fake", "--trust-remote-code"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(
+        "pdserve fake: error: --trust-remote-code is not supported: pdserve never runs code"
+    )
+
+
+def test_subcommand_not_written_yet_says_so_in_one_line(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["later", "--anything"]) == 2
+    assert one_line(capsys.readouterr().err) == "pdserve later: not available in this build yet"
+
+
+def test_subcommand_missing_a_package_says_which_in_one_line(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["needy"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("pdserve needy: needs the Python package 'pdserve_no_such_dependency'")
+
+
+def test_no_subcommand_and_unknown_subcommand_exit_2_in_one_line(
+    fake_modules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([]) == 2
+    assert one_line(capsys.readouterr().err).startswith("pdserve: error: give a subcommand: fake, boom")
+    assert cli.main(["nope"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("pdserve: error: argument subcommand: invalid choice: 'nope'") and "'fake'" in line
+
+
+def test_table_holds_the_designed_subcommands() -> None:
+    assert list(cli.SUBCOMMANDS) == ALL_SUBCOMMANDS
+    assert cli.SUBCOMMANDS["run-batch"].module == "common.cli.run_batch"
+    assert all(sub.help for sub in cli.SUBCOMMANDS.values())
+
+
+# --- real processes ----------------------------------------------------------------------
+
+
+def run(*command: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(command), capture_output=True, text=True, cwd=REPO, timeout=120, **kwargs)
+
+
+def test_python_m_help_lists_all_subcommands() -> None:
+    proc = run(sys.executable, "-m", "common.cli.main", "-h")
+    assert proc.returncode == 0, proc.stderr
+    for name in ALL_SUBCOMMANDS:
+        assert f"    {name} " in proc.stdout
+
+
+def test_console_script_help_and_version() -> None:
+    assert shutil.which("pdserve"), "the pdserve console script is not installed: pip install -e ."
+    proc = run("pdserve", "-h")
+    assert proc.returncode == 0 and "collect-env" in proc.stdout
+    proc = run("pdserve", "--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"pdserve {importlib.metadata.version('pdserve')}"
+
+
+def test_bad_value_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) -> None:
+    (tmp_path / "pdserve_fake_cmd.py").write_text(FAKE_SUBCOMMAND)
+    script = textwrap.dedent(
+        """
+        import sys
+        from common.cli import main as cli
+        cli.SUBCOMMANDS["fake"] = cli.Subcommand("pdserve_fake_cmd", "fake")
+        sys.exit(cli.main(sys.argv[1:]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = run(sys.executable, "-c", script, "fake", "--dtype", "fp64", env=env)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert one_line(proc.stderr) == (
+        "pdserve fake: error: argument --dtype: invalid choice: 'fp64' "
+        "(choose from auto, half, float16, bfloat16, float, float32)"
+    )
+
+
+def test_config_and_cli_stay_torch_free() -> None:
+    script = textwrap.dedent(
+        """
+        import contextlib, io, json, sys
+        import common.config.engine_args
+        from common.cli import main as cli
+        cli.SUBCOMMANDS["later"] = cli.Subcommand("common.cli.pdserve_not_written_yet", "later")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            statuses = [cli.main(["-h"]), cli.main(["later"]), cli.main(["--version"])]
+        from common.config.arg_parser import PdserveArgumentParser
+        parser = PdserveArgumentParser(prog="x")
+        common.config.engine_args.add_engine_args(parser)
+        common.config.engine_args.engine_config_from_args(parser.parse_args(["--kv-transfer-config.kv_role", "kv_both"]))
+        print(json.dumps({"statuses": statuses, "torch": "torch" in sys.modules}))
+        """
+    )
+    proc = run(sys.executable, "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"statuses": [0, 2, 0], "torch": False}
