@@ -1,0 +1,138 @@
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2.
+
+The model runs a packed batch: the new tokens of many requests, one after another, with
+no batch dimension. Attention goes through a backend (plain torch on CPU, Triton on
+GPU) that writes this step's K/V into the paged cache and attends over it, as
+AttentionMetadata describes.
+
+Differences between the family members are flags of ModelConfig: q/k/v bias (Qwen2),
+per-head q/k RMSNorm before RoPE (Qwen3), explicit head_dim, RoPE scaling, tied LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.attention.metadata import AttentionMetadata
+from common.models.config import ModelConfig
+from common.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = rotary  # one table shared by every layer
+        self.backend = backend
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        self.backend.write_kv(k, v, kv_cache, self.layer_idx, meta.slot_mapping)
+        out = self.backend.attention(q, kv_cache, self.layer_idx, meta, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx, rotary, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend) -> None:
+        super().__init__()
+        self.config = config
+        self.attn_backend = attn_backend
+        self.embed_tokens = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size), requires_grad=False
+        )
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.rotary_emb, attn_backend) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = nn.Parameter(
+                torch.empty(config.vocab_size, config.hidden_size), requires_grad=False
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, Hkv, block_size, D]
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] of every packed token."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(positions, x, kv_cache, attn_metadata)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] in float32 for the hidden states of the tokens that sample."""
+        return F.linear(hidden, self.lm_head).float()
+
+    def weight_targets(self) -> dict[str, torch.Tensor]:
+        """Hugging Face tensor name -> the tensor (or slice of a fused one) it loads into."""
+        targets = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm.weight}
+        if not self.config.tie_word_embeddings:
+            targets["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            attn, p = layer.self_attn, f"model.layers.{i}."
+            q, kv = attn.q_size, attn.kv_size
+            for suffix in ("weight", "bias") if self.config.attention_bias else ("weight",):
+                fused = getattr(attn.qkv_proj, suffix)
+                targets[p + f"self_attn.q_proj.{suffix}"] = fused[:q]
+                targets[p + f"self_attn.k_proj.{suffix}"] = fused[q : q + kv]
+                targets[p + f"self_attn.v_proj.{suffix}"] = fused[q + kv :]
+            targets[p + "self_attn.o_proj.weight"] = attn.o_proj.weight
+            if self.config.attention_out_bias:
+                targets[p + "self_attn.o_proj.bias"] = attn.o_proj.bias
+            if self.config.qk_norm:
+                targets[p + "self_attn.q_norm.weight"] = attn.q_norm.weight
+                targets[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
+            gate_up, n = layer.mlp.gate_up_proj.weight, self.config.intermediate_size
+            targets[p + "mlp.gate_proj.weight"] = gate_up[:n]
+            targets[p + "mlp.up_proj.weight"] = gate_up[n:]
+            targets[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight
+            targets[p + "input_layernorm.weight"] = layer.input_layernorm.weight
+            targets[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        return targets
