@@ -1,0 +1,202 @@
+"""Messages between the router and the workers: msgpack maps over ZMQ, never pickle.
+
+Every message is a map with a "type" key and a "request_id" (load reports carry the
+worker id instead). `decode_message` validates an incoming frame completely and raises
+ProtocolError on anything malformed, so a worker or router answers with an error
+message instead of crashing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from common.sampling_params import SamplingParams
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+@dataclass
+class GenerateRequest:
+    """Router → worker: run this prompt. prefill_only: compute the prompt, sample the
+    first token and keep the blocks for a decode worker to pull (kv_transfer_params in
+    the answer). kv_transfer_params given: pull the prompt's KV from that producer."""
+
+    TYPE: ClassVar[str] = "generate"
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: dict[str, Any]
+    priority: int = 0
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    prefill_only: bool = False
+
+    def sampling(self) -> SamplingParams:
+        return sampling_params_from_wire(self.sampling_params)
+
+
+@dataclass
+class Abort:
+    TYPE: ClassVar[str] = "abort"
+    request_id: str
+
+
+@dataclass
+class TokenDelta:
+    """Worker → router: new tokens of a request; the last one has finish_reason set.
+    logprobs rows: [token_id, logprob, rank, [[top_id, top_logprob], ...]]."""
+
+    TYPE: ClassVar[str] = "delta"
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[list[Any]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    # set by a prefill_only request's answer: how the decode worker finds the blocks
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+@dataclass
+class ErrorMessage:
+    TYPE: ClassVar[str] = "error"
+    request_id: str
+    code: int
+    message: str
+
+
+@dataclass
+class LoadReport:
+    """Worker → router, periodically and after changes: what routing weighs."""
+
+    TYPE: ClassVar[str] = "load"
+    worker_id: str
+    role: str  # "prefill" | "decode" | "both"
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    queued_prefill_tokens: int
+    request_id: str = ""  # load reports concern no request
+    engine_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateRequest, Abort, TokenDelta, ErrorMessage, LoadReport)}
+Message = GenerateRequest | Abort | TokenDelta | ErrorMessage | LoadReport
+
+_SAMPLING_FIELDS = {f.name: f for f in dataclasses.fields(SamplingParams)}
+
+
+def encode_message(msg: Message) -> bytes:
+    body = dataclasses.asdict(msg)
+    body["type"] = msg.TYPE
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_message(frame: bytes) -> Message:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes is larger than {MAX_FRAME_BYTES}")
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_bin_len=MAX_FRAME_BYTES)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("a message must be a msgpack map")
+    cls = MESSAGE_TYPES.get(body.pop("type", None))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type; expected one of {sorted(MESSAGE_TYPES)}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(body) - set(known)
+    if unknown:
+        raise ProtocolError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    try:
+        msg = cls(**body)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.TYPE}: {exc}") from None
+    _check_types(msg)
+    return msg
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ProtocolError(what)
+
+
+def _check_types(msg: Message) -> None:
+    _check(isinstance(msg.request_id, str) and len(msg.request_id) <= 1024, "request_id must be a string")
+    if isinstance(msg, GenerateRequest):
+        ids = msg.prompt_token_ids
+        _check(isinstance(ids, list) and len(ids) > 0, "generate: prompt_token_ids must be a non-empty list")
+        _check(all(_is_int(t) and t >= 0 for t in ids), "generate: prompt_token_ids must be non-negative ints")
+        _check(isinstance(msg.sampling_params, dict), "generate: sampling_params must be a map")
+        sampling_params_from_wire(msg.sampling_params)
+        _check(_is_int(msg.priority), "generate: priority must be an int")
+        _check(msg.cache_salt is None or isinstance(msg.cache_salt, str), "generate: cache_salt must be a string")
+        _check(
+            msg.kv_transfer_params is None or isinstance(msg.kv_transfer_params, dict),
+            "generate: kv_transfer_params must be a map",
+        )
+        _check(isinstance(msg.prefill_only, bool), "generate: prefill_only must be a bool")
+    elif isinstance(msg, TokenDelta):
+        _check(isinstance(msg.token_ids, list) and all(_is_int(t) for t in msg.token_ids), "delta: token_ids")
+        _check(msg.logprobs is None or isinstance(msg.logprobs, list), "delta: logprobs must be a list")
+        _check(msg.finish_reason in (None, "stop", "length", "abort"), "delta: finish_reason")
+        _check(msg.stop_reason is None or _is_int(msg.stop_reason), "delta: stop_reason must be an int")
+        _check(_is_int(msg.num_prompt_tokens) and _is_int(msg.num_cached_tokens), "delta: token counts")
+        _check(
+            msg.kv_transfer_params is None or isinstance(msg.kv_transfer_params, dict),
+            "delta: kv_transfer_params must be a map",
+        )
+    elif isinstance(msg, ErrorMessage):
+        _check(_is_int(msg.code) and isinstance(msg.message, str), "error: code must be an int, message a string")
+    elif isinstance(msg, LoadReport):
+        _check(isinstance(msg.worker_id, str) and isinstance(msg.role, str), "load: worker_id and role")
+        _check(all(_is_int(x) for x in (msg.num_running, msg.num_waiting, msg.queued_prefill_tokens)), "load: counts")
+        _check(_is_number(msg.kv_cache_usage), "load: kv_cache_usage must be a number")
+        _check(isinstance(msg.extra, dict), "load: extra must be a map")
+
+
+def sampling_params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    wire = dataclasses.asdict(params)
+    if params.logit_bias is not None:
+        wire["logit_bias"] = {int(k): float(v) for k, v in params.logit_bias.items()}
+    return wire
+
+
+def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
+    unknown = set(wire) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise ProtocolError(f"sampling_params: unknown fields {sorted(unknown)}")
+    for name, value in wire.items():
+        if value is None and name in ("seed", "logit_bias", "logprobs"):
+            continue
+        if name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            _check(_is_number(value), f"sampling_params.{name} must be a number")
+        elif name == "ignore_eos":
+            _check(isinstance(value, bool), "sampling_params.ignore_eos must be a bool")
+        elif name == "stop_token_ids":
+            _check(isinstance(value, list) and all(_is_int(t) for t in value), "sampling_params.stop_token_ids")
+        elif name == "logit_bias":
+            _check(
+                isinstance(value, dict) and all(_is_int(k) and _is_number(v) for k, v in value.items()),
+                "sampling_params.logit_bias must map ints to numbers",
+            )
+        else:
+            _check(_is_int(value), f"sampling_params.{name} must be an int")
+    return SamplingParams(**wire)
