@@ -1,7 +1,8 @@
 """Plain-torch paged attention: the CPU path, and the reference every kernel is tested against.
 
 Signatures match the Triton kernels (common/attention/triton_*.py) so a backend can
-swap one for the other. fp8 caches hold K/V divided by their per-layer scale.
+swap one for the other. fp8 caches hold K/V divided by their per-layer scale, saturated
+to the e4m3 range (±448) rather than turned into NaN.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from common.attention.metadata import AttentionMetadata
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_E4M3_MAX = 448.0
 
 
 def write_kv(
@@ -35,7 +37,7 @@ def write_kv(
 
 def _to_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     if dtype in FP8_DTYPES:
-        return (x.float() / scale).to(dtype)
+        return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
     return x.to(dtype)
 
 
@@ -69,13 +71,14 @@ def paged_attention(
         return _decode_attention(query, kv_cache, layer, metadata, scale, k_scale, v_scale)
     out = torch.empty_like(query)
     start = 0
-    for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+    for i, (q_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu, strict=True)):
         table = metadata.block_tables[i]
         k = _from_cache(gather_context(kv_cache, layer, table, seq_len, 0), k_scale, query.dtype)
         v = _from_cache(gather_context(kv_cache, layer, table, seq_len, 1), v_scale, query.dtype)
         q = query[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
         first_pos = seq_len - q_len
-        mask = torch.arange(seq_len)[None, :] <= (first_pos + torch.arange(q_len))[:, None]
+        positions = torch.arange(seq_len, device=query.device)
+        mask = positions[None, :] <= (first_pos + positions[:q_len])[:, None]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
@@ -99,10 +102,13 @@ def _decode_attention(
     tiles = kv_cache[tables, layer]  # [B, nb, 2, Hkv, BS, D]
     b, nb, _, hkv, bs, d = tiles.shape
     kv = tiles.permute(2, 0, 3, 1, 4, 5).reshape(2, b, hkv, nb * bs, d)[:, :, :, :max_len]
-    k = _from_cache(kv[0], k_scale, query.dtype)
-    v = _from_cache(kv[1], v_scale, query.dtype)
     seq_lens = metadata.seq_lens.to(torch.long).cpu() if metadata.seq_lens.is_cuda else metadata.seq_lens
     mask = torch.arange(max_len, device=query.device)[None, :] < seq_lens.to(query.device)[:, None]
+    # positions past a sequence's end hold whatever the cache had (even NaN bit patterns);
+    # zero them, since a masked score still multiplies its V row by 0.
+    keep = mask[:, None, :, None]
+    k = _from_cache(kv[0], k_scale, query.dtype).masked_fill(~keep, 0.0)
+    v = _from_cache(kv[1], v_scale, query.dtype).masked_fill(~keep, 0.0)
     q = query.unsqueeze(2)  # [B, Hq, 1, D]
     o = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True

@@ -1,0 +1,280 @@
+"""Triton paged decode attention: one query token per sequence, split over the context.
+
+Flash-decoding: program (seq, kv_head, split) attends the query heads that share one KV
+head (packed as the rows of one tile, padded to 16 so tl.dot gets M >= 16) to its share
+of the sequence's context, and a second kernel merges the splits by their log-sum-exp.
+With one split the first kernel writes the output itself and the merge is skipped.
+
+The grid is (batch, kv_heads, num_splits) and each program finds its token range from the
+sequence length on the device, so nothing in a launch depends on context lengths read on
+the host: a step can be captured in a CUDA graph once per batch size and split count and
+replayed at any context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from common.attention.metadata import AttentionMetadata
+from common.attention.reference import FP8_DTYPES
+from common.attention.triton_paged_tiles import (
+    LOG2E,
+    check_cache_layout,
+    load_kv_tile,
+    next_power_of_2,
+    num_sms,
+    softmax_step,
+)
+
+# A split shorter than this spends more on its merge than it saves (H100: at batch 1,
+# 512 tokens ran 19.9 µs in 1 split, 12.3 in 4, 10.8 in 8; docs/benchmarks.md "Kernels").
+MIN_TOKENS_PER_SPLIT = 64
+MAX_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_decode_config(kv_cache_dtype: torch.dtype) -> DecodeConfig:
+    # H100 sweeps: bf16 ran within 2% across tile shapes; fp8 ran 15% faster with
+    # 128-token tiles (batch 256, context 8192: 1930 µs against 2274 with 64)
+    if kv_cache_dtype in FP8_DTYPES:
+        return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
+    return DecodeConfig()
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,  # [B, Hq, num_splits, D_PAD] fp32, normalized per split
+    part_lse_ptr,  # [B, Hq, num_splits] fp32, base-2 log-sum-exp per split
+    qk_scale,
+    v_scale,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_bt,
+    stride_block,
+    stride_head,
+    stride_token,
+    NUM_Q_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    row_mask = rows < GROUP
+    dims = tl.arange(0, D_PAD)
+    dim_mask = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+
+    k_base = k_cache_ptr + kv_head * stride_head
+    v_base = v_cache_ptr + kv_head * stride_head
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    for n in range(start, end, BLOCK_N):
+        offs = n + tl.arange(0, BLOCK_N)
+        valid = offs < end
+        k = load_kv_tile(
+            k_base,
+            table,
+            offs,
+            dims,
+            valid,
+            stride_block,
+            stride_token,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            HEAD_DIM == D_PAD,
+            True,
+        )
+        v = load_kv_tile(
+            v_base,
+            table,
+            offs,
+            dims,
+            valid,
+            stride_block,
+            stride_token,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            HEAD_DIM == D_PAD,
+            True,
+        )
+        acc, m_i, l_i = softmax_step(q, k, v, acc, m_i, l_i, qk_scale, valid[None, :], True)
+
+    # an empty split (context shorter than split * split_len) leaves l_i = 0: output 0, lse -inf
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None] * v_scale
+    if SINGLE_SPLIT:
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    else:
+        part = (seq.to(tl.int64) * NUM_Q_HEADS + heads) * num_splits + split
+        tl.store(part_out_ptr + part[:, None] * D_PAD + dims[None, :], o, mask=row_mask[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_mask = splits < num_splits
+    dims = tl.arange(0, D_PAD)
+    part = (seq.to(tl.int64) * NUM_Q_HEADS + head) * num_splits + splits
+    lse = tl.load(part_lse_ptr + part, mask=split_mask, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a zero-length sequence: all weights 0
+    weights = tl.exp2(lse - top)
+    total = tl.sum(weights, 0)
+    parts = tl.load(part_out_ptr + part[:, None] * D_PAD + dims[None, :], mask=split_mask[:, None], other=0.0)
+    o = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def choose_num_splits(batch_size: int, max_seq_len: int, num_kv_heads: int, sm_count: int) -> int:
+    """Split the context until (sequence, KV head, split) programs fill the GPU about twice.
+
+    A CUDA-graph runner passes the longest context it will replay (max_model_len) as
+    max_seq_len, so the captured split count serves every shorter context too.
+    """
+    programs = batch_size * num_kv_heads
+    wanted = triton.cdiv(2 * sm_count, programs)
+    worth_it = triton.cdiv(max(max_seq_len, 1), MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, worth_it, MAX_SPLITS))
+
+
+def decode_attention(
+    query: torch.Tensor,  # [B, Hq, D]: one token per sequence
+    kv_cache: torch.Tensor,  # [N, L, 2, Hkv, BS, D]
+    layer: int,
+    metadata: AttentionMetadata,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    *,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of each sequence's single new token to its whole cached context."""
+    check_cache_layout(query, kv_cache, layer)
+    batch, num_q_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[4]
+    if metadata.seq_lens.shape[0] != batch:
+        raise ValueError(
+            f"decode attention takes one query token per sequence: {batch} tokens "
+            f"for {metadata.seq_lens.shape[0]} sequences"
+        )
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, metadata.max_seq_len, num_kv_heads, num_sms(query.device))
+    config = config or default_decode_config(kv_cache.dtype)
+    if out is None:
+        out = torch.empty_like(query)
+    if batch == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    d_pad = next_power_of_2(head_dim)
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused by the kernel
+    else:
+        part_out = torch.empty(
+            (batch, num_q_heads, num_splits, d_pad), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=query.device)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        query,
+        kv_cache[:, layer, 0],
+        kv_cache[:, layer, 1],
+        metadata.block_tables,
+        metadata.seq_lens,
+        out,
+        part_out,
+        part_lse,
+        float(scale * k_scale * LOG2E),
+        float(v_scale),
+        num_splits,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        metadata.block_tables.stride(0),
+        kv_cache.stride(0),
+        kv_cache.stride(3),
+        kv_cache.stride(4),
+        NUM_Q_HEADS=num_q_heads,
+        GROUP=group,
+        GROUP_PAD=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        SINGLE_SPLIT=single,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if not single:
+        _decode_merge_kernel[(batch, num_q_heads)](
+            part_out,
+            part_lse,
+            out,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            NUM_Q_HEADS=num_q_heads,
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+            SPLITS_PAD=max(2, next_power_of_2(num_splits)),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Benchmarks behind `pdserve bench`: kernels (kernels.py) and the inputs they run on."""
