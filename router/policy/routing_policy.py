@@ -1,0 +1,124 @@
+"""The routing policy: keep the healthy candidates, rate them with weighted scorers, and
+let the picker take the best.
+
+    policy = RoutingPolicy(index, block_size=16)
+    worker, decision = policy.choose(decode_workers, block_hashes, len(prompt))
+    worker.note_request_sent(request_id, decision.new_prefill_tokens, ...)
+
+`choose` changes nothing but the picker's tie rotation: the caller notes the request on
+the worker it sends it to. A scorer with weight 0 is left out of the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from router.policy.kv_usage import KVUsageScorer
+from router.policy.load_cost import LoadCostScorer
+from router.policy.picker import MaxScorePicker
+from router.policy.prefix_overlap import PrefixOverlapScorer
+from router.policy.queued_prefill import QueuedPrefillScorer
+from router.policy.request_view import RequestView
+from router.policy.running_requests import RunningRequestsScorer
+from router.policy.scorer import Scorer
+from router.prefix_index import PrefixIndex
+from router.worker_state import WorkerState
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No healthy worker among the candidates."""
+
+
+@dataclass(frozen=True)
+class PolicyWeights:
+    prefix_overlap: float = 1.0
+    load_cost: float = 1.0
+    queued_prefill: float = 0.0
+    running_requests: float = 0.0
+    kv_usage: float = 0.0
+    prefill_load_scale: float = 1.0  # of LoadCostScorer
+
+    def scorers(self) -> list[tuple[Scorer, float]]:
+        candidates: list[tuple[Scorer, float]] = [
+            (PrefixOverlapScorer(), self.prefix_overlap),
+            (LoadCostScorer(self.prefill_load_scale), self.load_cost),
+            (QueuedPrefillScorer(), self.queued_prefill),
+            (RunningRequestsScorer(), self.running_requests),
+            (KVUsageScorer(), self.kv_usage),
+        ]
+        for scorer, weight in candidates:
+            if weight < 0:
+                raise ValueError(f"the weight of scorer {scorer.name} must be 0 or more, got {weight}")
+        return [(scorer, weight) for scorer, weight in candidates if weight > 0]
+
+
+@dataclass
+class RoutingDecision:
+    worker: WorkerState
+    score: float  # the chosen worker's weighted total
+    num_prompt_blocks: int
+    overlap_blocks: int  # leading prompt blocks the chosen worker holds
+    overlap_tokens: int
+    new_prefill_tokens: int  # prompt tokens the chosen worker lacks
+    # per candidate worker id: each scorer's rating and "total"
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class RoutingPolicy:
+    def __init__(
+        self,
+        prefix_index: PrefixIndex | None,
+        block_size: int,
+        weights: PolicyWeights | None = None,
+        scorers: Sequence[tuple[Scorer, float]] | None = None,
+        picker: MaxScorePicker | None = None,
+    ) -> None:
+        """`scorers` (scorer, weight) pairs replace the ones `weights` builds."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.prefix_index = prefix_index
+        self.block_size = block_size
+        self.weights = weights if weights is not None else PolicyWeights()
+        self.scorers = list(scorers) if scorers is not None else self.weights.scorers()
+        self.picker = picker if picker is not None else MaxScorePicker()
+
+    def choose(
+        self,
+        candidates: Sequence[WorkerState],
+        block_hashes: Sequence[int],
+        num_prompt_tokens: int,
+    ) -> tuple[WorkerState, RoutingDecision]:
+        """The worker to send a prompt of `num_prompt_tokens` tokens to, whose full blocks
+        hash to `block_hashes` (router.prefix_index.request_block_hashes)."""
+        workers = [w for w in candidates if w.healthy]
+        if not workers:
+            raise NoWorkerAvailable(
+                f"none of the {len(candidates)} candidate workers is healthy; "
+                "check that the workers are running and reachable from the router"
+            )
+        overlap = self.prefix_index.match(block_hashes) if self.prefix_index is not None else {}
+        request = RequestView(num_prompt_tokens, len(block_hashes), self.block_size, overlap)
+
+        totals = [0.0] * len(workers)
+        ratings: dict[str, list[float]] = {}
+        for scorer, weight in self.scorers:
+            rated = scorer.score(request, workers)
+            ratings[scorer.name] = rated
+            totals = [total + weight * r for total, r in zip(totals, rated, strict=True)]
+        chosen = self.picker.pick(workers, totals)
+
+        scores = {}
+        for i, w in enumerate(workers):
+            scores[str(w.worker_id)] = {name: rated[i] for name, rated in ratings.items()}
+            scores[str(w.worker_id)]["total"] = totals[i]
+        decision = RoutingDecision(
+            worker=chosen,
+            score=totals[workers.index(chosen)],
+            num_prompt_blocks=request.num_prompt_blocks,
+            overlap_blocks=request.overlap_of(chosen.worker_id),
+            overlap_tokens=request.overlap_tokens_of(chosen.worker_id),
+            new_prefill_tokens=request.new_prefill_tokens_of(chosen.worker_id),
+            scores=scores,
+        )
+        return chosen, decision
