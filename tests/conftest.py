@@ -33,3 +33,15 @@ def hf_smollm2_tokenizer(smollm2_source):
     return transformers.AutoTokenizer.from_pretrained(
         str(smollm2_source.path.parent), gguf_file=smollm2_source.path.name
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_source):
+    """(model, ModelConfig) of the embedded model, fp32 on CPU, loaded once for every
+    test directory; engines of different settings share it (LLMEngine.from_config(model=...))."""
+    from common.attention.backend_select import get_attention_backend
+    from common.models.loader import load_model
+
+    return load_model(
+        smollm2_source, load_format="auto", dtype="float32", device="cpu", attn_backend=get_attention_backend("cpu")
+    )
