@@ -1,0 +1,164 @@
+"""A connector built from a producer half and a consumer half that talk over the ZMQ side
+channel; its role (kv_producer, kv_consumer, kv_both) decides which halves it has.
+TcpConnector and NixlConnector differ only in how the consumer moves the bytes and in
+what the producer registers and announces.
+
+kv_connector_extra_config keys read here:
+    kv_lease_duration    seconds a producer keeps exported blocks without a notice (30)
+    transfer_timeout_s   seconds before a consumer gives a pull up as failed (30)
+    side_channel_host    the host consumers should dial (default: kv_ip, or this machine's
+                         name when kv_ip is a wildcard such as 0.0.0.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from common.config.kv_transfer_config import KVTransferConfig
+from kvtransfer.connector import KVConnector, PullResults, TransferRecord
+from kvtransfer.kv_cache_spec import KVCacheSpec
+from kvtransfer.kv_consumer import KVConsumer
+from kvtransfer.kv_producer import KVProducer
+from kvtransfer.kv_region import KVRegion
+from kvtransfer.side_channel import NixlAgentInfo
+
+DEFAULT_LEASE_DURATION_S = 30.0
+DEFAULT_TRANSFER_TIMEOUT_S = 30.0
+
+
+def extra_number(extra: dict[str, Any], key: str, default: float, *, integer: bool = False) -> Any:
+    """A positive number from kv_connector_extra_config, or ValueError naming the key."""
+    value = extra.get(key, default)
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"kv_connector_extra_config.{key} must be {kind}, got {value!r}")
+    return value
+
+
+def extra_str(extra: dict[str, Any], key: str) -> str | None:
+    value = extra.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"kv_connector_extra_config.{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+class SideChannelConnector(KVConnector):
+    def __init__(
+        self,
+        config: KVTransferConfig,
+        role: str,
+        kv_spec: KVCacheSpec,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__(config, role, kv_spec, tp_rank=tp_rank, tp_size=tp_size)
+        extra = config.kv_connector_extra_config
+        self.lease_duration_s = float(extra_number(extra, "kv_lease_duration", DEFAULT_LEASE_DURATION_S))
+        self.transfer_timeout_s = float(extra_number(extra, "transfer_timeout_s", DEFAULT_TRANSFER_TIMEOUT_S))
+        advertise_host = extra_str(extra, "side_channel_host")
+        self._producer: KVProducer | None = None
+        self._consumer: KVConsumer | None = None
+        if self.is_producer:
+            self._producer = KVProducer(
+                connector_name=self.name,
+                engine_id=config.engine_id,
+                spec=kv_spec,
+                host=config.kv_ip,
+                # one side channel per TP rank; port 0 lets the system pick a free one
+                port=config.kv_port + tp_rank if config.kv_port else 0,
+                advertise_host=advertise_host,
+                tp_size=tp_size,
+                lease_duration_s=self.lease_duration_s,
+            )
+        if self.is_consumer:
+            self._consumer = self._make_consumer()
+
+    # -- what a subclass provides ---------------------------------------------------------
+
+    def _make_consumer(self) -> KVConsumer:
+        raise NotImplementedError
+
+    def _register_memory(self, region: KVRegion) -> NixlAgentInfo | None:
+        """Register `region` with the data path; what the producer announces about it."""
+        return None
+
+    def _notification_source(self) -> Callable[[], list[str]] | None:
+        """Request ids released through the data path, polled by the producer's thread."""
+        return None
+
+    # -- KVConnector ----------------------------------------------------------------------
+
+    @property
+    def side_channel_address(self) -> tuple[str, int]:
+        """(host, port) of a producer's side channel, once its KV cache is registered."""
+        return self._need_producer("side_channel_address").address
+
+    def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        region = KVRegion(kv_cache, self.kv_spec)
+        announced = self._register_memory(region)
+        if self._producer is not None:
+            self._producer.start(region, announced, self._notification_source())
+        if self._consumer is not None:
+            self._consumer.start(region)
+
+    def export_blocks(self, request_id: str, block_ids: list[int], num_tokens: int) -> dict[str, Any]:
+        return self._need_producer("export_blocks").export_blocks(request_id, block_ids, num_tokens)
+
+    def take_freed_requests(self) -> list[str]:
+        return self._need_producer("take_freed_requests").take_freed_requests()
+
+    def start_pull(
+        self,
+        request_id: str,
+        params: dict[str, Any],
+        local_block_ids: list[int],
+        remote_block_ids: list[int],
+    ) -> None:
+        self._need_consumer("start_pull").start_pull(request_id, params, local_block_ids, remote_block_ids)
+
+    def poll(self) -> PullResults:
+        return self._need_consumer("poll").poll()
+
+    def notify_done(self, request_id: str, params: dict[str, Any]) -> None:
+        self._need_consumer("notify_done").notify_done(request_id, params)
+
+    def stats(self) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        if self._producer is not None:
+            stats.update(self._producer.stats())
+        if self._consumer is not None:
+            stats.update(self._consumer.stats())
+        return stats
+
+    def take_transfer_records(self) -> list[TransferRecord]:
+        return [] if self._consumer is None else self._consumer.take_transfer_records()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+    def _need_producer(self, what: str) -> KVProducer:
+        if self._producer is None:
+            raise RuntimeError(
+                f"{what} is for producers; this {self.name} has kv_role {self.role} "
+                "(use kv_producer or kv_both on prefill workers)"
+            )
+        return self._producer
+
+    def _need_consumer(self, what: str) -> KVConsumer:
+        if self._consumer is None:
+            raise RuntimeError(
+                f"{what} is for consumers; this {self.name} has kv_role {self.role} "
+                "(use kv_consumer or kv_both on decode workers)"
+            )
+        return self._consumer
