@@ -74,6 +74,15 @@ class ErrorMessage:
 
 
 @dataclass
+class Hello:
+    """Router → worker when it connects: the worker starts sending it LoadReports."""
+
+    TYPE: ClassVar[str] = "hello"
+    router_id: str
+    request_id: str = ""
+
+
+@dataclass
 class LoadReport:
     """Worker → router, periodically and after changes: what routing weighs."""
 
@@ -89,8 +98,8 @@ class LoadReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateRequest, Abort, TokenDelta, ErrorMessage, LoadReport)}
-Message = GenerateRequest | Abort | TokenDelta | ErrorMessage | LoadReport
+MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateRequest, Abort, TokenDelta, ErrorMessage, Hello, LoadReport)}
+Message = GenerateRequest | Abort | TokenDelta | ErrorMessage | Hello | LoadReport
 
 _SAMPLING_FIELDS = {f.name: f for f in dataclasses.fields(SamplingParams)}
 
@@ -165,6 +174,8 @@ def _check_types(msg: Message) -> None:
         )
     elif isinstance(msg, ErrorMessage):
         _check(_is_int(msg.code) and isinstance(msg.message, str), "error: code must be an int, message a string")
+    elif isinstance(msg, Hello):
+        _check(isinstance(msg.router_id, str) and len(msg.router_id) <= 256, "hello: router_id must be a string")
     elif isinstance(msg, LoadReport):
         _check(isinstance(msg.worker_id, str) and isinstance(msg.role, str), "load: worker_id and role")
         _check(all(_is_int(x) for x in (msg.num_running, msg.num_waiting, msg.queued_prefill_tokens)), "load: counts")

@@ -11,6 +11,7 @@ from common.protocol import (
     Abort,
     ErrorMessage,
     GenerateRequest,
+    Hello,
     LoadReport,
     ProtocolError,
     TokenDelta,
@@ -36,6 +37,7 @@ def _generate(**overrides):
         Abort("r1"),
         TokenDelta("r1", [5, 6], logprobs=[[5, -0.1, 1, [[5, -0.1]]]], finish_reason="stop", stop_reason=2),
         ErrorMessage("r1", 400, "bad"),
+        Hello("router-1"),
         LoadReport("w1", "decode", 3, 1, 0.25, 100, extra={"x": 1}),
     ],
 )
@@ -76,6 +78,7 @@ GOOD = {"type": "generate", "request_id": "r", "prompt_token_ids": [1], "samplin
         _frame({**GOOD, "priority": 1.5}),
         _frame({**GOOD, "kv_transfer_params": [1]}),
         _frame({"type": "abort"}),
+        _frame({"type": "hello", "router_id": 7}),
         _frame({"type": "delta", "request_id": "r", "token_ids": [1], "finish_reason": "exploded"}),
         _frame({"type": "error", "request_id": "r", "code": "500", "message": "x"}),
         _frame({"type": "load", "worker_id": "w", "role": "decode", "num_running": 1, "num_waiting": 0,
