@@ -96,12 +96,20 @@ def softmax_step(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constexp
     qk_scale already holds softmax scale * k_scale * log2(e); fp8 tiles are widened to the
     query's dtype here, and v_scale is applied once to the final output by the caller.
     """
-    qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+    if q.dtype == tl.float32:
+        # an fp32 model attends in full fp32 (tl.dot's default would round operands to tf32)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    else:
+        qk = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     if APPLY_MASK:
         qk = tl.where(mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    if q.dtype == tl.float32:
+        pv = tl.dot(p, v.to(q.dtype), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i

@@ -5,18 +5,24 @@ An LLMEngine wires the parts together: the scheduler decides who runs this step
 runs the model and samples, and the scheduler turns the sampled tokens into outputs.
 It also resolves the settings EngineConfig leaves to the model and the device
 (`resolve_engine_config`) and the model's generation-config defaults.
+
+For disaggregation a worker attaches a KV-transfer connector (`attach_kv_connector`);
+the engine then drives it from its own thread, inside `step()` (or
+`process_kv_transfers()` while it has nothing to run): a `prefill_only` request's
+blocks are exported after its first token and freed when the connector says so; a
+request added with `kv_transfer_params` pulls the prompt blocks it lacks, and the
+connector's poll() lets it join the batch (see scheduler.py and
+docs/disaggregation-flow.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,8 +35,9 @@ from common.engine.model_runner import ModelRunner, profile_forward, resolve_kv_
 from common.engine.outputs import RequestOutput
 from common.engine.request import Request
 from common.engine.scheduler import Scheduler
+from common.generation_config import read_generation_config, sampling_defaults
 from common.kv_events import KVEvent
-from common.model_files import ModelSource, resolve_model
+from common.model_files import resolve_model
 from common.sampling_params import SamplingParams
 
 DEFAULT_BLOCK_SIZE = 16
@@ -41,20 +48,6 @@ DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 # Without chunked prefill a whole prompt must fit in one step.
 MIN_UNCHUNKED_BATCHED_TOKENS = 2048
-
-# generation_config.json keys the API layer takes as defaults, under SamplingParams' names
-_GENERATION_DEFAULT_KEYS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-    "max_tokens": "max_tokens",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-}
-
 
 @dataclass
 class EngineStats:
@@ -67,6 +60,26 @@ class EngineStats:
     num_prompt_tokens: int  # tokens computed for prompts (and recomputed after preemption)
     num_generation_tokens: int  # tokens sampled
     num_steps: int
+    num_waiting_for_remote_kv: int = 0  # admitted, their prompt's KV being pulled
+    num_held_requests: int = 0  # finished prefill_only requests whose blocks a consumer may pull
+    num_queued_prefill_tokens: int = 0  # prompt tokens accepted and not computed yet
+    num_kv_load_failures: int = 0  # pulls that failed (recomputed or failed by the policy)
+
+
+class KVConnectorLike(Protocol):
+    """What the engine calls on a KV-transfer connector (kvtransfer.connector.KVConnector)."""
+
+    is_producer: bool
+    is_consumer: bool
+
+    def register_kv_cache(self, kv_cache: torch.Tensor) -> None: ...
+    def export_blocks(self, request_id: str, block_ids: list[int], num_tokens: int) -> dict[str, Any]: ...
+    def take_freed_requests(self) -> list[str]: ...
+    def start_pull(
+        self, request_id: str, params: dict[str, Any], local_block_ids: list[int], remote_block_ids: list[int]
+    ) -> None: ...
+    def poll(self) -> tuple[list[str], list[tuple[str, str]]]: ...
+    def notify_done(self, request_id: str, params: dict[str, Any]) -> None: ...
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,36 +132,6 @@ def resolve_engine_config(config: EngineConfig, model_config, device: torch.devi
     )
 
 
-def read_generation_config(config: EngineConfig, source: ModelSource | None) -> dict[str, Any]:
-    """generation_config.json as --generation-config says: "auto" the model folder's
-    (a GGUF file has none), "vllm" none, anything else a folder holding one."""
-    if config.generation_config == "vllm":
-        return {}
-    if config.generation_config == "auto":
-        if source is None or source.kind != "hf_dir":
-            return {}
-        folder = source.path
-    else:
-        folder = Path(config.generation_config).expanduser()
-        if not folder.is_dir():
-            raise ValueError(
-                f"--generation-config {config.generation_config}: not a folder; "
-                "pass auto, vllm, or a folder holding generation_config.json"
-            )
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"{path} is not valid JSON ({exc}); fix it or pass --generation-config vllm"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object; fix it or pass --generation-config vllm")
-    return data
-
-
 class LLMEngine:
     def __init__(
         self,
@@ -193,7 +176,12 @@ class LLMEngine:
             device=device,
             dtype=dtype,
             seed=config.seed,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
         )
+        self.kv_connector: KVConnectorLike | None = None
+        self._failed_transfers: list[RequestOutput] = []  # failed outputs not handed out yet
         self._live: set[str] = set()
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
@@ -264,7 +252,9 @@ class LLMEngine:
             model,
             model_config,
             num_blocks=num_blocks,
-            generation_config=read_generation_config(config, source),
+            generation_config=read_generation_config(
+                config.generation_config, source.path if source is not None and source.kind == "hf_dir" else None
+            ),
         )
 
     # -- requests ----------------------------------------------------------------------
@@ -278,10 +268,34 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
+        prefill_only: bool = False,
     ) -> None:
-        """Queue a request; ValueError (saying what to change) when it cannot run here."""
+        """Queue a request; ValueError (saying what to change) when it cannot run here.
+
+        prefill_only: compute the prompt and sample the first token, then keep the blocks
+        for a consumer; the finished output (finish_reason None, unless the first token
+        already ends the request) carries the connector's kv_transfer_params.
+        kv_transfer_params: the prompt's KV is at the producer they name, and
+        params["first_token_id"] is the token it sampled; the request starts with that
+        token as its first output (never output again here; max_tokens counts it).
+        """
         if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already running; give every request a unique id")
+        connector = self.kv_connector
+        if prefill_only and (connector is None or not connector.is_producer):
+            raise ValueError(
+                "prefill_only needs a KV connector that exports blocks; start this worker with "
+                '--kv-transfer-config \'{"kv_connector": ..., "kv_role": "kv_producer"}\' (or kv_both)'
+            )
+        first_token = None
+        if kv_transfer_params is not None:
+            if connector is None or not connector.is_consumer:
+                raise ValueError(
+                    "kv_transfer_params need a KV connector that pulls blocks; start this worker with "
+                    '--kv-transfer-config \'{"kv_connector": ..., "kv_role": "kv_consumer"}\' (or kv_both)'
+                )
+            first_token = _first_token_id(kv_transfer_params, self.vocab_size)
         prompt = list(prompt_token_ids)
         if not prompt:
             raise ValueError("the prompt is empty; send at least one token")
@@ -312,8 +326,11 @@ class LLMEngine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             cache_salt=cache_salt,
         )
-        self.scheduler.add_request(request)
+        if first_token is not None:
+            request.append_output_token(first_token)
+        self.scheduler.add_request(request, kv_transfer_params=kv_transfer_params, prefill_only=prefill_only)
         self._live.add(request_id)
+        self._run_kv_orders()  # a first token that already ends it releases the producer now
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Stop requests and free their blocks; a finished "abort" output for each live one."""
@@ -321,16 +338,99 @@ class LLMEngine:
         live = [rid for rid in ids if rid in self._live]
         outputs = self.scheduler.abort_requests(live) or []
         self._live.difference_update(live)
+        self._run_kv_orders()  # a request aborted before its pull releases the producer now
         return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def has_schedulable_requests(self) -> bool:
+        """Whether a step may compute something (not only wait for pulls)."""
+        return self.scheduler.has_schedulable_requests()
+
+    def has_kv_transfers(self) -> bool:
+        """Pulls in flight or blocks held for consumers: process_kv_transfers() has work."""
+        return self.scheduler.has_kv_transfers() or bool(self._failed_transfers)
+
+    # -- KV transfer -------------------------------------------------------------------
+
+    def attach_kv_connector(self, connector: KVConnectorLike) -> None:
+        """Register this engine's KV cache with `connector` and drive it from now on."""
+        if self.kv_connector is not None:
+            raise RuntimeError("a KV connector is already attached to this engine")
+        connector.register_kv_cache(self.runner.kv_cache)
+        self.kv_connector = connector
+
+    def process_kv_transfers(self) -> list[RequestOutput]:
+        """Free the blocks consumers are done with, let landed pulls join the batch, handle
+        failed ones, and start the pulls and releases the scheduler ordered. The outputs
+        of requests that failed. step() calls it; call it alone while nothing runs."""
+        connector = self.kv_connector
+        if connector is None:
+            return []
+        if connector.is_producer:
+            for request_id in connector.take_freed_requests():
+                self.scheduler.free_held(request_id)
+        if connector.is_consumer:
+            done, failed = connector.poll()
+            for request_id in done:
+                self.scheduler.finish_kv_pull(request_id)
+            for request_id, reason in failed:
+                output = self.scheduler.fail_kv_pull(request_id, reason)
+                if output is not None:
+                    self._failed_transfers.append(output)
+        self._run_kv_orders()
+        return self._take_failed_transfers()
+
+    def _take_failed_transfers(self) -> list[RequestOutput]:
+        outputs, self._failed_transfers = self._failed_transfers, []
+        for output in outputs:
+            self._live.discard(output.request_id)
+        return outputs
+
+    def _run_kv_orders(self) -> None:
+        """Start the pulls and send the releases the scheduler ordered; the outputs of the
+        requests that fail here wait in _failed_transfers for the next step."""
+        connector = self.kv_connector
+        if connector is None:
+            return
+        pulls, releases = self.scheduler.take_kv_transfer_orders()
+        for release in releases:
+            connector.notify_done(release.request_id, release.params)
+        for pull in pulls:
+            try:
+                connector.start_pull(
+                    pull.request_id, pull.params, pull.local_block_ids, pull.remote_block_ids
+                )
+            except ValueError as e:  # no pull started: release the producer, then the policy decides
+                connector.notify_done(pull.request_id, pull.params)
+                output = self.scheduler.fail_kv_pull(pull.request_id, str(e))
+                if output is not None:
+                    self._failed_transfers.append(output)
+
+    def _export_held(self, output: RequestOutput) -> None:
+        """Lease a prefill_only request's blocks to its consumer; the params go in its output."""
+        request_id = output.request_id
+        request = self.scheduler.held[request_id]
+        num_tokens = request.num_computed_tokens
+        num_blocks = -(-num_tokens // self.config.block_size)
+        block_ids = self.kv_cache_manager.get_block_ids(request_id)[:num_blocks]
+        try:
+            output.kv_transfer_params = self.kv_connector.export_blocks(request_id, block_ids, num_tokens)
+        except Exception as e:  # the connector refused: nothing leased, so nothing to wait for
+            self.scheduler.free_held(request_id)
+            output.finish_reason = "abort"
+            output.error = f"exporting the prompt's KV blocks failed: {type(e).__name__}: {e}"
+
     # -- the loop ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one step; the outputs of the requests that progressed."""
+        transfer_outputs = self.process_kv_transfers()
         batch = self.scheduler.schedule()
+        # pulls admitted by this schedule start now and run while the model does
+        self._run_kv_orders()
+        transfer_outputs += self._take_failed_transfers()
         sampled = self.runner.execute(batch)
         for request, n in zip(batch.requests, batch.num_scheduled_tokens, strict=True):
             # prefill work: every scheduled token but a sampled one fed back (a decode)
@@ -345,7 +445,9 @@ class LLMEngine:
         for output in outputs:
             if output.finished:
                 self._live.discard(output.request_id)
-        return outputs
+                if output.finish_reason is None and output.request_id in self.scheduler.held:
+                    self._export_held(output)
+        return transfer_outputs + outputs
 
     def generate(
         self,
@@ -402,21 +504,29 @@ class LLMEngine:
             num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens,
             num_steps=self._num_steps,
+            num_waiting_for_remote_kv=self.scheduler.num_waiting_for_remote_kv,
+            num_held_requests=self.scheduler.num_held,
+            num_queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,
+            num_kv_load_failures=self.scheduler.num_kv_load_failures,
         )
 
     def default_sampling_overrides(self) -> dict[str, Any]:
         """The model's generation-config sampling defaults, then --override-generation-config,
         under SamplingParams' field names (max_new_tokens becomes max_tokens)."""
-        overrides: dict[str, Any] = {}
-        for source in (self.generation_config, self.config.override_generation_config or {}):
-            for key, value in source.items():
-                name = _GENERATION_DEFAULT_KEYS.get(key)
-                if name is not None and value is not None:
-                    overrides[name] = value
-        return overrides
+        return sampling_defaults(self.generation_config, self.config.override_generation_config)
 
 
 _generate_calls = itertools.count()
+
+
+def _first_token_id(params: dict[str, Any], vocab_size: int) -> int:
+    token = params.get("first_token_id") if isinstance(params, dict) else None
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+        raise ValueError(
+            f"kv_transfer_params.first_token_id must be the token id the prefill worker sampled "
+            f"(an int in [0, {vocab_size})), got {token!r}; the router adds it from the prefill answer"
+        )
+    return token
 
 
 def _end_token_ids(model_config, generation_config: dict[str, Any]) -> tuple[int | None, list[int]]:

@@ -2,19 +2,29 @@
 
 The runner owns the paged KV cache, one tensor shaped
 [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (DESIGN.md). A step
-packs the new tokens of every scheduled request into one flat batch (no padding),
-runs one forward, and samples only for the requests whose scheduled tokens reach the
-end of their known tokens (a prefill chunk that stops mid-prompt samples nothing).
+packs the new tokens of every scheduled request into one flat batch, runs one forward,
+and samples only for the requests whose scheduled tokens reach the end of their known
+tokens (a prefill chunk that stops mid-prompt samples nothing).
+
+Inputs are packed on the host into persistent buffers; on CUDA those are pinned and
+copied to persistent device buffers without blocking, so the only host synchronization
+in a step is the sampler reading the chosen tokens back. On CUDA (unless enforce_eager),
+a pure-decode step replays a CUDA graph captured at the next batch size up
+(common/engine/cuda_graphs.py); mixed and prefill steps, and decode batches larger than
+the largest captured size, run eagerly. The CPU path never uses graphs.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common.attention.metadata import AttentionMetadata
+from common.engine import cuda_graphs as graphs_module
 from common.engine.outputs import SampledToken
 from common.engine.request import Request
 from common.engine.sampler import Sampler
@@ -28,6 +38,7 @@ _KV_CACHE_DTYPES = {
     "fp8": torch.float8_e4m3fn,
     "fp8_e4m3": torch.float8_e4m3fn,
 }
+DEFAULT_MAX_NUM_SEQS = 256
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
@@ -46,11 +57,43 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [T] int64
+    input_ids: torch.Tensor  # [T] int64 (T padded to the graph's size for a graph step)
     positions: torch.Tensor  # [T] int64
     attn_metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [n] int64: packed row of each sampling request's last token
     sample_requests: list[Request]
+    num_reqs: int  # real requests; rows past it are padding
+    graph_size: int | None = None  # the captured batch size this step replays, if any
+
+
+# name -> dtype of each flat step buffer
+_BUFFERS = {
+    "input_ids": torch.int64,
+    "positions": torch.int64,
+    "slot_mapping": torch.int64,
+    "seq_lens": torch.int32,
+    "query_start_loc": torch.int32,
+    "block_tables": torch.int32,  # [rows, width] row-major in the first rows * width entries
+    "sample_rows": torch.int64,
+}
+
+
+class _StepBuffers:
+    """One flat tensor per step input, grown (never shrunk) to fit; pinned when asked."""
+
+    def __init__(self, device: torch.device, pin: bool) -> None:
+        self.device = device
+        self.pin = pin
+        self.tensors = {name: self._new(name, 64) for name in _BUFFERS}
+
+    def _new(self, name: str, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=_BUFFERS[name], device=self.device, pin_memory=self.pin)
+
+    def get(self, name: str, size: int) -> torch.Tensor:
+        tensor = self.tensors[name]
+        if tensor.shape[0] < size:
+            tensor = self.tensors[name] = self._new(name, max(size, 2 * tensor.shape[0]))
+        return tensor[:size]
 
 
 class ModelRunner:
@@ -65,96 +108,236 @@ class ModelRunner:
         device: torch.device | str,
         dtype: torch.dtype,
         seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
+        enforce_eager: bool = False,
+        cuda_graph_sizes: Sequence[int] | None = None,
     ) -> None:
+        """max_model_len (default: the model's context) bounds the block tables a captured
+        decode graph takes; graphs are captured at cuda_graph_sizes (default: the list of
+        cuda_graphs.cuda_graph_sizes up to max_num_seqs) on CUDA unless enforce_eager."""
         self.model = model
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_model_len = max_model_len or model_config.max_position_embeddings
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
-        # Backends never read a slot past a sequence's end (they mask it and zero it), so
-        # on CPU the cache is left unwritten: the OS then commits only the pages that K/V
-        # reach, and a default 4 GiB cache costs what it holds. On a GPU zeros are cheap.
-        allocate = torch.zeros if self.device.type == "cuda" else torch.empty
-        self.kv_cache = allocate(
-            num_blocks,
-            model_config.num_hidden_layers,
-            2,
-            model_config.num_key_value_heads,
-            block_size,
-            model_config.head_dim,
-            dtype=self.kv_cache_dtype,
-            device=self.device,
+        self.kv_cache = _allocate_kv_cache(
+            model_config, num_blocks, block_size, self.kv_cache_dtype, self.device
         )
         self.sampler = Sampler(seed)
+        on_cuda = self.device.type == "cuda"
+        self._host = _StepBuffers(torch.device("cpu"), pin=on_cuda)
+        self._eager = _StepBuffers(self.device, pin=False) if on_cuda else self._host
+        self._copies_done: torch.cuda.Event | None = None
+        self.cuda_graphs: graphs_module.DecodeCudaGraphs | None = None
+        if on_cuda and not enforce_eager and _backend_supports_cuda_graphs(model):
+            sizes = cuda_graph_sizes or graphs_module.cuda_graph_sizes(max_num_seqs or DEFAULT_MAX_NUM_SEQS)
+            self.capture_cuda_graphs(sizes)
+
+    def capture_cuda_graphs(self, sizes: Sequence[int] | None = None) -> None:
+        """(Re)capture the decode graphs, at `sizes` or at the sizes captured before."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device; the CPU path always runs eagerly")
+        if sizes is None:
+            if self.cuda_graphs is None:
+                raise ValueError("no batch sizes given and none captured before")
+            sizes = self.cuda_graphs.sizes
+        self.cuda_graphs = None  # release the old graphs' pool before capturing anew
+        graphs = graphs_module.DecodeCudaGraphs(
+            self.model,
+            self.kv_cache,
+            sizes,
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+        )
+        graphs.capture()
+        self.cuda_graphs = graphs
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, SampledToken]:
         """Run one step; the sampled token of every request that reached its end, by id."""
         if not batch.requests or batch.total_num_scheduled_tokens == 0:
             return {}
-        inputs = self.prepare_inputs(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn_metadata)
+        inputs = self.prepare_inputs(batch, pad_to=self.graph_size_for(batch))
+        if inputs.graph_size is not None:
+            logits = self.cuda_graphs.replay(inputs.graph_size)
+            if len(inputs.sample_requests) == inputs.num_reqs:
+                logits = logits[: inputs.num_reqs]  # every row samples: no gather
+            else:
+                logits = logits[inputs.sample_rows]
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn_metadata)
+            if not inputs.sample_requests:
+                return {}
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
         if not inputs.sample_requests:
             return {}
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
         sampled = self.sampler(logits, inputs.sample_requests)
         return {r.request_id: s for r, s in zip(inputs.sample_requests, sampled, strict=True)}
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """Pack the batch: token ids, positions, cache slots and attention metadata."""
+    def graph_size_for(self, batch: ScheduledBatch) -> int | None:
+        """The captured batch size a step replays: None unless it is pure decode (one token a
+        request), fits a captured size and every block table fits the graphs' width."""
+        graphs = self.cuda_graphs
+        if graphs is None or any(n != 1 for n in batch.num_scheduled_tokens):
+            return None
+        if max(len(t) for t in batch.block_tables) > graphs.inputs.max_blocks_per_seq:
+            return None
+        return graphs.padded_size(len(batch.requests))
+
+    @torch.inference_mode()  # the graphs' static inputs may be inference tensors
+    def prepare_inputs(self, batch: ScheduledBatch, pad_to: int | None = None) -> StepInputs:
+        """Pack the batch: token ids, positions, cache slots and attention metadata.
+
+        With pad_to (a pure-decode batch of at most pad_to requests), the step takes the
+        layout of a captured decode graph: pad_to rows, rows past the batch are padding
+        (slot -1, sequence length 0), and block tables are max_model_len / block_size wide.
+        On CUDA with graphs, that layout lands in the graphs' static inputs.
+        """
         requests = batch.requests
+        num_reqs = len(requests)
         query_lens = list(batch.num_scheduled_tokens)
         starts = [r.num_computed_tokens for r in requests]
         seq_lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
-        num_reqs = len(requests)
+        total = sum(query_lens)
+        if pad_to is not None:
+            if pad_to < num_reqs or total != num_reqs:
+                raise ValueError(
+                    f"a padded step is pure decode of at most {pad_to} requests; got {num_reqs} "
+                    f"requests with {total} tokens"
+                )
+            rows = tokens = pad_to
+            width = -(-self.max_model_len // self.block_size)
+        else:
+            rows, tokens = num_reqs, total
+            width = max(1, max(len(t) for t in batch.block_tables))
 
-        token_ids: list[int] = []
-        for request, start, end in zip(requests, starts, seq_lens, strict=True):
-            token_ids.extend(request.all_token_ids[start:end])
+        if self._copies_done is not None:
+            # the previous step's copies may still read the pinned buffers refilled below
+            self._copies_done.synchronize()
+        host = self._host
+        ids = host.get("input_ids", tokens).numpy()
+        positions = host.get("positions", tokens).numpy()
+        slots = host.get("slot_mapping", tokens).numpy()
+        lens = host.get("seq_lens", rows).numpy()
+        qsl = host.get("query_start_loc", rows + 1).numpy()
+        tables = host.get("block_tables", rows * width).numpy().reshape(rows, width)
 
-        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        total = int(query_start_loc[-1])
-        lens = np.asarray(query_lens, dtype=np.int64)
-        # position of packed token t of request i: starts[i] + (t - query_start_loc[i])
-        positions = np.arange(total, dtype=np.int64) + np.repeat(
-            np.asarray(starts, dtype=np.int64) - query_start_loc[:-1], lens
-        )
-
-        max_blocks = max(len(t) for t in batch.block_tables)
-        block_tables = np.zeros((num_reqs, max(max_blocks, 1)), dtype=np.int32)
+        if total == num_reqs:  # one token a request: decode (the common case), kept cheap
+            ids[:num_reqs] = [r.all_token_ids[s] for r, s in zip(requests, starts, strict=True)]
+            positions[:num_reqs] = starts
+            qsl[:] = np.arange(rows + 1)
+        else:
+            ids[:total] = np.fromiter(
+                itertools.chain.from_iterable(
+                    r.all_token_ids[s:e] for r, s, e in zip(requests, starts, seq_lens, strict=True)
+                ),
+                dtype=np.int64,
+                count=total,
+            )
+            qsl[0] = 0
+            np.cumsum(query_lens, out=qsl[1:])
+            # position of packed token t of request i: starts[i] + (t - query_start_loc[i])
+            positions[:total] = np.arange(total) + np.repeat(np.asarray(starts) - qsl[:-1], query_lens)
+        lens[:num_reqs] = seq_lens
+        if pad_to is None:
+            tables.fill(0)  # a graph's rows keep stale entries: no kernel reads past a sequence
         for i, table in enumerate(batch.block_tables):
-            block_tables[i, : len(table)] = table
-        rows = np.repeat(np.arange(num_reqs), lens)
-        slot_mapping = (
-            block_tables[rows, positions // self.block_size].astype(np.int64) * self.block_size
-            + positions % self.block_size
+            tables[i, : len(table)] = table
+        pos = positions[:total]
+        req_of_token = np.repeat(np.arange(num_reqs), query_lens)
+        slots[:total] = tables[req_of_token, pos // self.block_size].astype(np.int64) * self.block_size + (
+            pos % self.block_size
         )
+        if rows > num_reqs:  # padding rows of a graph step
+            ids[num_reqs:] = 0
+            positions[num_reqs:] = 0
+            slots[num_reqs:] = -1
+            lens[num_reqs:] = 0
 
         sampling = [i for i, r in enumerate(requests) if seq_lens[i] == len(r.all_token_ids)]
-        device = self.device
-        metadata = AttentionMetadata(
-            query_start_loc=_to_device(query_start_loc.astype(np.int32), device),
-            seq_lens=_to_device(np.asarray(seq_lens, dtype=np.int32), device),
-            block_tables=_to_device(block_tables, device),
-            slot_mapping=_to_device(slot_mapping, device),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
+        sample_rows = host.get("sample_rows", len(sampling)).numpy()
+        sample_rows[:] = qsl[1:][sampling] - 1
+
+        graphs = self.cuda_graphs if pad_to is not None else None
+        if graphs is not None:
+            dest = graphs.inputs
+            self._copy(dest.input_ids[:tokens], "input_ids", tokens)
+            self._copy(dest.positions[:tokens], "positions", tokens)
+            self._copy(dest.slot_mapping[:tokens], "slot_mapping", tokens)
+            self._copy(dest.seq_lens[:rows], "seq_lens", rows)
+            self._copy(dest.block_tables.view(-1)[: rows * width], "block_tables", rows * width)
+            metadata = dest.metadata(rows, self.max_model_len)
+            input_ids, device_positions = dest.input_ids[:tokens], dest.positions[:tokens]
+        else:
+            input_ids = self._to_device("input_ids", tokens)
+            device_positions = self._to_device("positions", tokens)
+            metadata = AttentionMetadata(
+                query_start_loc=self._to_device("query_start_loc", rows + 1),
+                seq_lens=self._to_device("seq_lens", rows),
+                block_tables=self._to_device("block_tables", rows * width).view(rows, width),
+                slot_mapping=self._to_device("slot_mapping", tokens),
+                max_query_len=max(query_lens),
+                max_seq_len=max(seq_lens),
+                query_lens_cpu=query_lens + [1] * (rows - num_reqs),
+                seq_lens_cpu=seq_lens + [0] * (rows - num_reqs),
+            )
+        device_sample_rows = self._to_device("sample_rows", len(sampling))
+        if self.device.type == "cuda":
+            if self._copies_done is None:
+                self._copies_done = torch.cuda.Event()
+            self._copies_done.record()
         return StepInputs(
-            input_ids=torch.tensor(token_ids, dtype=torch.int64).to(device, non_blocking=True),
-            positions=_to_device(positions, device),
+            input_ids=input_ids,
+            positions=device_positions,
             attn_metadata=metadata,
-            sample_rows=_to_device(query_start_loc[1:][sampling] - 1, device),
+            sample_rows=device_sample_rows,
             sample_requests=[requests[i] for i in sampling],
+            num_reqs=num_reqs,
+            graph_size=pad_to if graphs is not None else None,
         )
 
+    def _to_device(self, name: str, size: int) -> torch.Tensor:
+        """The first `size` entries of host buffer `name` in the eager device buffer."""
+        if self._eager is self._host:
+            return self._host.get(name, size)
+        dest = self._eager.get(name, size)
+        dest.copy_(self._host.get(name, size), non_blocking=True)
+        return dest
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+    def _copy(self, dest: torch.Tensor, name: str, size: int) -> None:
+        dest.copy_(self._host.get(name, size), non_blocking=True)
+
+
+def _backend_supports_cuda_graphs(model) -> bool:
+    # The plain-torch backend reads lengths back to the host and masks with host-side
+    # shapes; only the Triton kernels launch grids fixed by the batch size.
+    return getattr(getattr(model, "attn_backend", None), "name", None) == "triton"
+
+
+def _allocate_kv_cache(
+    model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    cache = torch.empty(
+        num_blocks,
+        model_config.num_hidden_layers,
+        2,
+        model_config.num_key_value_heads,
+        block_size,
+        model_config.head_dim,
+        dtype=dtype,
+        device=device,
+    )
+    # Backends never read a slot past a sequence's end (they mask it and zero it), so on
+    # CPU the cache is left unwritten: the OS then commits only the pages that K/V reach,
+    # and a default 4 GiB cache costs what it holds. On a GPU zeros are cheap (written as
+    # bytes, which every dtype, fp8 included, reads as 0).
+    if device.type == "cuda":
+        cache.view(torch.uint8).zero_()
+    return cache
 
 
 def profile_forward(
@@ -190,6 +373,8 @@ def profile_forward(
         kv_cache_dtype=kv_cache_dtype,
         device=device,
         dtype=dtype,
+        max_model_len=max_model_len,
+        enforce_eager=True,
     )
     requests = [
         Request(f"profile-{i}", [0] * length, SamplingParams(temperature=0.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -23,6 +24,10 @@ class RequestOutput:
     stop_reason: int | None  # the stop token id, when one ended the request
     num_prompt_tokens: int
     num_cached_tokens: int
+    # a prefill_only request's answer: where a decode worker pulls its KV blocks from
+    kv_transfer_params: dict[str, Any] | None = None
+    # set when the request failed (finish_reason "abort"): what went wrong, for the client
+    error: str | None = None
 
 
 @dataclass

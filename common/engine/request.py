@@ -16,16 +16,29 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    # decode side: admitted with blocks, waiting for its prompt's KV to arrive from a producer
+    WAITING_FOR_REMOTE_KV = 6
+    # prefill side (prefill_only): done here after its first token; its blocks stay held
+    # for a decode worker to pull, so it finishes with no finish_reason
+    FINISHED_REMOTE_DECODE = 7
 
     @property
     def finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         return _FINISH_REASONS.get(self)
 
 
+_FINISHED = frozenset(
+    {
+        RequestStatus.FINISHED_STOPPED,
+        RequestStatus.FINISHED_LENGTH,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_REMOTE_DECODE,
+    }
+)
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",

@@ -18,7 +18,9 @@ so far), so its tokens depend on nothing else: not on the batch it shares, and n
 a preemption that recomputes it. Other rows share the engine's generator.
 
 Every step is vectorised over the batch; Python loops run only over the rows that
-ask for something rare (a logit_bias, penalties, a seed, logprobs).
+ask for something rare (a logit_bias, penalties, a seed, logprobs). On CUDA the small
+per-row tensors travel through pinned memory without blocking, so the host waits for the
+GPU only where it reads the chosen tokens (and logprobs) back.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class Sampler:
         """Pick one token per row of `logits` ([n, V] fp32) for requests[i]."""
         params = [r.sampling_params for r in requests]
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        want_rows = _to_device(want_logprobs, logits.device) if want_logprobs else None
+        raw_logprobs = torch.log_softmax(logits[want_rows], dim=-1) if want_logprobs else None
 
         logits = process_logits(logits, requests)
         token_ids = self._choose(logits, requests, params)
@@ -62,7 +65,7 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             ks = [params[i].logprobs or 0 for i in want_logprobs]
-            entries = _token_logprobs(raw_logprobs, token_ids[want_logprobs], ks)
+            entries = _token_logprobs(raw_logprobs, token_ids[want_rows], ks)
             for i, entry in zip(want_logprobs, entries, strict=True):
                 logprobs[i] = entry
         return [SampledToken(t, lp) for t, lp in zip(token_ids.tolist(), logprobs, strict=True)]
@@ -77,10 +80,10 @@ class Sampler:
         if not random_rows:
             return token_ids
         device = logits.device
-        rows = torch.tensor(random_rows, device=device)
+        rows = _to_device(random_rows, device)
         sub_params = [params[i] for i in random_rows]
         x = logits[rows]
-        temperature = torch.tensor([p.temperature for p in sub_params], device=device, dtype=x.dtype)
+        temperature = _to_device([p.temperature for p in sub_params], device, x.dtype)
         x = x / temperature.unsqueeze(1)
         x = _apply_top_k_top_p(x, sub_params)
         probs = torch.softmax(x, dim=-1)
@@ -130,7 +133,7 @@ def process_logits(logits: torch.Tensor, requests: Sequence[SamplingRequest]) ->
     if min_tokens_rows:
         _mask_stop_tokens(logits, [(i, requests[i]) for i in min_tokens_rows])
     if penalty_rows:
-        rows = torch.tensor(penalty_rows, device=logits.device)
+        rows = _to_device(penalty_rows, logits.device)
         logits[rows] = _apply_penalties(logits[rows], [requests[i] for i in penalty_rows])
     return logits
 
@@ -156,8 +159,8 @@ def _apply_logit_bias(logits: torch.Tensor, biases: list[tuple[int, dict[int, fl
             values.append(float(value))
     device = logits.device
     logits.index_put_(
-        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-        torch.tensor(values, device=device, dtype=logits.dtype),
+        (_to_device(rows, device), _to_device(cols, device)),
+        _to_device(values, device, logits.dtype),
         accumulate=True,
     )
 
@@ -172,7 +175,7 @@ def _mask_stop_tokens(logits: torch.Tensor, rows: list[tuple[int, SamplingReques
         col_idx.extend(stop_ids)
     if row_idx:
         device = logits.device
-        logits[torch.tensor(row_idx, device=device), torch.tensor(col_idx, device=device)] = float("-inf")
+        logits[_to_device(row_idx, device), _to_device(col_idx, device)] = float("-inf")
 
 
 def _apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
@@ -187,9 +190,9 @@ def _apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> t
     output_seen = output_counts > 0
 
     params = [r.sampling_params for r in requests]
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
-    presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+    repetition = _to_device([p.repetition_penalty for p in params], device).unsqueeze(1)
+    frequency = _to_device([p.frequency_penalty for p in params], device).unsqueeze(1)
+    presence = _to_device([p.presence_penalty for p in params], device).unsqueeze(1)
 
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(prompt_seen | output_seen, penalised, logits)
@@ -203,7 +206,7 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     for row, tokens in enumerate(token_lists):
         if tokens:
             padded[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    padded = padded.to(device)
+    padded = _host_to_device(padded, device)
     counts = torch.zeros(len(token_lists), vocab + 1, dtype=torch.int32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
     return counts[:, :vocab]
@@ -219,7 +222,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.T
     if not (use_k or use_p):
         return x
     device = x.device
-    k = torch.tensor(top_k, device=device).unsqueeze(1)
+    k = _to_device(top_k, device).unsqueeze(1)
     if not use_p:
         # top-k alone: the k-th largest value is the cut, no full sort needed
         kth = x.topk(max(top_k), dim=-1).values.gather(1, k - 1)
@@ -230,7 +233,7 @@ def _apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> torch.T
         sorted_x = sorted_x.masked_fill(rank >= k, float("-inf"))
     probs = sorted_x.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p, device=device, dtype=x.dtype).unsqueeze(1)
+    p = _to_device(top_p, device, x.dtype).unsqueeze(1)
     # the most likely token always stays: the mass before it is 0 < top_p
     sorted_x = sorted_x.masked_fill(mass_before >= p, float("-inf"))
     return torch.empty_like(x).scatter_(1, order, sorted_x)
@@ -240,7 +243,7 @@ def _apply_min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     min_p = [p.min_p for p in params]
     if not any(v > 0 for v in min_p):
         return probs
-    threshold = torch.tensor(min_p, device=probs.device, dtype=probs.dtype).unsqueeze(1)
+    threshold = _to_device(min_p, probs.device, probs.dtype).unsqueeze(1)
     threshold = threshold * probs.max(dim=-1, keepdim=True).values
     return probs.masked_fill(probs < threshold, 0.0)
 
@@ -266,6 +269,19 @@ def _token_logprobs(
         top_j = list(zip(top_ids[j][:k], top_values[j][:k], strict=True))
         result.append(TokenLogprobs(token_id=token_id, logprob=logprob, rank=rank, top=top_j))
     return result
+
+
+def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`."""
+    return _host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # On CUDA through pinned memory without blocking: a copy from pageable memory would
+    # wait for the forward still running on the GPU, a host sync in the middle of a step.
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _mix_seed(seed: int, step: int) -> int:

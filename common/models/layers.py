@@ -2,6 +2,12 @@
 
 Op order follows Hugging Face transformers where it changes the rounding (RMSNorm in
 fp32, RoPE cos/sin computed in fp32 then cast), so fp32 outputs match it closely.
+
+On CUDA, RMSNorm (with the residual add), RoPE and SiLU-and-mul run as one Triton kernel
+each (common/models/triton_layers.py) instead of a chain of small torch launches, and the
+matmuls of a batch of at most 16 rows (decode) run the Triton small-M matmul, which streams
+the smaller weights faster than cuBLAS does at M = 1 (docs/benchmarks.md, "Whole-model
+decode step").
 """
 
 from __future__ import annotations
@@ -13,6 +19,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# False runs the plain torch ops on CUDA too (the decode-step benchmark times both).
+USE_TRITON_KERNELS = True
+# False keeps cuBLAS for the matmuls of small batches too (the decode-step benchmark times both).
+USE_TRITON_SMALL_MATMUL = True
+_triton_layers = None  # common.models.triton_layers once imported; False without triton
+
+
+def _cuda_kernels(x: torch.Tensor):
+    """The Triton layer kernels when x is on a CUDA device and triton imports, else None."""
+    if not (x.is_cuda and USE_TRITON_KERNELS):
+        return None
+    global _triton_layers
+    if _triton_layers is None:
+        try:
+            from common.models import triton_layers as module
+        except ImportError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "triton":
+                raise
+            module = False
+        _triton_layers = module
+    return _triton_layers or None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b); a decode batch of a few rows on CUDA goes to the Triton small-M matmul."""
+    if bias is None and USE_TRITON_SMALL_MATMUL:
+        kernels = _cuda_kernels(x)
+        if kernels is not None and kernels.small_m_matmul_fits(x, weight):
+            return kernels.small_m_matmul(x, weight)
+    return F.linear(x, weight, bias)
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). Parameters start uninitialized: a loader always fills them."""
@@ -23,7 +60,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +70,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = _cuda_kernels(x)
+        if kernels is not None and x.dim() == 2 and x.stride(-1) == 1:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return self._norm(x)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual). On CUDA the sum is written into `residual`."""
+        kernels = _cuda_kernels(x)
+        if kernels is not None and x.dim() == 2 and x.stride(-1) == 1 and residual.is_contiguous():
+            return kernels.rms_norm(x, self.weight, self.eps, residual), residual
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         variance = x.pow(2).mean(-1, keepdim=True)
@@ -82,7 +133,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D] rotated by their token's position."""
+        """q [T, Hq, D], k [T, Hkv, D] rotated by their token's position (in place on CUDA)."""
+        kernels = _cuda_kernels(q)
+        if kernels is not None:
+            return kernels.rotary_(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -104,5 +158,9 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = _cuda_kernels(gate_up)
+        if kernels is not None and gate_up.dim() == 2:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -17,7 +17,7 @@ from torch import nn
 
 from common.attention.metadata import AttentionMetadata
 from common.models.config import ModelConfig
-from common.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from common.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
 
 
 class Attention(nn.Module):
@@ -65,10 +65,23 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it). The stream is
+        residual + x; each sum happens inside the norm that follows it (one kernel on CUDA)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -102,13 +115,16 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of every packed token."""
         x = F.embedding(input_ids, self.embed_tokens)
+        residual = None
         for layer in self.layers:
-            x = layer(positions, x, kv_cache, attn_metadata)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, attn_metadata)
+        if residual is None:
+            return self.norm(x)
+        return self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] in float32 for the hidden states of the tokens that sample."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
 
     def weight_targets(self) -> dict[str, torch.Tensor]:
         """Hugging Face tensor name -> the tensor (or slice of a fused one) it loads into."""

@@ -1,13 +1,48 @@
-"""Helpers for model tests: run a model step by step through a paged KV cache, like the engine."""
+"""Helpers for model tests: run a model step by step through a paged KV cache, like the engine.
+
+Without a CUDA device, the Triton layer kernels (test_triton_layers.py) run in Triton's
+interpreter, which must be switched on before triton is first imported (transformers
+imports it too), so it is switched on here, as tests/attention/conftest.py does.
+"""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 
 import pytest
 import torch
 
 from common.attention.metadata import AttentionMetadata
+
+
+def _enter_interpreter_mode() -> None:
+    already_imported = "triton" in sys.modules
+    if already_imported:
+        import triton
+
+        if not triton.knobs.runtime.interpret:  # read before the variable is set below
+            raise pytest.UsageError(
+                "triton was imported before tests/models/conftest.py could switch on its "
+                "interpreter; run `pytest tests/models` in a process of its own, or set TRITON_INTERPRET=1"
+            )
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+
+        triton.knobs.runtime.interpret = True
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+if not torch.cuda.is_available():
+    _enter_interpreter_mode()
 
 
 class PagedRunner:

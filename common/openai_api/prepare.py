@@ -1,0 +1,167 @@
+"""From a validated request body to the engine requests it needs.
+
+A completion request may carry several prompts and ask n samples of each; a chat
+request renders its messages through the chat template into one prompt. Either way
+the result is a PreparedRequest: one `SequenceSpec` per choice, in the order of the
+response's choice indices (prompt i, sample j -> index i * n + j, as OpenAI numbers
+them), plus what the response builders need.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+from common.openai_api.errors import bad_request
+from common.openai_api.requests import ChatCompletionRequest, CompletionRequest
+from common.openai_api.served_model import ServedModel
+from common.output_processor import OutputOptions
+from common.sampling_params import SamplingParams
+
+
+@dataclass
+class PromptInput:
+    token_ids: list[int]
+    text: str | None = None  # the prompt as text, for echo; None until someone needs it
+
+
+@dataclass
+class SequenceSpec:
+    """One choice of the response: one engine request."""
+
+    request_id: str  # the engine's id, unique per choice
+    index: int  # the choice index in the response
+    prompt_index: int
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class PreparedRequest:
+    kind: str  # "completion" | "chat"
+    id: str  # the response id: cmpl-... or chatcmpl-...
+    model: str  # the name reported in responses
+    created: int
+    request: CompletionRequest | ChatCompletionRequest
+    prompts: list[PromptInput]
+    sequences: list[SequenceSpec]
+    options: OutputOptions
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+def prepare_completion(request: CompletionRequest, served: ServedModel) -> PreparedRequest:
+    """Validate a completion request against the model and tokenize its prompts."""
+    request.check_supported()
+    model = served.check_model(request.model)
+    prompts = [_truncate(p, request.truncate_prompt_tokens) for p in completion_prompts(request, served)]
+    if request.echo:
+        for prompt in prompts:
+            if prompt.text is None:
+                prompt.text = served.tokenizer.decode(prompt.token_ids)
+    response_id = f"cmpl-{request.request_id or uuid.uuid4().hex}"
+    return _prepared("completion", response_id, model, request, prompts, served)
+
+
+def prepare_chat(request: ChatCompletionRequest, served: ServedModel) -> PreparedRequest:
+    """Validate a chat request against the model, render its messages and tokenize them."""
+    request.check_supported()
+    model = served.check_model(request.model)
+    prompt_text = render_chat_prompt(request, served)
+    token_ids = served.tokenizer.encode(prompt_text, add_special_tokens=request.add_special_tokens)
+    prompt = _truncate(PromptInput(token_ids, prompt_text), request.truncate_prompt_tokens)
+    _check_not_empty(prompt, "messages")
+    response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
+    return _prepared("chat", response_id, model, request, [prompt], served)
+
+
+def render_chat_prompt(request: ChatCompletionRequest, served: ServedModel) -> str:
+    """The chat template applied to the request's messages, as text."""
+    # template variables only: these names are the request's own fields, or the server's choice
+    template_kwargs = {
+        key: value
+        for key, value in (request.chat_template_kwargs or {}).items()
+        if key
+        not in ("messages", "add_generation_prompt", "continue_final_message", "tools", "chat_template")
+    }
+    try:
+        return served.tokenizer.apply_chat_template(
+            request.template_messages(),
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template=served.chat_template,
+            **template_kwargs,
+        )
+    except Exception as exc:  # the template's own raise_exception, or a shape it cannot read
+        raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None
+
+
+def completion_prompts(request: CompletionRequest, served: ServedModel) -> list[PromptInput]:
+    """The prompt field in any of its four forms, as token ids."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    prompts = []
+    for item in prompt:
+        if isinstance(item, str):
+            ids = served.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+            prompts.append(PromptInput(list(ids), item))
+        else:
+            bad = next((t for t in item if not 0 <= t < served.vocab_size), None)
+            if bad is not None:
+                raise bad_request(
+                    f"prompt: token id {bad} is outside the vocabulary [0, {served.vocab_size})", "prompt"
+                )
+            prompts.append(PromptInput(list(item)))
+        _check_not_empty(prompts[-1], "prompt")
+    return prompts
+
+
+def _prepared(
+    kind: str,
+    response_id: str,
+    model: str,
+    request: CompletionRequest | ChatCompletionRequest,
+    prompts: list[PromptInput],
+    served: ServedModel,
+) -> PreparedRequest:
+    sequences = []
+    for prompt_index, prompt in enumerate(prompts):
+        params = request.sampling_params(len(prompt.token_ids), served)
+        for sample in range(request.n):
+            # n samples of one seeded request must differ, yet stay reproducible
+            sample_params = (
+                replace(params, seed=params.seed + sample) if params.seed is not None and sample else params
+            )
+            index = prompt_index * request.n + sample
+            sequences.append(
+                SequenceSpec(f"{response_id}-{index}", index, prompt_index, prompt.token_ids, sample_params)
+            )
+    return PreparedRequest(
+        kind=kind,
+        id=response_id,
+        model=model,
+        created=int(time.time()),
+        request=request,
+        prompts=prompts,
+        sequences=sequences,
+        options=request.output_options(),
+        priority=request.priority,
+        cache_salt=request.cache_salt,
+    )
+
+
+def _truncate(prompt: PromptInput, keep: int | None) -> PromptInput:
+    if keep is None or len(prompt.token_ids) <= keep:
+        return prompt
+    return PromptInput(prompt.token_ids[-keep:])  # the text no longer matches; echo re-decodes it
+
+
+def _check_not_empty(prompt: PromptInput, param: str) -> None:
+    if not prompt.token_ids:
+        raise bad_request(f"{param}: the prompt is empty after tokenization; give at least one token", param)

@@ -1,0 +1,343 @@
+"""The request bodies of /v1/completions and /v1/chat/completions, and what they ask of the engine.
+
+Pydantic v2 models with the OpenAI fields and vLLM's extras; unknown fields are kept
+and ignored (clients send provider-specific ones). `sampling_params()` turns a body
+into the engine's SamplingParams after the model's generation defaults, and
+`output_options()` into what the output processor needs (stop strings, detokenizer
+settings). Every rejection is an OpenAIError with vLLM's wording where vLLM has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from common.openai_api.errors import bad_request, from_validation_error
+from common.openai_api.served_model import ServedModel
+from common.output_processor import OutputOptions
+from common.sampling_params import SamplingParams
+
+_CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+_MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound for chat top_logprobs
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    """Fields the two endpoints share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    priority: int = 0
+    request_id: str | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    truncate_prompt_tokens: int | None = None
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
+
+    @classmethod
+    def parse(cls, body: Any):
+        """Validate a decoded JSON body; an OpenAIError 400 names the first bad field."""
+        if not isinstance(body, dict):
+            raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+    # what each endpoint calls these
+    def _requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _requested_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def check_supported(self) -> None:
+        """Reject what this server cannot do, instead of silently doing something else."""
+        if self.n < 1:
+            raise bad_request(f"n must be at least 1, got {self.n}.", "n")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options can only be given when stream is true", "stream_options")
+        if self.use_beam_search:
+            raise bad_request("use_beam_search is not supported by this server; drop it", "use_beam_search")
+        if self.prompt_logprobs is not None:
+            raise bad_request(
+                "prompt_logprobs is not supported by this server (prompt logprobs are not computed); drop it",
+                "prompt_logprobs",
+            )
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise bad_request(
+                f"response_format type {self.response_format.get('type')!r} is not supported by this server "
+                '(no guided decoding); drop response_format or use {"type": "text"}',
+                "response_format",
+            )
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise bad_request(
+                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}",
+                "truncate_prompt_tokens",
+            )
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)  # an empty stop string would end every request at once
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(
+            stop=self.stop_strings(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            logprobs=self._requested_logprobs() is not None,
+            return_tokens_as_token_ids=self.return_tokens_as_token_ids,
+        )
+
+    def sampling_params(self, num_prompt_tokens: int, served: ServedModel) -> SamplingParams:
+        """The engine's SamplingParams for one prompt of this request.
+
+        Precedence: the request's field, then the model's generation_config default,
+        then SamplingParams' own default. Without max_tokens the request may use the
+        rest of the context (vLLM's behaviour), capped by the model's max_new_tokens.
+        """
+        defaults = served.generation_defaults
+        max_tokens = self._requested_max_tokens()
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        _check_context_length(num_prompt_tokens, max_tokens, served.max_model_len)
+        if max_tokens is None:
+            max_tokens = served.max_model_len - num_prompt_tokens
+            default_cap = defaults.get("max_tokens", defaults.get("max_new_tokens"))
+            if default_cap is not None:
+                max_tokens = min(max_tokens, int(default_cap))
+
+        def pick(name: str, fallback):
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name, fallback)
+            return value
+
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            top_k=int(pick("top_k", 0)),
+            min_p=float(pick("min_p", 0.0)),
+            seed=self.seed,
+            presence_penalty=float(pick("presence_penalty", 0.0)),
+            frequency_penalty=float(pick("frequency_penalty", 0.0)),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            stop_token_ids=list(self.stop_token_ids or []),
+            logprobs=self._requested_logprobs(),
+        )
+        try:
+            params.validate(served.vocab_size, served.max_logprobs)
+        except ValueError as exc:
+            message = str(exc)
+            raise bad_request(message, _field_named_in(message)) from None
+        return params
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            try:
+                bias[int(key)] = float(value)
+            except ValueError:
+                raise bad_request(
+                    f"logit_bias keys must be token ids (integers as strings), got {key!r}", "logit_bias"
+                ) from None
+        return bias
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # the OpenAI API's and vLLM's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    add_special_tokens: bool = True
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise bad_request("suffix is not supported by this server; drop it", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request(f"best_of ({self.best_of}) other than n ({self.n}) is not supported", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise bad_request(
+                "echo with logprobs needs prompt logprobs, which this server does not compute; "
+                "drop echo or logprobs",
+                "echo",
+            )
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad_request(f"logprobs must be non-negative, got {self.logprobs}", "logprobs")
+
+    def _requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _requested_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[Any]
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False  # the chat template already holds the special tokens
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_are_well_formed(cls, messages: list[Any]) -> list[Any]:
+        if not messages:
+            raise ValueError('messages must be a non-empty list of {"role", "content"} objects')
+        for i, message in enumerate(messages):
+            _check_message(i, message)
+        return messages
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise bad_request(
+                    "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
+                )
+            if not 0 <= self.top_logprobs <= _MAX_TOP_LOGPROBS:
+                raise bad_request(
+                    f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                    "top_logprobs",
+                )
+        # tools are accepted only with tool_choice "none": there is no tool-call parser here
+        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
+            raise bad_request(
+                "tool calling is not supported by this server; drop tools and tool_choice "
+                '(or set tool_choice to "none")',
+                "tool_choice" if self.tool_choice is not None else "tools",
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request(
+                "continue_final_message and add_generation_prompt cannot both be true; "
+                "set add_generation_prompt to false to continue the final message",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].get("role") != "assistant":
+            raise bad_request(
+                "continue_final_message needs the last message to be the assistant's",
+                "continue_final_message",
+            )
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template reads them: text parts joined into one string."""
+        rendered = []
+        for message in self.messages:
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "\n".join(part["text"] for part in content)
+            rendered.append({**message, "content": content})
+        return rendered
+
+    def _requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _requested_logprobs(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+def _check_message(i: int, message: Any) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise ValueError(f'{where} must be an object with "role" and "content", got {type(message).__name__}')
+    role = message.get("role")
+    if role not in _CHAT_ROLES:
+        raise ValueError(f"{where}.role must be one of {', '.join(_CHAT_ROLES)}; got {role!r}")
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and message.get("tool_calls"):
+            return
+        raise ValueError(f"{where}.content is missing; give a string or a list of text parts")
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ValueError(
+            f"{where}.content must be a string or a list of text parts, got {type(content).__name__}"
+        )
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or "type" not in part:
+            raise ValueError(f'{where}.content[{j}] must be an object like {{"type": "text", "text": "..."}}')
+        if part["type"] != "text":
+            raise ValueError(
+                f"{where}.content[{j}]: part type {part['type']!r} is not supported; this model reads text parts only"
+            )
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}.content[{j}].text must be a string")
+
+
+def _check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    if max_tokens is None:
+        if num_prompt_tokens >= max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens} tokens in the messages, leaving no room for the completion. "
+                "Please reduce the length of the messages.",
+                "messages",
+            )
+    elif num_prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in "
+            "the completion). Please reduce the length of the messages or completion.",
+            "messages",
+        )
+
+
+def _field_named_in(message: str) -> str | None:
+    """SamplingParams.validate() starts each message with the field's name."""
+    head = message.split(" ", 1)[0].rstrip(":")
+    return head if head in SamplingParams.__dataclass_fields__ else None

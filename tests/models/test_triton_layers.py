@@ -1,0 +1,181 @@
+"""The Triton layer kernels (RMSNorm with residual, RoPE, SiLU-and-mul, small-M matmul) against torch.
+
+Compiled on a CUDA device; on CPU in Triton's interpreter (switched on by conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.models import triton_layers as kernels
+from common.models.layers import RMSNorm, RotaryEmbedding
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+# the interpreter computes in numpy, which has no bf16
+DTYPES = (
+    [torch.float32, torch.float16, torch.bfloat16]
+    if DEVICE.type == "cuda"
+    else [torch.float32, torch.float16]
+)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    err = ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+def _randn(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 100])
+def test_rms_norm_matches_the_torch_module(dtype, hidden):
+    norm = RMSNorm(hidden, 1e-5).to(DEVICE, dtype)
+    norm.weight.copy_(_randn(hidden, dtype=dtype, seed=1))
+    x = _randn(5, hidden, dtype=dtype, seed=2) * 3
+    _close(kernels.rms_norm(x, norm.weight, norm.eps), norm._norm(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_residual_normalizes_the_sum_and_stores_it_in_the_residual(dtype):
+    norm = RMSNorm(96, 1e-6).to(DEVICE, dtype)
+    x = _randn(7, 96, dtype=dtype, seed=3)
+    residual = _randn(7, 96, dtype=dtype, seed=4)
+    expected_sum = x + residual
+    out = kernels.rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(residual, expected_sum)  # one rounding of the sum, like torch's add
+    _close(out, norm._norm(expected_sum), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2, 32), (9, 3, 64), (3, 1, 24)])
+def test_rotary_in_place_matches_the_torch_module_on_views_of_a_fused_qkv(dtype, heads):
+    num_q, num_kv, head_dim = heads
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None).to(DEVICE)
+    tokens = 6
+    qkv = _randn(tokens, (num_q + 2 * num_kv) * head_dim, dtype=dtype, seed=5)
+    positions = torch.tensor([0, 1, 7, 100, 311, 511], device=DEVICE)
+
+    def split(t):
+        q, k, v = t.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
+        return q.view(tokens, num_q, head_dim), k.view(tokens, num_kv, head_dim), v
+
+    q, k, _ = split(qkv.clone())
+    with torch.no_grad():
+        cos = rotary.cos[positions].to(dtype).unsqueeze(1)
+        sin = rotary.sin[positions].to(dtype).unsqueeze(1)
+
+        def rotate(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+        expected_q, expected_k = rotate(q), rotate(k)
+    fused = qkv.clone()
+    fq, fk, fv = split(fused)
+    out_q, out_k = kernels.rotary_(positions, fq, fk, rotary.cos, rotary.sin)
+    assert out_q.data_ptr() == fq.data_ptr() and out_k.data_ptr() == fk.data_ptr()
+    _close(fq, expected_q, dtype)
+    _close(fk, expected_k, dtype)
+    assert torch.equal(fv, split(qkv)[2])  # V is untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [64, 1536, 3000])
+def test_silu_and_mul_matches_torch(dtype, width):
+    x = _randn(3, 2 * width, dtype=dtype, seed=6) * 4
+    gate, up = x.split(width, dim=-1)
+    _close(kernels.silu_and_mul(x), F.silu(gate) * up, dtype)
+
+
+MATMUL_DTYPES = [torch.float16, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float16]
+# on CPU the interpreter cannot time configs: one is given
+MATMUL_CONFIG = None if DEVICE.type == "cuda" else {"BLOCK_N": 16, "BLOCK_K": 32}
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+@pytest.mark.parametrize("m, n, k", [(1, 96, 64), (3, 50, 200), (16, 64, 48)])
+def test_small_m_matmul_matches_f_linear(dtype, m, n, k):
+    x = _randn(m, k, dtype=dtype, seed=7)
+    w = _randn(n, k, dtype=dtype, seed=8)
+    y = kernels.small_m_matmul(x, w, config=MATMUL_CONFIG)
+    assert y.shape == (m, n) and y.dtype == dtype
+    _close(y, (x.float() @ w.float().T), dtype)
+
+
+def test_small_m_matmul_takes_only_few_rows_of_a_16_bit_dtype():
+    w = torch.zeros(8, 32, device=DEVICE, dtype=torch.float16)
+    assert kernels.small_m_matmul_fits(torch.zeros(16, 32, device=DEVICE, dtype=torch.float16), w)
+    assert not kernels.small_m_matmul_fits(torch.zeros(17, 32, device=DEVICE, dtype=torch.float16), w)
+    assert not kernels.small_m_matmul_fits(torch.zeros(2, 32, device=DEVICE), w.float())
+    with pytest.raises(ValueError, match="M <= 16"):
+        kernels.small_m_matmul(torch.zeros(17, 32, device=DEVICE, dtype=torch.float16), w)
+
+
+def test_kernels_refuse_layouts_they_would_misread():
+    with pytest.raises(ValueError, match="rows"):
+        kernels.rms_norm(torch.zeros(2, 3, 4, device=DEVICE), torch.ones(4, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="2 \\* n"):
+        kernels.silu_and_mul(torch.zeros(2, 5, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [(37, 11), (3, 2)])  # 48 tokens: cuBLAS; 5: the small-M matmul
+def test_a_model_with_the_kernels_matches_it_with_plain_torch_ops(dtype, lengths, monkeypatch):
+    from common.attention.backend_select import get_attention_backend
+    from common.engine.model_runner import ModelRunner
+    from common.engine.request import Request
+    from common.engine.scheduled_batch import ScheduledBatch
+    from common.models import layers
+    from common.models.config import ModelConfig
+    from common.models.llama import LlamaForCausalLM
+    from common.sampling_params import SamplingParams
+
+    config = ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config, get_attention_backend("cuda")).to(dtype)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.05, generator=generator)
+
+    def logits():
+        runner = ModelRunner(
+            model, config, num_blocks=8, block_size=16, kv_cache_dtype="auto", device="cuda",
+            dtype=dtype, enforce_eager=True,
+        )  # fmt: skip
+        a, b = lengths
+        requests = [
+            Request("a", list(range(3, 3 + a)), SamplingParams(temperature=0.0)),
+            Request("b", list(range(50, 50 + b)), SamplingParams(temperature=0.0)),
+        ]
+        with torch.inference_mode():
+            inputs = runner.prepare_inputs(ScheduledBatch(requests, [a, b], [[1, 2, 3], [5]]))
+            hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
+            return model.compute_logits(hidden)
+
+    fused = logits()
+    monkeypatch.setattr(layers, "USE_TRITON_KERNELS", False)
+    plain = logits()
+    _close(fused, plain, torch.bfloat16)
