@@ -174,7 +174,11 @@ class KVEventSubscriber:
         try:
             while not self._stopping.is_set():
                 self._run_commands()
-                ready = dict(self._poller.poll(_POLL_MS))
+                if self._by_socket:
+                    ready = dict(self._poller.poll(_POLL_MS))
+                else:  # zmq's poll returns at once with no sockets: wait instead of spinning
+                    self._stopping.wait(_POLL_MS / 1000)
+                    ready = {}
                 for socket in ready:
                     feed = self._by_socket.get(socket)
                     if feed is None:

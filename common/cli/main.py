@@ -27,9 +27,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "common.cli.serve",
         "Start a router, a prefill and a decode worker on this machine (OpenAI-compatible API server).",
     ),
-    "router": Subcommand("common.cli.router", "Start the OpenAI-compatible router in front of the workers."),
-    "prefill": Subcommand("common.cli.prefill", "Start a prefill worker."),
-    "decode": Subcommand("common.cli.decode", "Start a decode worker."),
+    "router": Subcommand("router.cli", "Start the OpenAI-compatible router in front of the workers."),
+    "prefill": Subcommand("prefill_worker.cli", "Start a prefill worker."),
+    "decode": Subcommand("decode_worker.cli", "Start a decode worker."),
     "chat": Subcommand("common.cli.chat", "Generate chat completions via the running API server."),
     "complete": Subcommand(
         "common.cli.complete",

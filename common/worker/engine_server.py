@@ -1,0 +1,389 @@
+"""The serving loop both worker roles share: an LLMEngine behind a ZMQ ROUTER socket.
+
+One thread does everything, in turns: read what the routers sent (generate, abort,
+hello), run one engine step, publish the step's KV events, update the metrics, send the
+load reports that are due, and stream a TokenDelta per request that progressed. While the engine has
+work the socket is polled without waiting between steps; while it only waits for KV
+pulls or holds blocks for consumers it polls every few milliseconds (the connector
+reports through `poll()` and `take_freed_requests()`); idle, it sleeps on the socket
+until a message or the next load report is due.
+
+Frames are `[identity, payload]` (docs/disaggregation-flow.md). Every payload goes
+through `decode_message`; a malformed one, or a request the engine refuses, is answered
+with an ErrorMessage (400 bad input, 503 a failed KV transfer or a worker shutting
+down, 500 a bug), and the loop goes on serving. An engine step that raises fails the
+requests it held (500), never the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+
+from common.engine.llm_engine import EngineStats, LLMEngine
+from common.engine.outputs import RequestOutput
+from common.protocol import (
+    MAX_FRAME_BYTES,
+    Abort,
+    ErrorMessage,
+    GenerateRequest,
+    Hello,
+    Message,
+    ProtocolError,
+    TokenDelta,
+    decode_message,
+    encode_message,
+)
+from common.worker.load_reports import LoadReporter
+from common.worker.worker_metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+# How long the loop sleeps between checks of a connector while it waits for pulls to land,
+# and while it only holds blocks for consumers (their leases end on the consumer's notice).
+PULL_POLL_S = 0.002
+HELD_POLL_S = 0.05
+# The loop's nap when the engine has requests but could not schedule any (no free blocks).
+STALLED_POLL_S = 0.01
+MAX_MESSAGES_PER_TURN = 1024
+
+
+@dataclass
+class _Stream:
+    """A request the worker answers: who asked, and its timings for the metrics."""
+
+    identity: bytes
+    arrival: float
+    num_prompt_tokens: int
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    num_tokens: int = 0
+
+
+class EngineServer:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        address: str,
+        reporter: LoadReporter,
+        publisher: Any = None,
+        metrics: WorkerMetrics | None = None,
+        connector: Any = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        """Bind a ROUTER at `address` (a port of 0 or * picks a free one; see `self.address`).
+
+        `publisher` (a KV-event publisher) gets every step's KV events; `connector` (the
+        one attached to the engine) is read for transfer records and counters."""
+        self.engine = engine
+        self.reporter = reporter
+        self.publisher = publisher
+        self.metrics = metrics
+        self.connector = connector
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._progressing = True
+        self.num_malformed = 0
+        self.num_dropped_sends = 0
+
+        ctx = context if context is not None else zmq.Context.instance()
+        self._socket = ctx.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        # a frame past this drops the connection; up to it, decode_message answers an error
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_FRAME_BYTES)
+        self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop a token delta for a slow router
+        bind_address = bindable(address)
+        if ":" in bind_address.removeprefix("tcp://").rsplit(":", 1)[0]:
+            self._socket.setsockopt(zmq.IPV6, 1)
+        try:
+            self._socket.bind(bind_address)
+        except zmq.ZMQError as e:
+            self._socket.close()
+            raise ValueError(
+                f"cannot bind the worker socket at {address}: {e}; pick a free port with "
+                "--worker-address tcp://HOST:PORT (port 0 picks one)"
+            ) from None
+        self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Make run() return after its current turn; safe from a signal handler or a thread."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the pipe is full (a wake-up is already there) or closed
+
+    def run(self) -> None:
+        """Serve until request_stop(); then fail what is still in flight (503) and return."""
+        stats = self.engine.stats()
+        while not self._stopping:
+            timeout_s = self._poll_timeout(stats)
+            ready = dict(self._poller.poll(int(timeout_s * 1000)))
+            if self._wake_r.fileno() in ready:
+                self._drain_wake()
+            if self._socket in ready:
+                self._read_messages()
+            if self._stopping:
+                break
+            outputs = self._turn()
+            # metrics and load reports first, so they already count what the deltas tell
+            stats = self._after_turn()
+            self._send_outputs(outputs)
+        self._fail_all(503, "the worker is shutting down; send the request again elsewhere")
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- one turn ------------------------------------------------------------------------------
+
+    def _poll_timeout(self, stats: EngineStats) -> float:
+        engine = self.engine
+        if engine.has_schedulable_requests():
+            wait = 0.0 if self._progressing else STALLED_POLL_S
+        elif stats.num_waiting_for_remote_kv:
+            wait = PULL_POLL_S
+        elif engine.has_kv_transfers():
+            wait = HELD_POLL_S
+        else:
+            wait = float("inf")
+        return min(wait, self.reporter.seconds_until_due(stats))
+
+    def _turn(self) -> list[RequestOutput]:
+        """One engine step (or only the connector's news while nothing can run): its outputs."""
+        engine = self.engine
+        try:
+            if engine.has_schedulable_requests():
+                steps_before = engine.stats().num_steps
+                outputs = engine.step()
+                self._progressing = bool(outputs) or engine.stats().num_steps != steps_before
+                return outputs
+            if engine.has_kv_transfers():
+                return engine.process_kv_transfers()
+        except Exception as e:
+            logger.exception("engine step failed; failing the requests in flight")
+            self._fail_all(500, f"the engine failed while running the request: {type(e).__name__}: {e}")
+        return []
+
+    def _after_turn(self) -> EngineStats:
+        stats = self.engine.stats()
+        if self.publisher is not None:
+            events = self.engine.take_kv_events()
+            if events:
+                self.publisher.publish(events)
+        if self.metrics is not None:
+            connector = self.connector
+            records = connector.take_transfer_records() if connector is not None else []
+            self.metrics.observe_step(stats, records, connector.stats() if connector is not None else {})
+        report = self.reporter.due(stats)
+        if report is not None:
+            payload = encode_message(report)
+            for identity in list(self.reporter.routers):
+                self._send_raw(identity, payload)
+        return stats
+
+    # -- incoming --------------------------------------------------------------------------
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _read_messages(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            if len(frames) != 2:
+                self.num_malformed += 1
+                self._send(
+                    identity,
+                    ErrorMessage(
+                        "", 400, f"a message is one frame after the identity; got {len(frames) - 1}"
+                    ),
+                )
+                continue
+            self._handle(identity, frames[1])
+
+    def _handle(self, identity: bytes, frame: bytes) -> None:
+        try:
+            msg = decode_message(frame)
+        except Exception as e:  # ProtocolError, or anything a field's own checks raise
+            self.num_malformed += 1
+            self._send(identity, ErrorMessage(_request_id_of(frame), 400, f"malformed message: {e}"))
+            return
+        if isinstance(msg, GenerateRequest):
+            self._add(identity, msg)
+        elif isinstance(msg, Abort):
+            self._send_outputs(self.engine.abort_request(msg.request_id))
+        elif isinstance(msg, Hello):
+            self.reporter.add_router(identity, msg.router_id)
+            self._send(identity, self.reporter.report(self.engine.stats()))
+        else:
+            self._send(
+                identity,
+                ErrorMessage(
+                    msg.request_id,
+                    400,
+                    f"a worker takes generate, abort and hello messages, not {msg.TYPE!r}",
+                ),
+            )
+
+    def _add(self, identity: bytes, msg: GenerateRequest) -> None:
+        rid = msg.request_id
+        if not rid:
+            self._send(identity, ErrorMessage("", 400, "generate: request_id must not be empty"))
+            return
+        if rid in self._streams:
+            self._send(
+                identity,
+                ErrorMessage(
+                    rid, 400, f"request id {rid!r} is already running here; give every request a unique id"
+                ),
+            )
+            return
+        now = time.monotonic()
+        try:
+            self.engine.add_request(
+                rid,
+                msg.prompt_token_ids,
+                msg.sampling(),
+                priority=msg.priority,
+                cache_salt=msg.cache_salt,
+                arrival_time=now,
+                kv_transfer_params=msg.kv_transfer_params,
+                prefill_only=msg.prefill_only,
+            )
+        except (ValueError, ProtocolError) as e:
+            self._send(identity, ErrorMessage(rid, 400, str(e)))
+            return
+        except Exception as e:
+            logger.exception("adding request %s failed", rid)
+            self._send(identity, ErrorMessage(rid, 500, f"the worker failed to take the request: {e}"))
+            return
+        self._streams[rid] = _Stream(identity, now, len(msg.prompt_token_ids))
+
+    # -- outgoing --------------------------------------------------------------------------
+
+    def _send_outputs(self, outputs: Sequence[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.error is not None:
+                del self._streams[out.request_id]
+                self._send(stream.identity, ErrorMessage(out.request_id, 503, out.error))
+                self._observe_finished(stream, "abort", now)
+                continue
+            if out.new_token_ids:
+                self._observe_tokens(stream, len(out.new_token_ids), now)
+            elif not out.finished:
+                continue
+            self._send(stream.identity, _delta(out))
+            if out.finished:
+                del self._streams[out.request_id]
+                self._observe_finished(stream, out.finish_reason, now)
+
+    def _fail_all(self, code: int, message: str) -> None:
+        streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            self._send(stream.identity, ErrorMessage(rid, code, message))
+        try:
+            self.engine.abort_request(list(streams))
+        except Exception:
+            logger.exception("aborting the failed requests failed too")
+
+    def _send(self, identity: bytes, msg: Message) -> None:
+        self._send_raw(identity, encode_message(msg))
+
+    def _send_raw(self, identity: bytes, payload: bytes) -> None:
+        try:
+            self._socket.send_multipart((identity, payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self.num_dropped_sends += 1
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def _observe_tokens(self, stream: _Stream, count: int, now: float) -> None:
+        if self.metrics is not None:
+            if stream.first_token_at is None:
+                self.metrics.observe_first_token(now - stream.arrival)
+            else:
+                self.metrics.observe_inter_token(now - stream.last_token_at)
+        if stream.first_token_at is None:
+            stream.first_token_at = now
+        stream.last_token_at = now
+        stream.num_tokens += count
+
+    def _observe_finished(self, stream: _Stream, finish_reason: str | None, now: float) -> None:
+        if self.metrics is None:
+            return
+        decode = None if stream.first_token_at is None else stream.last_token_at - stream.first_token_at
+        self.metrics.observe_finished(
+            finish_reason=finish_reason,
+            e2e_seconds=now - stream.arrival,
+            num_prompt_tokens=stream.num_prompt_tokens,
+            num_generation_tokens=stream.num_tokens,
+            decode_seconds=decode,
+        )
+
+
+def bindable(address: str) -> str:
+    """A --worker-address as ZMQ binds it: port 0 becomes *, a free port."""
+    base, sep, port = address.rpartition(":")
+    if address.startswith("tcp://") and sep and port == "0":
+        return f"{base}:*"
+    return address
+
+
+def _delta(out: RequestOutput) -> TokenDelta:
+    logprobs = None
+    if out.new_logprobs is not None:
+        logprobs = [
+            [lp.token_id, lp.logprob, lp.rank, [[token, value] for token, value in lp.top]]
+            for lp in out.new_logprobs
+        ]
+    return TokenDelta(
+        request_id=out.request_id,
+        token_ids=list(out.new_token_ids),
+        logprobs=logprobs,
+        finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        kv_transfer_params=out.kv_transfer_params,
+    )
+
+
+def _request_id_of(frame: bytes) -> str:
+    """The request id of a message that failed validation, when one can be read: "" else."""
+    if len(frame) > MAX_FRAME_BYTES:
+        return ""
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception:
+        return ""
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 1024 else ""

@@ -1,0 +1,90 @@
+"""When a worker tells its routers how loaded it is (docs/disaggregation-flow.md).
+
+A router that sent `Hello` gets a LoadReport at once, then after each change of the
+worker's load but at most every 50 ms, and every second when nothing changes (a
+heartbeat: the router marks a worker down after 3 s without one). Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from common.protocol import LoadReport
+
+MIN_INTERVAL_S = 0.05
+HEARTBEAT_S = 1.0
+# Routers are known by their socket identity; a router that went away leaves a stale one,
+# so only the most recent ones are kept.
+MAX_ROUTERS = 256
+
+
+class LoadReporter:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        role: str,
+        engine_id: str,
+        extra: dict[str, Any],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.engine_id = engine_id
+        self.extra = extra
+        self._clock = clock
+        self.routers: OrderedDict[bytes, str] = OrderedDict()  # socket identity -> router id
+        self._last_sent = -float("inf")
+        self._last_load: tuple | None = None
+
+    def add_router(self, identity: bytes, router_id: str) -> None:
+        self.routers[identity] = router_id
+        self.routers.move_to_end(identity)
+        while len(self.routers) > MAX_ROUTERS:
+            self.routers.popitem(last=False)
+
+    def report(self, stats: Any) -> LoadReport:
+        """The LoadReport of EngineStats `stats`."""
+        return LoadReport(
+            worker_id=self.worker_id,
+            role=self.role,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting + stats.num_waiting_for_remote_kv,
+            kv_cache_usage=float(stats.kv_cache_usage),
+            queued_prefill_tokens=stats.num_queued_prefill_tokens,
+            engine_id=self.engine_id,
+            extra=self.extra,
+        )
+
+    def due(self, stats: Any) -> LoadReport | None:
+        """The report to send every router now, or None (also when no router said hello)."""
+        if not self.routers:
+            return None
+        load = _load_of(stats)
+        since = self._clock() - self._last_sent
+        if since >= HEARTBEAT_S or (load != self._last_load and since >= MIN_INTERVAL_S):
+            self._last_sent = self._clock()
+            self._last_load = load
+            return self.report(stats)
+        return None
+
+    def seconds_until_due(self, stats: Any) -> float:
+        """How long the loop may sleep before a report falls due (no router: a heartbeat's time)."""
+        if not self.routers:
+            return HEARTBEAT_S
+        since = self._clock() - self._last_sent
+        if _load_of(stats) != self._last_load:
+            return max(0.0, MIN_INTERVAL_S - since)
+        return max(0.0, HEARTBEAT_S - since)
+
+
+def _load_of(stats: Any) -> tuple:
+    return (
+        stats.num_running,
+        stats.num_waiting + stats.num_waiting_for_remote_kv,
+        round(stats.kv_cache_usage, 4),
+        stats.num_queued_prefill_tokens,
+    )

@@ -1,0 +1,229 @@
+"""Start a worker of either role: the engine, its KV connector, the KV-event publisher,
+the metrics endpoint and the serving loop, until SIGTERM or SIGINT; then stop them all.
+
+Once the worker serves, it prints one line
+`pdserve <role> worker <worker id> ready at <address>` and, with --ready-file, writes a
+JSON file with what launchers and routers need to reach it (see `ready_info`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.config.engine_args import engine_config_from_args
+from common.config.engine_config import EngineConfig
+from common.model_files import resolve_model
+from common.worker.load_reports import LoadReporter
+from common.worker.worker_args import WorkerOptions, worker_options_from_args
+from common.worker.worker_role import WorkerRole, kv_transfer_config_for
+
+logger = logging.getLogger(__name__)
+
+_WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::", "")
+
+
+def run_worker(args: argparse.Namespace, role: WorkerRole) -> int:
+    """`pdserve prefill` / `pdserve decode`: serve until a signal; the exit status."""
+    options = worker_options_from_args(args)
+    logging.basicConfig(
+        level=options.log_level.upper(), format=f"%(asctime)s %(levelname)s {role.name} %(name)s: %(message)s"
+    )
+    try:
+        config = engine_config_from_args(args)
+        config = dataclasses.replace(
+            config, kv_transfer_config=kv_transfer_config_for(config.kv_transfer_config, role)
+        )
+        model_name = resolve_model(config.model, config.revision, config.download_dir).name
+    except ValueError as e:
+        print(f"pdserve {role.name}: {e}", file=sys.stderr)
+        return 2
+    try:
+        worker = WorkerProcess(config, role, options, model_name)
+    except ValueError as e:  # settings that do not fit the model, a busy port ...
+        print(f"pdserve {role.name}: {e}", file=sys.stderr)
+        return 1
+    with worker:
+        worker.serve()
+    return 0
+
+
+class WorkerProcess:
+    """The parts of a running worker, built in order and closed in reverse."""
+
+    def __init__(
+        self, config: EngineConfig, role: WorkerRole, options: WorkerOptions, model_name: str
+    ) -> None:
+        from common.engine.llm_engine import LLMEngine
+        from common.kv_event_publisher import make_kv_event_publisher
+        from common.worker.engine_server import EngineServer
+
+        self.role = role
+        self.options = options
+        self.model_name = model_name
+        self.connector: Any = None
+        self.publisher: Any = None
+        self.metrics: Any = None
+        self.server: EngineServer | None = None
+        try:
+            self.engine = engine = LLMEngine.from_config(config)
+            config = engine.config
+            self.connector = role.build_connector(
+                config.kv_transfer_config, kv_cache_spec_fields(engine, model_name)
+            )
+            engine.attach_kv_connector(self.connector)
+            self.publisher = make_kv_event_publisher(config.kv_events_config)
+            self.metrics_port = None
+            if options.metrics_port is not None:
+                from common.worker.worker_metrics import WorkerMetrics
+
+                self.metrics = WorkerMetrics(
+                    model_name=served_name(config, model_name),
+                    engine=config.kv_transfer_config.engine_id,
+                    role=role.name,
+                    max_model_len=config.max_model_len,
+                )
+                self.metrics_port = self.metrics.serve_http(options.metrics_host, options.metrics_port)
+            self.reporter = LoadReporter(
+                worker_id="", role=role.name, engine_id=config.kv_transfer_config.engine_id, extra={}
+            )
+            self.server = EngineServer(
+                engine,
+                address=options.address,
+                reporter=self.reporter,
+                publisher=self.publisher,
+                metrics=self.metrics,
+                connector=self.connector,
+            )
+            self.worker_id = options.worker_id or default_worker_id(role.name, self.server.address)
+            self.reporter.worker_id = self.worker_id
+            self.reporter.extra = self.ready_info()
+        except BaseException:
+            self.close()
+            raise
+
+    def ready_info(self) -> dict[str, Any]:
+        """What routers and launchers need to know about this worker (msgpack- and JSON-safe):
+        also sent as LoadReport.extra."""
+        config = self.engine.config
+        transfer = config.kv_transfer_config
+        server = self.server
+        assert server is not None
+        advertise = advertised_host(server.address)
+        side_channel = None
+        if self.connector is not None and getattr(self.connector, "is_producer", False):
+            host, port = self.connector.side_channel_address
+            side_channel = f"{host}:{port}"
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role.name,
+            "address": server.address,
+            "engine_id": transfer.engine_id,
+            "model": self.model_name,
+            "served_model_name": served_name(config, self.model_name),
+            "max_model_len": config.max_model_len,
+            "block_size": config.block_size,
+            "num_kv_blocks": self.engine.block_pool.num_usable_blocks,
+            "enable_prefix_caching": bool(config.enable_prefix_caching),
+            "prefix_caching_hash_algo": config.prefix_caching_hash_algo,
+            "prefix_caching_hash_seed": os.environ.get("PYTHONHASHSEED"),
+            "kv_events_endpoint": advertise_endpoint(getattr(self.publisher, "endpoint", None), advertise),
+            "kv_replay_endpoint": advertise_endpoint(
+                getattr(self.publisher, "replay_endpoint", None), advertise
+            ),
+            "kv_events_topic": config.kv_events_config.topic if config.kv_events_config else "",
+            "kv_connector": transfer.kv_connector,
+            "kv_role": transfer.kv_role,
+            "kv_load_failure_policy": transfer.kv_load_failure_policy,
+            "kv_side_channel": side_channel,
+            "metrics_port": self.metrics_port,
+            "pid": os.getpid(),
+        }
+
+    def serve(self) -> None:
+        server = self.server
+        assert server is not None
+        previous = {
+            sig: signal.signal(sig, lambda *_: server.request_stop())
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            info = self.reporter.extra
+            if self.options.ready_file:
+                write_json_atomically(Path(self.options.ready_file), info)
+            print(f"pdserve {self.role.name} worker {self.worker_id} ready at {server.address}", flush=True)
+            server.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        logger.info("stopped")
+
+    def close(self) -> None:
+        for part in (self.server, self.metrics, self.publisher, self.connector):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception:
+                logger.exception("closing %s failed", type(part).__name__)
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def kv_cache_spec_fields(engine: Any, model_name: str) -> dict[str, Any]:
+    """The KVCacheSpec fields of an engine (kvtransfer/kv_cache_spec.py): what a peer's
+    cache must match before blocks move between them."""
+    model_config = engine.model_config
+    dtype = next(engine.model.parameters()).dtype
+    return {
+        "model": model_name,
+        "dtype": str(dtype),
+        "num_kv_heads": model_config.num_key_value_heads,
+        "head_size": model_config.head_dim,
+        "num_layers": model_config.num_hidden_layers,
+        "block_size": engine.config.block_size,
+        "cache_dtype": str(engine.runner.kv_cache.dtype),
+    }
+
+
+def served_name(config: EngineConfig, model_name: str) -> str:
+    return config.served_model_name[0] if config.served_model_name else model_name
+
+
+def default_worker_id(role: str, address: str) -> str:
+    port = address.rpartition(":")[2]
+    return f"{role}-{socket.gethostname()}-{port}"
+
+
+def advertised_host(address: str) -> str:
+    """The host others dial to reach a worker bound at `address` (a wildcard: this machine's name)."""
+    host = address.removeprefix("tcp://").rpartition(":")[0]
+    return socket.gethostname() if host in _WILDCARD_HOSTS else host
+
+
+def advertise_endpoint(endpoint: str | None, host: str) -> str | None:
+    """A bound ZMQ endpoint as others dial it: a wildcard host becomes `host`."""
+    if endpoint is None or not endpoint.startswith("tcp://"):
+        return endpoint
+    bound_host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if bound_host in _WILDCARD_HOSTS:
+        return f"tcp://{host}:{port}"
+    return endpoint
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)

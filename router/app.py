@@ -1,0 +1,69 @@
+"""The router's FastAPI application: the OpenAI API in front of the workers.
+
+    served = load_served_model(ModelSettings(model=...))     # router.model_info
+    app = create_app(RouterConfig(decode_workers=[...]), served)
+    uvicorn.run(app, ...)                                     # or `pdserve router`
+
+The app's lifespan connects to the workers (router.worker_pool) and disconnects on
+shutdown. Routes live in router/routes/, one module per API surface; the request flow
+behind them in router/orchestrator.py and router/completion_run.py. Importing this
+module never imports torch (a test checks it): the router must start fast on machines
+without GPU libraries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from common.openai_api import ServedModel
+from common.output_processor import TokenStrings
+from router.config import RouterConfig
+from router.context import RouterContext
+from router.errors import install_error_handlers
+from router.http_limits import HttpLimits
+from router.metrics import RouterMetrics, WorkerPoolCollector
+from router.orchestrator import Orchestrator
+from router.request_id import RequestIdHeaders
+from router.routes import chat, completions, health, metrics, models, tokenize
+from router.worker_pool import WorkerPool
+
+
+def create_app(config: RouterConfig, served: ServedModel) -> FastAPI:
+    """The router app for `config`'s workers, serving `served`; ValueError on a bad config."""
+    config.validate()
+    router_metrics = RouterMetrics(served.name, served.max_model_len)
+    pool = WorkerPool(config, router_metrics)
+    router_metrics.add_collector(WorkerPoolCollector(pool))
+    context = RouterContext(
+        config=config,
+        served=served,
+        pool=pool,
+        orchestrator=Orchestrator(pool, config, router_metrics),
+        metrics=router_metrics,
+        token_strings=TokenStrings(served.tokenizer),
+        created=int(time.time()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="pdserve router", version=health.router_version(), lifespan=lifespan)
+    app.state.router = context
+    install_error_handlers(app)
+    for module in (completions, chat, models, health, metrics, tokenize):
+        app.include_router(module.router)
+    # outermost last: limits run before anything reads the request
+    app.add_middleware(RequestIdHeaders, always=config.enable_request_id_headers)
+    app.add_middleware(
+        HttpLimits, max_event_size=config.max_event_size, max_header_count=config.max_header_count
+    )
+    return app

@@ -1,0 +1,346 @@
+"""`pdserve router`: the OpenAI-compatible front door, in front of running workers.
+
+    pdserve router --decode-workers tcp://10.0.0.5:9100,tcp://10.0.0.6:9100 \\
+                   --prefill-workers tcp://10.0.0.7:9100 --model /models/llama --port 8000
+
+The router loads only the tokenizer and the model's config (no weights, no torch), so
+it starts in seconds on any host. Give it the workers' model flags (--model,
+--tokenizer, --max-model-len, --generation-config ...) so it validates requests as they
+would. uvicorn runs in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+from typing import Any
+
+from common.config.arg_parser import ConfigFileAction, JsonObjectAction
+from common.config.arg_types import choice, human_int, int_at_least
+from router.config import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_EVENT_SIZE,
+    DEFAULT_MAX_HEADER_COUNT,
+    DEFAULT_PORT,
+    DEFAULT_WORKER_HEALTH_TIMEOUT_S,
+    DEFAULT_WORKER_REPLY_TIMEOUT_S,
+    RouterConfig,
+)
+from router.model_info import ModelSettings
+from router.policy import DEFAULT_LOCAL_PREFILL_THRESHOLD, PolicyWeights
+
+logger = logging.getLogger("pdserve.router")
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
+HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# uvicorn's own header limit sits above ours, so an oversized header block gets our 431
+# (uvicorn would answer a bare 400) and only a grossly oversized one reaches uvicorn's.
+_UVICORN_HEADER_SLACK = 64 * 1024
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "router",
+        help="Start the OpenAI-compatible router in front of the workers.",
+        description="Start the OpenAI-compatible router: it validates and tokenizes requests, routes "
+        "them by cached prefix and load to the prefill and decode workers, and streams the answers.",
+    )
+    add_router_args(parser)
+    parser.set_defaults(func=run)
+
+
+def _address_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be more than 0 seconds")
+    return value
+
+
+def _policy_weights(data: dict[str, Any]) -> PolicyWeights:
+    known = {f.name for f in fields(PolicyWeights)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown weights {unknown}; known: {sorted(known)}")
+    for name, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{name} must be a number, 0 or more; got {value!r}")
+    weights = PolicyWeights(**{k: float(v) for k, v in data.items()})
+    weights.scorers()  # checks them
+    return weights
+
+
+def add_router_args(parser: argparse.ArgumentParser) -> None:
+    server = parser.add_argument_group("server")
+    server.add_argument(
+        "--config",
+        action=ConfigFileAction,
+        default=None,
+        help="Read options from a YAML file whose keys are option names without the leading -- "
+        "(e.g. 'port: 8000'). Options given on the command line win over the file.",
+    )
+    server.add_argument("--host", default=DEFAULT_HOST, help="Host name or address to listen on.")
+    server.add_argument("--port", type=int_at_least(0), default=DEFAULT_PORT, help="Port to listen on.")
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help="If given, the /v1 endpoints require 'Authorization: Bearer <key>' (401 otherwise). "
+        f"Also read from the {API_KEY_ENV} environment variable. (default: no key)",
+    )
+    server.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="Add an X-Request-Id header to every response (a client's own X-Request-Id is always echoed).",
+    )
+    server.add_argument(
+        "--h11-max-incomplete-event-size",
+        type=human_int(minimum=1024),
+        default=DEFAULT_MAX_EVENT_SIZE,
+        help="Largest request header block or body in bytes; larger ones are refused with 431 "
+        "(headers) or 413 (body).",
+    )
+    server.add_argument(
+        "--h11-max-header-count",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_HEADER_COUNT,
+        help="Most header lines a request may have; more are refused with 431.",
+    )
+    server.add_argument(
+        "--max-concurrent-requests",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+        help="Generation requests the router answers at once; beyond it, new ones get 503 with "
+        "Retry-After instead of queueing without bound.",
+    )
+    server.add_argument(
+        "--uvicorn-log-level", type=choice(LOG_LEVELS), default="info", help="Log level of the HTTP server."
+    )
+    server.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="Do not log every HTTP request."
+    )
+
+    workers = parser.add_argument_group("workers and routing")
+    workers.add_argument(
+        "--decode-workers",
+        type=_address_list,
+        action="extend",
+        default=[],
+        metavar="ADDR[,ADDR...]",
+        help="The decode workers' --worker-address values (tcp://HOST:PORT), comma-separated or "
+        "the flag repeated. At least one is needed; without prefill workers they prefill too "
+        "(an aggregated deployment).",
+    )
+    workers.add_argument(
+        "--prefill-workers",
+        type=_address_list,
+        action="extend",
+        default=[],
+        metavar="ADDR[,ADDR...]",
+        help="The prefill workers' --worker-address values (tcp://HOST:PORT), comma-separated or "
+        "the flag repeated. (default: none)",
+    )
+    workers.add_argument(
+        "--local-prefill-threshold",
+        type=human_int(minimum=0),
+        default=DEFAULT_LOCAL_PREFILL_THRESHOLD,
+        help="When the part of a prompt that the chosen decode worker does not hold in its "
+        "prefix cache is shorter than this many tokens, that decode worker prefills it itself "
+        "instead of a prefill worker (conditional disaggregation). 0 sends every prompt to a "
+        "prefill worker.",
+    )
+    workers.add_argument(
+        "--routing-weights",
+        action=JsonObjectAction,
+        from_dict=_policy_weights,
+        default=PolicyWeights(),
+        help="Weights of the routing scorers, as JSON: "
+        + ", ".join(f"{f.name} (default {f.default})" for f in fields(PolicyWeights))
+        + ". Set keys one at a time with --routing-weights.KEY VALUE.",
+    )
+    workers.add_argument(
+        "--block-size",
+        type=choice(BLOCK_SIZES, int),
+        default=None,
+        help="The workers' KV-cache block size, for hashing prompts into blocks. (default: what the "
+        "workers report, else 16)",
+    )
+    workers.add_argument(
+        "--prefix-caching-hash-algo",
+        type=choice(HASH_ALGOS),
+        default=None,
+        help=f"The workers' prefix-caching hash algorithm, one of {', '.join(HASH_ALGOS)}; it must "
+        "match theirs (and PYTHONHASHSEED must too) for prefix-aware routing. (default: what the "
+        "workers report, else sha256)",
+    )
+    workers.add_argument(
+        "--worker-health-timeout",
+        type=_positive_float,
+        default=DEFAULT_WORKER_HEALTH_TIMEOUT_S,
+        help="Seconds without a load report after which a worker is taken out of routing and the "
+        "requests open on it fail.",
+    )
+    workers.add_argument(
+        "--worker-reply-timeout",
+        type=_positive_float,
+        default=DEFAULT_WORKER_REPLY_TIMEOUT_S,
+        help="Seconds a request waits for its worker's next message before it fails.",
+    )
+    workers.add_argument(
+        "--router-id", default=None, help="This router's name towards the workers. (default: random)"
+    )
+
+    model = parser.add_argument_group("model (give the workers' values)")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="Name or path of the model the workers serve: a local folder, a .gguf file, or a Hub id. "
+        "Only its tokenizer and config are read. (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    model.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Name or path of the tokenizer. If unspecified, the model's is used.",
+    )
+    model.add_argument(
+        "--revision", default=None, help="The model version on the Hub (branch, tag or commit)."
+    )
+    model.add_argument("--download-dir", default=None, help="Where Hub downloads are kept.")
+    model.add_argument(
+        "--hf-config-path", default=None, help="Path of the config.json to use instead of the model's."
+    )
+    model.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="The model name(s) used in the API; the first is reported in responses. (default: the "
+        "model's name)",
+    )
+    model.add_argument(
+        "--max-model-len",
+        type=human_int(minimum=1),
+        default=None,
+        help="Model context length (prompt and output); longer requests get 400. (default: the "
+        "model config's)",
+    )
+    model.add_argument(
+        "--max-logprobs",
+        type=int_at_least(-1),
+        default=20,
+        help="Most logprobs a request may ask for; -1 means no cap.",
+    )
+    model.add_argument(
+        "--generation-config",
+        default="auto",
+        help='Where the sampling defaults come from: "auto" the model folder\'s generation_config.json, '
+        '"vllm" none, or a folder holding one.',
+    )
+    model.add_argument(
+        "--override-generation-config",
+        action=JsonObjectAction,
+        default={},
+        help='Overrides or sets generation config defaults, e.g. {"temperature": 0.5}.',
+    )
+    model.add_argument(
+        "--chat-template",
+        default=None,
+        help="The file path to the chat template, or the template in single-line form. (default: the "
+        "tokenizer's)",
+    )
+    model.add_argument("--response-role", default="assistant", help="The role of chat completion responses.")
+    model.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="Add usage.prompt_tokens_details.cached_tokens to responses.",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSettings]:
+    router_config = RouterConfig(
+        prefill_workers=list(args.prefill_workers),
+        decode_workers=list(args.decode_workers),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        local_prefill_threshold=args.local_prefill_threshold,
+        block_size=args.block_size,
+        prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+        policy_weights=args.routing_weights,
+        worker_health_timeout_s=args.worker_health_timeout,
+        worker_reply_timeout_s=args.worker_reply_timeout,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_event_size=args.h11_max_incomplete_event_size,
+        max_header_count=args.h11_max_header_count,
+        enable_request_id_headers=args.enable_request_id_headers,
+        router_id=args.router_id,
+    )
+    settings = ModelSettings(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        hf_config_path=args.hf_config_path,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        max_logprobs=args.max_logprobs,
+        generation_config=args.generation_config,
+        override_generation_config=dict(args.override_generation_config or {}),
+        chat_template=args.chat_template,
+        response_role=args.response_role,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+    )
+    return router_config, settings
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, settings = config_from_args(args)
+    try:
+        config.validate()
+        from router.model_info import load_served_model
+
+        served = load_served_model(settings)
+    except ValueError as exc:
+        print(f"pdserve router: {exc}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from router.app import create_app
+
+    app = create_app(config, served)
+    logger.info(
+        "serving %s on http://%s:%d (decode workers: %s; prefill workers: %s)",
+        served.name, config.host, config.port, ", ".join(config.decode_workers),
+        ", ".join(config.prefill_workers) or "none",
+    )  # fmt: skip
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        http="h11",
+        h11_max_incomplete_event_size=config.max_event_size + _UVICORN_HEADER_SLACK,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from common.config.arg_parser import PdserveArgumentParser
+
+    _parser = PdserveArgumentParser(prog="pdserve router")
+    add_router_args(_parser)
+    sys.exit(run(_parser.parse_args()))

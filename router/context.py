@@ -1,0 +1,25 @@
+"""The router's state that every route reads: settings, the served model, the worker
+pool, the orchestrator and the metrics. One per app, at `app.state.router`. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.openai_api import ServedModel
+from common.output_processor import TokenStrings
+from router.config import RouterConfig
+from router.metrics import RouterMetrics
+from router.orchestrator import Orchestrator
+from router.worker_pool import WorkerPool
+
+
+@dataclass
+class RouterContext:
+    config: RouterConfig
+    served: ServedModel
+    pool: WorkerPool
+    orchestrator: Orchestrator
+    metrics: RouterMetrics
+    token_strings: TokenStrings  # token id -> text for logprobs, shared by every request
+    created: int  # when the router started, for /v1/models
+    in_flight: int = 0  # generation requests being answered
