@@ -11,43 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.attention.backend_select import get_attention_backend
 from common.config.engine_config import EngineConfig
 from common.config.kv_transfer_config import KVTransferConfig
 from common.engine.llm_engine import LLMEngine
-from common.models.config import ModelConfig
-from common.models.llama import LlamaForCausalLM
 from common.sampling_params import SamplingParams
+from tests.tiny_llama import tiny_llama
 
 BLOCK_SIZE = 4
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config, get_attention_backend("cpu"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:  # wide enough that greedy choices are far from ties
-                param.normal_(0.0, 0.3, generator=generator)
-    return model.eval(), config
+    return tiny_llama()
 
 
 class Link:
