@@ -27,6 +27,8 @@ from common.attention.triton_paged_tiles import (
     load_kv_tile,
     next_power_of_2,
     num_sms,
+    pdl_enabled,
+    pdl_wait,
     softmax_step,
 )
 
@@ -80,7 +82,9 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -163,7 +167,9 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -224,6 +230,7 @@ def decode_attention(
         return out
     group = num_q_heads // num_kv_heads
     d_pad = next_power_of_2(head_dim)
+    pdl = pdl_enabled(query.device)
     single = num_splits == 1
     if single:
         part_out = part_lse = out  # unused by the kernel
@@ -260,8 +267,10 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     if not single:
         _decode_merge_kernel[(batch, num_q_heads)](
@@ -275,6 +284,8 @@ def decode_attention(
             HEAD_DIM=head_dim,
             D_PAD=d_pad,
             SPLITS_PAD=max(2, next_power_of_2(num_splits)),
+            PDL=pdl,
             num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return out

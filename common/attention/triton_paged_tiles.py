@@ -16,6 +16,25 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
+# Programmatic dependent launch (Hopper and later): the decode-path kernels are launched so
+# that the next one's programs may start while this one drains; each waits for its
+# predecessor's writes before reading (pdl_wait). Off unless switched on.
+USE_PDL = False
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether to launch the decode-path kernels with programmatic dependent launch."""
+    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the previous kernel's writes are
+    visible, then let the next kernel's programs start. A no-op otherwise."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 @lru_cache(maxsize=8)
 def _multiprocessor_count(device_index: int) -> int:

@@ -51,6 +51,12 @@ class StepRow:
     kv_gb: float
     cublas_graph_ms: float | None = None  # graphs with cuBLAS for the small-batch matmuls
     plain_layers_graph_ms: float | None = None  # graphs with torch layers and cuBLAS
+    fused_graph_ms: float | None = None  # forward_small_batch: norms and SiLU into the matmuls
+    fused_norm_graph_ms: float | None = None  # ... norms only (SiLU-and-mul a kernel of its own)
+    fused_silu_graph_ms: float | None = None  # ... SiLU only (RMSNorm kernels of their own)
+    fused_add_graph_ms: float | None = None  # ... only the residual adds into the projections
+    pdl_graph_ms: float | None = None  # with programmatic dependent launch
+    pdl_prefetch_graph_ms: float | None = None  # PDL, weights' first lines prefetched before the wait
     hf_decode_tok_s: float | None = None
     hf_total_tok_s: float | None = None
 
@@ -269,17 +275,35 @@ class _StepBench:
                 flush=True,
             )
         if self.args.variants and self.runner.cuda_graphs is not None:
-            self.time_variant(rows, "cublas_graph_ms", USE_TRITON_SMALL_MATMUL=False)
-            self.time_variant(rows, "plain_layers_graph_ms", USE_TRITON_KERNELS=False)
+            self.time_variant(rows, "cublas_graph_ms", {"layers.USE_TRITON_SMALL_MATMUL": False})
+            self.time_variant(rows, "plain_layers_graph_ms", {"layers.USE_TRITON_KERNELS": False})
+            fused = {"layers.USE_FUSED_SMALL_BATCH": True}
+            self.time_variant(rows, "fused_graph_ms", fused)
+            self.time_variant(rows, "fused_norm_graph_ms", fused | {"layers.FUSE_SILU_INTO_MATMUL": False})
+            self.time_variant(rows, "fused_silu_graph_ms", fused | {"layers.FUSE_NORM_INTO_MATMUL": False})
+            self.time_variant(
+                rows,
+                "fused_add_graph_ms",
+                fused | {"layers.FUSE_NORM_INTO_MATMUL": False, "layers.FUSE_SILU_INTO_MATMUL": False},
+            )
+            self.time_variant(rows, "pdl_graph_ms", {"tiles.USE_PDL": True})
+            self.time_variant(
+                rows, "pdl_prefetch_graph_ms", {"tiles.USE_PDL": True, "kernels.PREFETCH_LINES": 8}
+            )
         return rows
 
-    def time_variant(self, rows: list[StepRow], field: str, **switches: bool) -> None:
-        """Recapture the graphs with switches of common.models.layers set, time every batch."""
-        from common.models import layers
+    def time_variant(self, rows: list[StepRow], field: str, switches: dict[str, object]) -> None:
+        """Recapture the graphs with module switches set ("layers." common.models.layers,
+        "kernels." common.models.triton_layers, "tiles." common.attention.triton_paged_tiles)
+        and time every batch; a variant that fails is reported and left out."""
+        from common.attention import triton_paged_tiles
+        from common.models import layers, triton_layers
 
-        saved = {name: getattr(layers, name) for name in switches}
-        for name, value in switches.items():
-            setattr(layers, name, value)
+        modules = {"layers": layers, "kernels": triton_layers, "tiles": triton_paged_tiles}
+        targets = {key: (modules[key.split(".")[0]], key.split(".")[1]) for key in switches}
+        saved = {key: getattr(module, name) for key, (module, name) in targets.items()}
+        for key, (module, name) in targets.items():
+            setattr(module, name, switches[key])
         try:
             self.runner.capture_cuda_graphs()
             for row in rows:
@@ -289,9 +313,11 @@ class _StepBench:
                 )
                 setattr(row, field, ms)
                 print(f"B={row.batch}: {ms:.3f} ms graph replay with {switches}", flush=True)
+        except Exception as exc:  # a variant is a diagnostic: report it, keep the bench going
+            print(f"variant {switches} failed: {exc!r}", flush=True)
         finally:
-            for name, value in saved.items():
-                setattr(layers, name, value)
+            for key, (module, name) in targets.items():
+                setattr(module, name, saved[key])
             self.runner.capture_cuda_graphs()
 
     def time_batch(self, batch_size: int, bandwidth: float) -> StepRow:
@@ -507,21 +533,27 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
         "",
         "| batch | context | weights + KV read GB | floor ms | graph step ms | ratio | tok/s (graph) "
         "| engine step ms | tok/s (engine) | eager step ms | graph ms, cuBLAS matmuls | graph ms, torch layers "
+        "| graph ms, fused norm+SiLU | fused norm | fused SiLU | fused adds only "
+        "| graph ms, PDL | graph ms, PDL + prefetch "
         "| HF generate tok/s | engine vs HF |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines = []
+
+    def ms(value: float | None) -> str:
+        return f"{value:.3f}" if value is not None else "-"
+
     for r in rows:
-        graph = f"{r.graph_ms:.3f}" if r.graph_ms is not None else "-"
-        plain = f"{r.plain_layers_graph_ms:.3f}" if r.plain_layers_graph_ms is not None else "-"
-        cublas = f"{r.cublas_graph_ms:.3f}" if r.cublas_graph_ms is not None else "-"
+        graph, plain, cublas = ms(r.graph_ms), ms(r.plain_layers_graph_ms), ms(r.cublas_graph_ms)
+        fused = (r.fused_graph_ms, r.fused_norm_graph_ms, r.fused_silu_graph_ms, r.fused_add_graph_ms)
+        variants = " | ".join(ms(v) for v in (*fused, r.pdl_graph_ms, r.pdl_prefetch_graph_ms))
         hf = f"{r.hf_decode_tok_s:.0f}" if r.hf_decode_tok_s is not None else "-"
         engine_tok_s = r.batch / (r.engine_ms * 1e-3)
         vs_hf = f"{engine_tok_s / r.hf_decode_tok_s:.1f}x" if r.hf_decode_tok_s else "-"
         lines.append(
             f"| {r.batch} | {r.context} | {r.weight_gb:.2f} + {r.kv_gb:.2f} | {r.floor_ms:.3f} | {graph} "
             f"| {r.ratio:.3f} | {r.batch / (r.step_ms * 1e-3):.0f} | {r.engine_ms:.3f} | {engine_tok_s:.0f} "
-            f"| {r.eager_ms:.3f} | {cublas} | {plain} | {hf} | {vs_hf} |"
+            f"| {r.eager_ms:.3f} | {cublas} | {plain} | {variants} | {hf} | {vs_hf} |"
         )
     return "\n".join(head + lines)
 

@@ -23,6 +23,13 @@ from torch import nn
 USE_TRITON_KERNELS = True
 # False keeps cuBLAS for the matmuls of small batches too (the decode-step benchmark times both).
 USE_TRITON_SMALL_MATMUL = True
+# True runs a batch of at most 16 rows (a decode step) through DecoderLayer.forward_small_batch:
+# the residual adds folded into the o/down projections, and, per the two switches below, the
+# RMSNorms into the matmul after them and SiLU-and-mul into the down projection's operand.
+# The decode-step benchmark times each combination against the layer-by-layer path.
+USE_FUSED_SMALL_BATCH = False
+FUSE_NORM_INTO_MATMUL = True
+FUSE_SILU_INTO_MATMUL = True
 _triton_layers = None  # common.models.triton_layers once imported; False without triton
 
 
@@ -40,6 +47,22 @@ def _cuda_kernels(x: torch.Tensor):
             module = False
         _triton_layers = module
     return _triton_layers or None
+
+
+def cuda_layer_kernels(x: torch.Tensor):
+    """common.models.triton_layers when x is on a CUDA device and the Triton layers are on, else None."""
+    return _cuda_kernels(x)
+
+
+def small_batch_kernels(x: torch.Tensor):
+    """The Triton layer kernels when x [tokens, hidden] is a batch the fused small-batch path
+    serves (CUDA, 16-bit, at most 16 rows: a decode step), else None."""
+    if not (USE_FUSED_SMALL_BATCH and USE_TRITON_SMALL_MATMUL):
+        return None
+    kernels = _cuda_kernels(x)
+    if kernels is None or not kernels.small_m_matmul_fits(x, x):
+        return None
+    return kernels
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

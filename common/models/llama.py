@@ -16,8 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attention.metadata import AttentionMetadata
+from common.models import layers
 from common.models.config import ModelConfig
-from common.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
+from common.models.layers import (
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    cuda_layer_kernels,
+    linear,
+    small_batch_kernels,
+)
 
 
 class Attention(nn.Module):
@@ -50,8 +59,15 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        self.backend.write_kv(k, v, kv_cache, self.layer_idx, meta.slot_mapping)
+        kernels = cuda_layer_kernels(q)
+        if kernels is not None:  # RoPE and the K/V write in one launch
+            r = self.rotary
+            kernels.rotary_write_kv(
+                positions, q, k, v, r.cos, r.sin, kv_cache, self.layer_idx, meta.slot_mapping
+            )
+        else:
+            q, k = self.rotary(positions, q, k)
+            self.backend.write_kv(k, v, kv_cache, self.layer_idx, meta.slot_mapping)
         out = self.backend.attention(q, kv_cache, self.layer_idx, meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
@@ -82,6 +98,44 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, h, kv_cache, meta)
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
         return self.mlp(h), residual
+
+    def forward_small_batch(
+        self,
+        positions: torch.Tensor,
+        stream: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        kernels,
+    ) -> None:
+        """The layer for a decode-sized batch on CUDA, adding into the residual stream in place.
+
+        The residual add folded into the matmul before it, RoPE into the K/V write, and (per
+        common.models.layers' switches) each RMSNorm into the matmul after it and SiLU-and-mul
+        into the down projection's operand: five launches and the attention when all are on."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = self._normed_matmul(kernels, stream, self.input_layernorm, attn.qkv_proj.weight)
+        tokens = stream.shape[0]
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = q.view(tokens, attn.num_heads, attn.head_dim)
+        k = k.view(tokens, attn.num_kv_heads, attn.head_dim)
+        v = v.view(tokens, attn.num_kv_heads, attn.head_dim)
+        rotary = attn.rotary
+        kernels.rotary_write_kv(
+            positions, q, k, v, rotary.cos, rotary.sin, kv_cache, attn.layer_idx, meta.slot_mapping
+        )
+        out = attn.backend.attention(q, kv_cache, attn.layer_idx, meta, attn.scale)
+        kernels.small_m_matmul(out.reshape(tokens, attn.q_size), attn.o_proj.weight, out=stream)
+        gate_up = self._normed_matmul(kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj.weight)
+        if layers.FUSE_SILU_INTO_MATMUL:
+            kernels.small_m_matmul(gate_up, mlp.down_proj.weight, silu_mul=True, out=stream)
+        else:
+            kernels.small_m_matmul(kernels.silu_and_mul(gate_up), mlp.down_proj.weight, out=stream)
+
+    @staticmethod
+    def _normed_matmul(kernels, x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor) -> torch.Tensor:
+        if layers.FUSE_NORM_INTO_MATMUL:
+            return kernels.small_m_matmul(x, weight, norm_weight=norm.weight, eps=norm.eps)
+        return kernels.small_m_matmul(kernels.rms_norm(x, norm.weight, norm.eps), weight)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,13 +168,30 @@ class LlamaForCausalLM(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of every packed token."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self.embed(input_ids)
+        kernels = self._small_batch_kernels(x)
+        if kernels is not None:
+            for layer in self.layers:
+                layer.forward_small_batch(positions, x, kv_cache, attn_metadata, kernels)
+            return self.norm(x)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, kv_cache, attn_metadata)
         if residual is None:
             return self.norm(x)
         return self.norm.add_and_norm(x, residual)[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden] (vocabulary-parallel in parallel_layers.py)."""
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def _small_batch_kernels(self, x: torch.Tensor):
+        """The fused small-batch kernels when this batch and this model can use them: no
+        biases and no q/k norm (those keep the general path)."""
+        c = self.config
+        if c.attention_bias or c.attention_out_bias or c.qk_norm:
+            return None
+        return small_batch_kernels(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] in float32 for the hidden states of the tokens that sample."""
@@ -145,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
             if self.config.qk_norm:
                 targets[p + "self_attn.q_norm.weight"] = attn.q_norm.weight
                 targets[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
-            gate_up, n = layer.mlp.gate_up_proj.weight, self.config.intermediate_size
+            gate_up, n = layer.mlp.gate_up_proj.weight, layer.mlp.intermediate_size
             targets[p + "mlp.gate_proj.weight"] = gate_up[:n]
             targets[p + "mlp.up_proj.weight"] = gate_up[n:]
             targets[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight

@@ -24,7 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
+from common.attention.reference import FP8_DTYPES, FP8_E4M3_MAX
+from common.attention.triton_paged_tiles import pdl_enabled, pdl_wait
+
 SMALL_M = 16  # rows of x one small_m_matmul program holds (tl.dot needs at least 16)
+# Under programmatic dependent launch, each small_m_matmul program asks L2 for the first this
+# many 128-byte lines of each of its weight rows before waiting for the previous kernel: the
+# weights do not depend on it, so their first reads overlap its tail. 0: no prefetch.
+PREFETCH_LINES = 0
+
+
+def _launch_options(device: torch.device) -> dict:
+    """PDL constexpr and launch option for a decode-path kernel on this device."""
+    pdl = pdl_enabled(device)
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def _next_power_of_2(n: int) -> int:
@@ -44,7 +57,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -89,8 +104,23 @@ def rms_norm(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=8 if block >= 4096 else 4,
+        **_launch_options(x.device),
     )
     return out
+
+
+@triton.jit
+def _rotate_pair(x1, x2, cos, sin):
+    """(x1 cos - x2 sin, x2 cos + x1 sin) in x1's dtype, rounded where torch's ops round."""
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    # torch computes each product in the model's dtype, then the sum: round where it rounds
+    a = (x1 * cos).to(dtype).to(tl.float32)
+    b = (x2 * sin).to(dtype).to(tl.float32)
+    c = (x2 * cos).to(dtype).to(tl.float32)
+    d = (x1 * sin).to(dtype).to(tl.float32)
+    return (a - b).to(dtype), (c + d).to(dtype)
 
 
 @triton.jit
@@ -101,18 +131,24 @@ def _rotate_heads(
     dims = tl.arange(0, HALF_PAD)
     mask = (heads < num_heads)[:, None] & (dims < HALF)[None, :]
     ptrs = x_ptr + heads[:, None] * stride_h + dims[None, :]
-    x1 = tl.load(ptrs, mask=mask, other=0.0)
-    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
-    dtype = x1.dtype
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    # torch computes each product in the model's dtype, then the sum: round where it rounds
-    a = (x1 * cos).to(dtype).to(tl.float32)
-    b = (x2 * sin).to(dtype).to(tl.float32)
-    c = (x2 * cos).to(dtype).to(tl.float32)
-    d = (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(ptrs, (a - b).to(dtype), mask=mask)
-    tl.store(ptrs + HALF, (c + d).to(dtype), mask=mask)
+    x1, x2 = _rotate_pair(
+        tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + HALF, mask=mask, other=0.0), cos, sin
+    )
+    tl.store(ptrs, x1, mask=mask)
+    tl.store(ptrs + HALF, x2, mask=mask)
+
+
+@triton.jit
+def _load_cos_sin(
+    positions_ptr, token, cos_ptr, sin_ptr, stride_cos, dtype, HALF: tl.constexpr, HALF_PAD: tl.constexpr
+):
+    """This token's cos/sin rows [1, HALF_PAD]: the fp32 table rounded to the model's dtype, as
+    torch's `.to(q.dtype)` does, then widened again for the products."""
+    position = tl.load(positions_ptr + token)
+    dims = tl.arange(0, HALF_PAD)
+    cos = tl.load(cos_ptr + position * stride_cos + dims, mask=dims < HALF, other=0.0).to(dtype)
+    sin = tl.load(sin_ptr + position * stride_cos + dims, mask=dims < HALF, other=0.0).to(dtype)
+    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -135,14 +171,9 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token)
-    dims = tl.arange(0, HALF_PAD)
-    # the fp32 table rounded to the model's dtype, as torch's `.to(q.dtype)` does
-    dtype = q_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + position * stride_cos + dims, mask=dims < HALF, other=0.0).to(dtype)
-    sin = tl.load(sin_ptr + position * stride_cos + dims, mask=dims < HALF, other=0.0).to(dtype)
-    cos = cos.to(tl.float32)[None, :]
-    sin = sin.to(tl.float32)[None, :]
+    cos, sin = _load_cos_sin(
+        positions_ptr, token, cos_ptr, sin_ptr, stride_cos, q_ptr.dtype.element_ty, HALF, HALF_PAD
+    )
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, Q_HEADS_PAD, HALF, HALF_PAD)
     _rotate_heads(k_ptr + token * stride_kt, stride_kh, num_k_heads, cos, sin, K_HEADS_PAD, HALF, HALF_PAD)
 
@@ -178,6 +209,137 @@ def rotary_(
         num_warps=4,
     )
     return q, k
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,  # layer's K slice of block 0
+    v_cache_ptr,  # layer's V slice of block 0
+    slot_mapping_ptr,
+    k_scale,
+    v_scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_block,
+    stride_head,
+    stride_token,
+    num_q_heads,
+    num_kv_heads,
+    Q_HEADS_PAD: tl.constexpr,
+    K_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_wait(PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _load_cos_sin(
+        positions_ptr, token, cos_ptr, sin_ptr, stride_cos, q_ptr.dtype.element_ty, HALF, HALF_PAD
+    )
+    _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, Q_HEADS_PAD, HALF, HALF_PAD)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot >= 0:
+        heads = tl.arange(0, K_HEADS_PAD)
+        dims = tl.arange(0, HALF_PAD)
+        mask = (heads < num_kv_heads)[:, None] & (dims < HALF)[None, :]
+        k_ptrs = k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+        v_ptrs = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+        k1, k2 = _rotate_pair(
+            tl.load(k_ptrs, mask=mask, other=0.0), tl.load(k_ptrs + HALF, mask=mask, other=0.0), cos, sin
+        )
+        v1 = tl.load(v_ptrs, mask=mask, other=0.0)
+        v2 = tl.load(v_ptrs + HALF, mask=mask, other=0.0)
+        if FP8:
+            # correctly rounded division, as the reference's x.float() / scale
+            k1 = tl.clamp(tl.div_rn(k1.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+            k2 = tl.clamp(tl.div_rn(k2.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+            v1 = tl.clamp(tl.div_rn(v1.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
+            v2 = tl.clamp(tl.div_rn(v2.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
+        dest = (slot // BLOCK_SIZE).to(tl.int64) * stride_block + (slot % BLOCK_SIZE) * stride_token
+        dest += heads[:, None] * stride_head + dims[None, :]
+        dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dest, k1.to(dtype), mask=mask)
+        tl.store(k_cache_ptr + dest + HALF, k2.to(dtype), mask=mask)
+        tl.store(v_cache_ptr + dest, v1.to(dtype), mask=mask)
+        tl.store(v_cache_ptr + dest + HALF, v2.to(dtype), mask=mask)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,  # [T] int64
+    q: torch.Tensor,  # [T, Hq, D], rotated in place
+    k: torch.Tensor,  # [T, Hkv, D], left as it is: its rotated rows go to the cache
+    v: torch.Tensor,  # [T, Hkv, D]
+    cos: torch.Tensor,  # [P, D/2] fp32
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,  # [N, L, 2, Hkv, BS, D]
+    layer: int,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = keep nothing
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """RoPE on q in place and on k into the cache, with v: rotary_ then write_kv in one launch."""
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos, kv_cache)) or sin.stride() != cos.stride():
+        raise ValueError(
+            "rotary_write_kv needs q, k, v, cos, sin and the cache contiguous in the head dimension"
+        )
+    if (num_kv_heads, head_dim) != (kv_cache.shape[3], kv_cache.shape[5]) or v.shape != k.shape:
+        raise ValueError(
+            f"k/v rows are {tuple(k.shape[1:])}/{tuple(v.shape[1:])} but the cache holds "
+            f"[{kv_cache.shape[3]}, {kv_cache.shape[5]}] per token"
+        )
+    if tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_write_kv_kernel[(tokens,)](
+        q,
+        k,
+        v,
+        positions,
+        cos,
+        sin,
+        kv_cache[:, layer, 0],
+        kv_cache[:, layer, 1],
+        slot_mapping,
+        float(k_scale),
+        float(v_scale),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos.stride(0),
+        kv_cache.stride(0),
+        kv_cache.stride(3),
+        kv_cache.stride(4),
+        num_q_heads,
+        num_kv_heads,
+        Q_HEADS_PAD=_next_power_of_2(num_q_heads),
+        K_HEADS_PAD=_next_power_of_2(num_kv_heads),
+        HALF=half,
+        HALF_PAD=_next_power_of_2(half),
+        BLOCK_SIZE=kv_cache.shape[4],
+        FP8=kv_cache.dtype in FP8_DTYPES,
+        FP8_MAX=FP8_E4M3_MAX,
+        num_warps=4,
+        **_launch_options(q.device),
+    )
 
 
 @triton.jit
@@ -226,17 +388,33 @@ def _small_m_matmul_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    norm_w_ptr,
     M,
     N,
     K,
     stride_xm,
     stride_wn,
     stride_ym,
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,  # y = RMSNorm(x) W^T: x * norm weight into the dot, 1/rms after it
+    SILU_MUL: tl.constexpr,  # x is [M, 2K] gate | up: y = (silu(gate) * up) W^T
+    ADD_TO_Y: tl.constexpr,  # y += x W^T (the residual stream updated in place)
+    PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
 ):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH_LINES > 0:
+        # the first lines of this program's weight rows into L2, before the wait: W is no
+        # output of the previous kernel (64 16-bit values to a 128-byte line)
+        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * 64, K - 1)
+        first = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64)[:, None] * stride_wn + lines[None, :]
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // $0", "=r,l", [first], dtype=tl.int32, is_pure=False, pack=1
+        )
+    pdl_wait(PDL)
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
     n_mask = rows_n < N
@@ -244,27 +422,55 @@ def _small_m_matmul_kernel(
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + ks[None, :]
     w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sum_sq = tl.zeros([BLOCK_M], tl.float32)
     for k in range(0, K, BLOCK_K):
         k_mask = (k + ks) < K
-        x = tl.load(x_ptrs + k, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptrs + k, mask=x_mask, other=0.0)
+        if SILU_MUL:
+            up = tl.load(x_ptrs + K + k, mask=x_mask, other=0.0)
+            g = x.to(tl.float32)
+            silu = (g / (1.0 + tl.exp(-g))).to(x.dtype)  # F.silu rounds here, then the product
+            x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+        if NORM:
+            xf = x.to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
+            norm_w = tl.load(norm_w_ptr + k + ks, mask=k_mask, other=0.0)
+            x = (xf * norm_w.to(tl.float32)[None, :]).to(x.dtype)
         w = tl.load(w_ptrs + k, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+    if NORM:
+        acc = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
     y_ptrs = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    if ADD_TO_Y:
+        # the projection rounded to the model's dtype, then the sum: as torch's matmul and add round
+        y = (y.to(tl.float32) + tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)).to(y.dtype)
+    tl.store(y_ptrs, y, mask=y_mask)
 
 
 def _quick_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-# tuned per (N, K, dtypes) on the first call, which a CUDA-graph runner makes while warming
-# up, outside any capture
+# tuned per (N, K, dtypes) and fusion on the first call, which a CUDA-graph runner makes while
+# warming up, outside any capture
 _tuned_kwargs = (
     {"do_bench": _quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
 )
-_small_m_matmul_tuned = triton.autotune(_MATMUL_CONFIGS, key=["N", "K"], **_tuned_kwargs)(
-    _small_m_matmul_kernel
-)
+_small_m_matmul_tuned: dict[tuple[bool, bool, bool], object] = {}
+
+
+def _tuned_kernel(norm: bool, silu_mul: bool, add_to_y: bool):
+    variant = (norm, silu_mul, add_to_y)
+    if variant not in _small_m_matmul_tuned:
+        # a kernel that adds into y must find y as it was before each timed try
+        restore = {"restore_value": ["y_ptr"]} if add_to_y else {}
+        _small_m_matmul_tuned[variant] = triton.autotune(
+            _MATMUL_CONFIGS, key=["N", "K"], **_tuned_kwargs, **restore
+        )(_small_m_matmul_kernel)
+    return _small_m_matmul_tuned[variant]
 
 
 def small_m_matmul_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -279,22 +485,55 @@ def small_m_matmul_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def small_m_matmul(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T for M <= SMALL_M; `config` (BLOCK_N, BLOCK_K, num_warps,
-    num_stages) skips the tuning, as the interpreter on CPU needs."""
-    if not small_m_matmul_fits(x, weight) or x.shape[1] != weight.shape[1]:
+def small_m_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    config: dict | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    silu_mul: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T for M <= SMALL_M, with what comes just before or after it
+    folded in:
+
+    - `norm_weight`: RMSNorm(x) (weight `norm_weight`, `eps`) @ weight^T;
+    - `silu_mul`: x is [M, 2K], gate | up, and the product is (silu(gate) * up) @ weight^T;
+    - `out`: the product is added into `out` [M, N] in place (a residual stream) and returned.
+
+    `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) skips the tuning, as the interpreter
+    on CPU needs."""
+    k = weight.shape[1]
+    in_k = 2 * k if silu_mul else k
+    if not small_m_matmul_fits(x, weight) or x.shape[1] != in_k:
         raise ValueError(
-            f"small_m_matmul takes x [M <= {SMALL_M}, K] and weight [N, K] of one 16-bit dtype; "
+            f"small_m_matmul takes x [M <= {SMALL_M}, {in_k}] and weight [N, {k}] of one 16-bit dtype; "
             f"got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}"
         )
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    args = (x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0))
+    m, n = x.shape[0], weight.shape[0]
+    if out is None:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must be [{m}, {n}] {x.dtype} with contiguous rows; got {tuple(out.shape)} {out.dtype}"
+        )
+    else:
+        y = out
+    if norm_weight is not None and norm_weight.shape != (k,):
+        raise ValueError(f"norm_weight must be [{k}]; got {tuple(norm_weight.shape)}")
+    args = (
+        x, weight, y, norm_weight if norm_weight is not None else weight, m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), float(eps),
+    )  # fmt: skip
+    flags = {"NORM": norm_weight is not None, "SILU_MUL": silu_mul, "ADD_TO_Y": out is not None}
+    flags.update(_launch_options(x.device))
+    flags["PREFETCH_LINES"] = PREFETCH_LINES if flags["PDL"] else 0
     if config is not None:
         meta = dict(config)
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
-        _small_m_matmul_kernel[grid](*args, BLOCK_M=SMALL_M, **meta)
+        _small_m_matmul_kernel[grid](*args, BLOCK_M=SMALL_M, **flags, **meta)
     else:
-        _small_m_matmul_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=SMALL_M)
+        kernel = _tuned_kernel(flags["NORM"], silu_mul, flags["ADD_TO_Y"])
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=SMALL_M, **flags)
     return y

@@ -107,6 +107,80 @@ def test_small_m_matmul_matches_f_linear(dtype, m, n, k):
     _close(y, (x.float() @ w.float().T), dtype)
 
 
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+@pytest.mark.parametrize("m, n, k", [(1, 96, 64), (5, 40, 100)])
+def test_small_m_matmul_with_the_norm_folded_in_matches_rms_norm_then_linear(dtype, m, n, k):
+    norm = RMSNorm(k, 1e-5).to(DEVICE, dtype)
+    norm.weight.copy_(_randn(k, dtype=dtype, seed=9).abs() + 0.5)
+    x = _randn(m, k, dtype=dtype, seed=10) * 3
+    w = _randn(n, k, dtype=dtype, seed=11)
+    y = kernels.small_m_matmul(x, w, config=MATMUL_CONFIG, norm_weight=norm.weight, eps=norm.eps)
+    _close(y, norm._norm(x).float() @ w.float().T, dtype)
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+def test_small_m_matmul_with_silu_and_mul_folded_in_matches_the_mlp_tail(dtype):
+    gate_up = _randn(3, 2 * 72, dtype=dtype, seed=12) * 2
+    w = _randn(48, 72, dtype=dtype, seed=13)
+    y = kernels.small_m_matmul(gate_up, w, config=MATMUL_CONFIG, silu_mul=True)
+    gate, up = gate_up.split(72, dim=-1)
+    _close(y, (F.silu(gate) * up).float() @ w.float().T, dtype)
+    with pytest.raises(ValueError, match="144"):
+        kernels.small_m_matmul(gate, w, config=MATMUL_CONFIG, silu_mul=True)
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+def test_small_m_matmul_into_out_adds_to_the_residual_in_place(dtype):
+    x = _randn(4, 64, dtype=dtype, seed=14)
+    w = _randn(80, 64, dtype=dtype, seed=15)
+    residual = _randn(4, 80, dtype=dtype, seed=16)
+    expected = (x @ w.T) + residual  # the product rounded, then the sum, as torch rounds them
+    out = residual.clone()
+    y = kernels.small_m_matmul(x, w, config=MATMUL_CONFIG, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _close(out, expected, dtype)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.small_m_matmul(x, w, config=MATMUL_CONFIG, out=residual[:, :40])
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("heads", [(4, 2, 32), (9, 3, 64)])
+def test_rotary_write_kv_equals_rotary_then_write_kv(heads, cache_dtype):
+    # against the Triton write_kv (itself checked against the reference in tests/attention):
+    # the interpreter's fp8 rounding differs from torch's where a value rounds up to a power of 2
+    from common.attention.triton_write_kv import write_kv
+
+    dtype = torch.float16
+    num_q, num_kv, head_dim = heads
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None).to(DEVICE)
+    tokens, block_size = 5, 4
+    qkv = _randn(tokens, (num_q + 2 * num_kv) * head_dim, dtype=dtype, seed=17)
+    positions = torch.tensor([0, 3, 17, 200, 511], device=DEVICE)
+    slots = torch.tensor([5, -1, 6, 12, 0], device=DEVICE)  # -1: a padding token, nothing kept
+
+    def split(t):
+        q, k, v = t.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
+        return (
+            q.view(tokens, num_q, head_dim),
+            k.view(tokens, num_kv, head_dim),
+            v.view(tokens, num_kv, head_dim),
+        )
+
+    cache = torch.zeros(4, 2, 2, num_kv, block_size, head_dim, device=DEVICE, dtype=dtype)
+    if cache_dtype is not None:
+        cache = cache.to(cache_dtype)
+    scale = 0.5 if cache_dtype is not None else 1.0
+    eq, ek, ev = split(qkv.clone())
+    expected_q, expected_k = kernels.rotary_(positions, eq, ek, rotary.cos, rotary.sin)
+    expected_cache = cache.clone()
+    write_kv(expected_k, ev, expected_cache, 1, slots, scale, scale)
+    q, k, v = split(qkv.clone())
+    got_cache = cache.clone()
+    kernels.rotary_write_kv(positions, q, k, v, rotary.cos, rotary.sin, got_cache, 1, slots, scale, scale)
+    assert torch.equal(q, expected_q)
+    assert torch.equal(got_cache.view(torch.uint8), expected_cache.view(torch.uint8))
+
+
 def test_small_m_matmul_takes_only_few_rows_of_a_16_bit_dtype():
     w = torch.zeros(8, 32, device=DEVICE, dtype=torch.float16)
     assert kernels.small_m_matmul_fits(torch.zeros(16, 32, device=DEVICE, dtype=torch.float16), w)
@@ -123,19 +197,10 @@ def test_kernels_refuse_layouts_they_would_misread():
         kernels.silu_and_mul(torch.zeros(2, 5, device=DEVICE))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lengths", [(37, 11), (3, 2)])  # 48 tokens: cuBLAS; 5: the small-M matmul
-def test_a_model_with_the_kernels_matches_it_with_plain_torch_ops(dtype, lengths, monkeypatch):
+def _tiny_model(device: str, dtype: torch.dtype):
     from common.attention.backend_select import get_attention_backend
-    from common.engine.model_runner import ModelRunner
-    from common.engine.request import Request
-    from common.engine.scheduled_batch import ScheduledBatch
-    from common.models import layers
     from common.models.config import ModelConfig
     from common.models.llama import LlamaForCausalLM
-    from common.sampling_params import SamplingParams
 
     config = ModelConfig(
         architecture="LlamaForCausalLM",
@@ -152,30 +217,86 @@ def test_a_model_with_the_kernels_matches_it_with_plain_torch_ops(dtype, lengths
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config, get_attention_backend("cuda")).to(dtype)
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config, get_attention_backend(device)).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not name.endswith("norm.weight"):
                 param.normal_(0.0, 0.05, generator=generator)
+    return model
 
-    def logits():
-        runner = ModelRunner(
-            model, config, num_blocks=8, block_size=16, kv_cache_dtype="auto", device="cuda",
-            dtype=dtype, enforce_eager=True,
-        )  # fmt: skip
-        a, b = lengths
-        requests = [
-            Request("a", list(range(3, 3 + a)), SamplingParams(temperature=0.0)),
-            Request("b", list(range(50, 50 + b)), SamplingParams(temperature=0.0)),
-        ]
-        with torch.inference_mode():
-            inputs = runner.prepare_inputs(ScheduledBatch(requests, [a, b], [[1, 2, 3], [5]]))
-            hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
-            return model.compute_logits(hidden)
 
-    fused = logits()
+def _tiny_logits(model, device: str, dtype: torch.dtype, lengths: tuple[int, int]) -> torch.Tensor:
+    """Logits of one step of two requests (prefill of `lengths` tokens) through a paged cache."""
+    from common.engine.model_runner import ModelRunner
+    from common.engine.request import Request
+    from common.engine.scheduled_batch import ScheduledBatch
+    from common.sampling_params import SamplingParams
+
+    runner = ModelRunner(
+        model, model.config, num_blocks=8, block_size=16, kv_cache_dtype="auto", device=device,
+        dtype=dtype, enforce_eager=True,
+    )  # fmt: skip
+    a, b = lengths
+    requests = [
+        Request("a", list(range(3, 3 + a)), SamplingParams(temperature=0.0)),
+        Request("b", list(range(50, 50 + b)), SamplingParams(temperature=0.0)),
+    ]
+    with torch.inference_mode():
+        inputs = runner.prepare_inputs(ScheduledBatch(requests, [a, b], [[1, 2, 3], [5]]))
+        hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
+        return model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("fuse_norm", [True, False])
+@pytest.mark.parametrize("fuse_silu", [True, False])
+def test_the_fused_small_batch_layer_matches_the_general_path(monkeypatch, fuse_norm, fuse_silu):
+    """Norms folded into the matmuls, RoPE into the K/V write, SiLU into the down projection,
+    residual adds into the projections: same logits as the layer-by-layer path (fp16, the
+    kernels interpreted on CPU, compiled on CUDA)."""
+    import functools
+    import types
+
+    from common.models import layers
+    from common.models.llama import LlamaForCausalLM
+
+    monkeypatch.setattr(layers, "FUSE_NORM_INTO_MATMUL", fuse_norm)
+    monkeypatch.setattr(layers, "FUSE_SILU_INTO_MATMUL", fuse_silu)
+    device = DEVICE.type
+    model = _tiny_model(device, torch.float16)
+    plain = _tiny_logits(model, device, torch.float16, (3, 2))
+    interpreted = types.SimpleNamespace(
+        small_m_matmul=functools.partial(kernels.small_m_matmul, config=MATMUL_CONFIG),
+        rotary_write_kv=kernels.rotary_write_kv,
+        rms_norm=kernels.rms_norm,
+        silu_and_mul=kernels.silu_and_mul,
+    )
+    used = []
+
+    def fused_kernels(self, x):
+        used.append(x.shape[0])
+        return interpreted
+
+    monkeypatch.setattr(LlamaForCausalLM, "_small_batch_kernels", fused_kernels)
+    fused = _tiny_logits(model, device, torch.float16, (3, 2))
+    assert used == [5]
+    _close(fused, plain, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [(37, 11), (3, 2)])  # 48 tokens: cuBLAS; 5: the fused small batch
+def test_a_model_with_the_kernels_matches_it_with_plain_torch_ops(dtype, lengths, monkeypatch):
+    from common.models import layers
+
+    model = _tiny_model("cuda", dtype)
+    monkeypatch.setattr(layers, "USE_FUSED_SMALL_BATCH", True)
+    fused = _tiny_logits(model, "cuda", dtype, lengths)
+    monkeypatch.setattr(layers, "USE_FUSED_SMALL_BATCH", False)
+    unfused = _tiny_logits(model, "cuda", dtype, lengths)
     monkeypatch.setattr(layers, "USE_TRITON_KERNELS", False)
-    plain = logits()
+    plain = _tiny_logits(model, "cuda", dtype, lengths)
+    _close(unfused, plain, torch.bfloat16)
     _close(fused, plain, torch.bfloat16)
