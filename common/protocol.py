@@ -9,6 +9,7 @@ message instead of crashing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -198,7 +199,8 @@ def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
         if value is None and name in ("seed", "logit_bias", "logprobs"):
             continue
         if name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            _check(_is_number(value), f"sampling_params.{name} must be a number")
+            # NaN or infinity would pass range checks and fail the sampler's whole step
+            _check(_is_number(value) and math.isfinite(value), f"sampling_params.{name} must be a finite number")
         elif name == "ignore_eos":
             _check(isinstance(value, bool), "sampling_params.ignore_eos must be a bool")
         elif name == "stop_token_ids":

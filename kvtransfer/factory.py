@@ -2,6 +2,8 @@
 
     NixlConnector    NIXL READs (needs the nixl package: `pip install nixl-cu12`)
     TcpConnector     pure Python over the ZMQ side channel
+    CudaIpcConnector engines on one machine: GPU caches copied directly through CUDA
+                     IPC (one kernel per pull), any other pair over TCP as TcpConnector
     MultiConnector   kv_connector_extra_config.connectors, tried in order: the first
                      that can run here is used (e.g. NIXL where installed, else TCP)
     any other name   a class of that name in kv_connector_module_path
@@ -59,10 +61,15 @@ def create_connector(
         from kvtransfer.nixl_connector import NixlConnector
 
         return NixlConnector(config, role, kv_spec, **kwargs)
+    if name == "CudaIpcConnector":
+        from kvtransfer.cuda_ipc_connector import CudaIpcConnector
+
+        return CudaIpcConnector(config, role, kv_spec, **kwargs)
     if name == "MultiConnector":
         return _first_that_runs(config, role, kv_spec, tp_rank=tp_rank, tp_size=tp_size)
     raise ValueError(
-        f"unknown kv_connector {name!r}; pdserve ships NixlConnector, TcpConnector and MultiConnector "
+        f"unknown kv_connector {name!r}; pdserve ships NixlConnector, TcpConnector, CudaIpcConnector "
+        "and MultiConnector "
         "(set kv_connector_module_path for an out-of-tree class)"
     )
 

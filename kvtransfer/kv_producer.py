@@ -29,6 +29,7 @@ from kvtransfer.side_channel import (
     HandshakeRequest,
     MessageError,
     NixlAgentInfo,
+    Unauthenticated,
     decode,
     encode,
     error_message,
@@ -83,6 +84,7 @@ class KVProducer:
         self._advertise_host = advertised_host(host, advertise_host)
         self._region: KVRegion | None = None
         self._nixl: NixlAgentInfo | None = None
+        self._cuda_ipc: dict[str, Any] | None = None
         self._notifications: Callable[[], list[str]] | None = None
         self._ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
@@ -92,6 +94,7 @@ class KVProducer:
         self._wake_w.setblocking(False)  # a full pipe already holds a wake-up
         self.num_exported = 0
         self.num_rejected_messages = 0
+        self.num_unauthenticated = 0  # dropped for want of the cluster secret's tag
         self.bytes_served = 0
 
     # -- worker side ----------------------------------------------------------------
@@ -101,8 +104,11 @@ class KVProducer:
         region: KVRegion,
         nixl: NixlAgentInfo | None = None,
         notifications: Callable[[], list[str]] | None = None,
+        cuda_ipc: dict[str, Any] | None = None,
     ) -> None:
         """Bind the side channel and start serving reads of `region`.
+
+        `cuda_ipc`, when given, goes into every handshake reply (CudaIpcConnector's export).
 
         `notifications`, when given, returns the request ids that consumers reported done
         through the data path; the side channel's thread calls it every few milliseconds
@@ -113,6 +119,7 @@ class KVProducer:
             raise RuntimeError("the KV cache is already registered with this connector")
         self._region = region
         self._nixl = nixl
+        self._cuda_ipc = cuda_ipc
         self._notifications = notifications
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
@@ -221,7 +228,8 @@ class KVProducer:
                     identity, rest = frames[0], frames[1:]
                     envelope = [identity, b""] if rest and rest[0] == b"" else [identity]
                     reply = self._answer(rest[len(envelope) - 1 :])
-                    router.send_multipart(envelope + reply, copy=False)
+                    if reply:  # none for a message without the cluster secret's tag
+                        router.send_multipart(envelope + reply, copy=False)
         except zmq.ContextTerminated:
             pass
         finally:
@@ -258,6 +266,14 @@ class KVProducer:
             message = decode(frames[0])
             xid = get_xid(message)
             return self._handle(parse_request(message, self._region.num_blocks))
+        except Unauthenticated as e:
+            self.num_rejected_messages += 1
+            self.num_unauthenticated += 1
+            if self.num_unauthenticated & (self.num_unauthenticated - 1) == 0:  # 1, 2, 4 ...: no log flood
+                logger.warning(
+                    "dropped %d unauthenticated KV side-channel message(s): %s", self.num_unauthenticated, e
+                )
+            return []
         except MessageError as e:
             self.num_rejected_messages += 1
             logger.warning("rejected a KV side-channel message: %s", e)
@@ -281,6 +297,7 @@ class KVProducer:
                 tp_size=self.tp_size,
                 connector=self.connector_name,
                 nixl=self._nixl,
+                cuda_ipc=self._cuda_ipc,
                 xid=request.xid,
             )
             logger.info("KV handshake from engine %s", request.engine_id)

@@ -14,6 +14,11 @@ producer -> consumer on any failure
 
 Everything that arrives is checked here (types, sizes, bounds) before anyone uses it;
 a check that fails raises MessageError, whose text the producer sends back.
+
+With a cluster secret installed in the process (common/frame_auth.py), every message
+frame goes out with an HMAC tag, and one that arrives without a valid tag raises
+Unauthenticated: the producer drops it unanswered. The block data frames of a read
+reply are not tagged (their header is); docs/security.md says what that means.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from common.frame_auth import SIDE_CHANNEL, FrameRejected, installed_frame_auth
 from kvtransfer.kv_cache_spec import KVCacheSpec
 
 PROTOCOL_VERSION = 1
@@ -41,11 +47,23 @@ class MessageError(ValueError):
         self.xid = xid
 
 
+class Unauthenticated(MessageError):
+    """A frame without a valid cluster-secret tag, or a replayed one: dropped, never answered."""
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    frame = msgpack.packb(message, use_bin_type=True)
+    auth = installed_frame_auth(SIDE_CHANNEL)
+    return frame if auth is None else auth.seal(frame)
 
 
 def decode(frame: bytes | memoryview) -> dict[str, Any]:
+    auth = installed_frame_auth(SIDE_CHANNEL)
+    if auth is not None:
+        try:
+            frame = auth.open(frame)
+        except FrameRejected as e:
+            raise Unauthenticated(str(e)) from None
     try:
         message = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several kinds for bad input
@@ -232,6 +250,7 @@ class HandshakeReply:
     tp_size: int
     connector: str
     nixl: NixlAgentInfo | None = None
+    cuda_ipc: dict[str, Any] | None = None  # CudaIpcConnector's export, checked by its consumer
     xid: int | None = None
 
     def to_message(self) -> dict[str, Any]:
@@ -248,6 +267,7 @@ class HandshakeReply:
             "tp_size": self.tp_size,
             "connector": self.connector,
             "nixl": None if self.nixl is None else self.nixl.to_message(),
+            "cuda_ipc": self.cuda_ipc,
         }
 
     @classmethod
@@ -259,6 +279,9 @@ class HandshakeReply:
         except ValueError as e:
             raise MessageError(str(e)) from None
         nixl = message.get("nixl")
+        cuda_ipc = message.get("cuda_ipc")
+        if cuda_ipc is not None and not isinstance(cuda_ipc, dict):
+            raise MessageError(f"field 'cuda_ipc' must be a map, got {_kind(cuda_ipc)}")
         reply = cls(
             engine_id=get_str(message, "engine_id"),
             instance_id=get_str(message, "instance_id"),
@@ -269,6 +292,7 @@ class HandshakeReply:
             tp_size=get_int(message, "tp_size", 1, 1 << 16),
             connector=get_str(message, "connector", 64),
             nixl=None if nixl is None else NixlAgentInfo.from_message(nixl),
+            cuda_ipc=cuda_ipc,
             xid=get_xid(message),
         )
         if reply.nixl is not None and reply.nixl.base_addr + reply.num_blocks * reply.block_len >= 1 << 64:

@@ -17,18 +17,20 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from common.openai_api import ServedModel
 from common.output_processor import TokenStrings
 from router.config import RouterConfig
 from router.context import RouterContext
+from router.dependencies import endpoint_access
 from router.errors import install_error_handlers
 from router.http_limits import HttpLimits
 from router.metrics import RouterMetrics, WorkerPoolCollector
 from router.orchestrator import Orchestrator
 from router.request_id import RequestIdHeaders
 from router.routes import chat, completions, health, metrics, models, tokenize
+from router.routes.openapi_schema import install_openapi
 from router.worker_pool import WorkerPool
 
 
@@ -56,9 +58,15 @@ def create_app(config: RouterConfig, served: ServedModel) -> FastAPI:
         finally:
             await pool.close()
 
-    app = FastAPI(title="pdserve router", version=health.router_version(), lifespan=lifespan)
+    app = FastAPI(
+        title="pdserve router",
+        version=health.router_version(),
+        lifespan=lifespan,
+        dependencies=[Depends(endpoint_access)],  # API key and endpoint exposure (docs/security.md)
+    )
     app.state.router = context
     install_error_handlers(app)
+    install_openapi(app, config)  # request bodies and error answers documented
     for module in (completions, chat, models, health, metrics, tokenize):
         app.include_router(module.router)
     # outermost last: limits run before anything reads the request

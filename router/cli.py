@@ -20,6 +20,7 @@ from typing import Any
 
 from common.config.arg_parser import ConfigFileAction, JsonObjectAction
 from common.config.arg_types import choice, human_int, int_at_least
+from common.frame_auth import SECRET_ENV, SECRET_FILE_ENV, load_cluster_secret
 from router.config import (
     DEFAULT_HOST,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -28,6 +29,7 @@ from router.config import (
     DEFAULT_PORT,
     DEFAULT_WORKER_HEALTH_TIMEOUT_S,
     DEFAULT_WORKER_REPLY_TIMEOUT_S,
+    ENDPOINT_ACCESS,
     RouterConfig,
 )
 from router.model_info import ModelSettings
@@ -36,6 +38,7 @@ from router.policy import DEFAULT_LOCAL_PREFILL_THRESHOLD, PolicyWeights
 logger = logging.getLogger("pdserve.router")
 
 API_KEY_ENV = "PDSERVE_API_KEY"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -57,6 +60,15 @@ def register(subparsers: Any) -> None:
 
 def _address_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _registry_url(text: str) -> str:
+    from common.registry import check_registry_url
+
+    try:
+        return check_registry_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -95,9 +107,49 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int_at_least(0), default=DEFAULT_PORT, help="Port to listen on.")
     server.add_argument(
         "--api-key",
+        nargs="+",
         default=None,
-        help="If given, the /v1 endpoints require 'Authorization: Bearer <key>' (401 otherwise). "
-        f"Also read from the {API_KEY_ENV} environment variable. (default: no key)",
+        metavar="KEY",
+        help="If given, the /v1 endpoints, /tokenize and /detokenize require 'Authorization: Bearer "
+        "<key>' with one of these keys (401 otherwise). Keys on the command line are visible to "
+        f"other local users (ps); prefer the {API_KEY_ENV} or {VLLM_API_KEY_ENV} environment "
+        "variable (several keys separated by commas). (default: no key)",
+    )
+    server.add_argument(
+        "--metrics-access",
+        type=choice(ENDPOINT_ACCESS),
+        default="public",
+        help="Who may read /metrics: public (anyone, as in vLLM), api-key (only with an --api-key), "
+        "or disabled (404).",
+    )
+    server.add_argument(
+        "--health-access",
+        type=choice(ENDPOINT_ACCESS[:2]),
+        default="public",
+        help="Who may read /health and /ping (they list the workers and their load): public or "
+        "api-key. Load balancers then need the key.",
+    )
+    server.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        metavar="PATH",
+        help="A file holding the cluster secret the workers were given: messages to and from the "
+        "workers carry its HMAC tag, and those without a valid one are dropped. Also read from "
+        f"${SECRET_FILE_ENV}, or the secret itself from ${SECRET_ENV}. (default: none; see "
+        "docs/security.md)",
+    )
+    server.add_argument(
+        "--enable-log-requests",
+        action="store_true",
+        help="Log every request body (prompts included) at INFO. Off by default: prompts are "
+        "never logged otherwise, and API keys never.",
+    )
+    server.add_argument(
+        "--max-log-len",
+        type=int_at_least(0),
+        default=None,
+        help="With --enable-log-requests, the most characters of a request body that are logged. "
+        "(default: no limit)",
     )
     server.add_argument(
         "--enable-request-id-headers",
@@ -139,7 +191,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ADDR[,ADDR...]",
         help="The decode workers' --worker-address values (tcp://HOST:PORT), comma-separated or "
-        "the flag repeated. At least one is needed; without prefill workers they prefill too "
+        "the flag repeated. At least one is needed unless --registry is given; without prefill workers they prefill too "
         "(an aggregated deployment).",
     )
     workers.add_argument(
@@ -150,6 +202,16 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR[,ADDR...]",
         help="The prefill workers' --worker-address values (tcp://HOST:PORT), comma-separated or "
         "the flag repeated. (default: none)",
+    )
+    workers.add_argument(
+        "--registry",
+        type=_registry_url,
+        default=None,
+        metavar="redis://HOST:PORT/DB",
+        help="Find the workers in this Redis worker registry (the workers' --registry): workers "
+        "that register are added, those whose record is gone are removed; while Redis is down the "
+        "known workers stay. Several routers may share one registry. Combines with "
+        "--decode-workers / --prefill-workers, which always stay. (default: no registry)",
     )
     workers.add_argument(
         "--local-prefill-threshold",
@@ -266,13 +328,26 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def api_keys_from_env() -> list[str] | None:
+    """The keys in $PDSERVE_API_KEY, else $VLLM_API_KEY (comma-separated); None when unset."""
+    text = os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV) or ""
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    return keys or None
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSettings]:
+    """ValueError when the cluster secret cannot be read."""
     router_config = RouterConfig(
         prefill_workers=list(args.prefill_workers),
         decode_workers=list(args.decode_workers),
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=args.api_key or api_keys_from_env(),
+        metrics_access=args.metrics_access,
+        health_access=args.health_access,
+        cluster_secret=load_cluster_secret(args.cluster_secret_file),
+        enable_log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
         local_prefill_threshold=args.local_prefill_threshold,
         block_size=args.block_size,
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,
@@ -284,6 +359,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSetti
         max_header_count=args.h11_max_header_count,
         enable_request_id_headers=args.enable_request_id_headers,
         router_id=args.router_id,
+        registry=args.registry,
     )
     settings = ModelSettings(
         model=args.model,
@@ -305,8 +381,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSetti
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config, settings = config_from_args(args)
     try:
+        config, settings = config_from_args(args)
         config.validate()
         from router.model_info import load_served_model
 
@@ -317,13 +393,15 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from common.registry import redacted
     from router.app import create_app
 
     app = create_app(config, served)
     logger.info(
-        "serving %s on http://%s:%d (decode workers: %s; prefill workers: %s)",
-        served.name, config.host, config.port, ", ".join(config.decode_workers),
+        "serving %s on http://%s:%d (decode workers: %s; prefill workers: %s%s)",
+        served.name, config.host, config.port, ", ".join(config.decode_workers) or "none",
         ", ".join(config.prefill_workers) or "none",
+        f"; and those in the registry {redacted(config.registry)}" if config.registry else "",
     )  # fmt: skip
     uvicorn.run(
         app,

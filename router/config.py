@@ -25,6 +25,9 @@ DEFAULT_MAX_EVENT_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_HEADER_COUNT = 256
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_HASH_ALGO = "sha256"
+# Who may read /metrics and /health (with /ping): everyone, only holders of an --api-key,
+# or (metrics only) nobody: the route answers 404. docs/security.md.
+ENDPOINT_ACCESS = ("public", "api-key", "disabled")
 
 
 @dataclass
@@ -33,7 +36,13 @@ class RouterConfig:
     decode_workers: list[str] = field(default_factory=list)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # one key, or several (any one is accepted)
+    metrics_access: str = "public"  # one of ENDPOINT_ACCESS
+    health_access: str = "public"  # "public" or "api-key"
+    # the cluster secret (common/frame_auth.py): messages to and from workers are sealed
+    cluster_secret: bytes | None = None
+    enable_log_requests: bool = False  # log each request's prompt and parameters
+    max_log_len: int | None = None  # most prompt characters a logged request shows; None: all
     local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD
     # None: what the workers report (LoadReport.extra), else the default above
     block_size: int | None = None
@@ -46,14 +55,45 @@ class RouterConfig:
     max_header_count: int = DEFAULT_MAX_HEADER_COUNT
     enable_request_id_headers: bool = False
     router_id: str | None = None  # None: a random one
+    # redis://HOST:PORT/DB of the worker registry (common/registry.py); None: static workers only
+    registry: str | None = None
+    registry_poll_interval_s: float = 1.0
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The accepted API keys; empty when none is required."""
+        if not self.api_key:
+            return []
+        return [self.api_key] if isinstance(self.api_key, str) else list(self.api_key)
 
     def validate(self) -> None:
         """Raise ValueError naming the setting that is wrong and what to do."""
-        if not self.decode_workers:
+        for key in self.api_keys:
+            if not key or key != key.strip() or any(c.isspace() for c in key):
+                raise ValueError("an --api-key must be non-empty and hold no spaces (it is sent in a header)")
+        if self.metrics_access not in ENDPOINT_ACCESS:
+            raise ValueError(f"--metrics-access must be one of {', '.join(ENDPOINT_ACCESS)}, "
+                             f"got {self.metrics_access!r}")  # fmt: skip
+        if self.health_access not in ENDPOINT_ACCESS[:2]:
+            raise ValueError(f"--health-access must be public or api-key, got {self.health_access!r}")
+        if "api-key" in (self.metrics_access, self.health_access) and not self.api_keys:
+            raise ValueError("--metrics-access/--health-access api-key needs --api-key (or $VLLM_API_KEY)")
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"--max-log-len must be 0 or more, got {self.max_log_len}")
+        if not self.decode_workers and not self.registry:
             raise ValueError(
                 "no decode workers given; pass --decode-workers tcp://HOST:PORT[,tcp://HOST:PORT...] "
-                "(the addresses the decode workers' --worker-address bind)"
+                "(the addresses the decode workers' --worker-address bind), or --registry "
+                "redis://HOST:PORT/DB to find the workers in a Redis registry"
             )
+        if self.registry:
+            from common.registry import check_registry_url
+
+            check_registry_url(self.registry)
+            if self.registry_poll_interval_s <= 0:
+                raise ValueError(
+                    f"registry_poll_interval_s must be positive, got {self.registry_poll_interval_s}"
+                )
         seen: set[str] = set()
         for address in [*self.prefill_workers, *self.decode_workers]:
             if not address.startswith(("tcp://", "ipc://", "inproc://")):

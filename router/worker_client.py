@@ -5,7 +5,8 @@ is reported unavailable at once), and one reader task takes everything the worke
 sends: token deltas and errors go to the open stream of their request id, load reports
 to the worker's WorkerState and the pool (docs/disaggregation-flow.md has the flow).
 A message for a request nobody waits for any more (aborted, timed out) is dropped; a
-malformed one is counted and dropped; neither stops the reader.
+malformed one is counted and dropped; neither stops the reader. With the cluster secret
+(common/frame_auth.py) every frame is sealed, and one without a valid tag is dropped.
 
 A monitor of the socket tells whether the worker is there at all: when the connection
 drops (the worker process exited, was killed, or restarted) every request open on it
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from common.frame_auth import FrameAuth, FrameRejected
 from common.protocol import (
     ErrorMessage,
     Hello,
@@ -104,8 +106,13 @@ class WorkerClient:
         context: zmq.asyncio.Context,
         on_load_report: Callable[[WorkerClient, LoadReport], None] | None = None,
         on_disconnect: Callable[[WorkerClient], None] | None = None,
+        auth: FrameAuth | None = None,
     ) -> None:
+        """`auth` (the cluster secret): every message goes out sealed, and one from the
+        worker without a valid tag is dropped and counted in `num_unauthenticated`."""
         self.state = state
+        self.auth = auth
+        self.num_unauthenticated = 0
         self.router_id = router_id
         self._ctx = context
         self._on_load_report = on_load_report
@@ -163,7 +170,10 @@ class WorkerClient:
         """Send without waiting; WorkerUnavailable when the worker cannot take it now."""
         if self._socket is None:
             raise WorkerUnavailable(f"worker {self.worker_id} is not connected (the router is not started)")
-        future = self._socket.send(encode_message(message), zmq.NOBLOCK)
+        payload = encode_message(message)
+        if self.auth is not None:
+            payload = self.auth.seal(payload)
+        future = self._socket.send(payload, zmq.NOBLOCK)
         error = future.exception() if future.done() else None
         if isinstance(error, zmq.Again):
             raise WorkerUnavailable(
@@ -245,6 +255,15 @@ class WorkerClient:
 
     def _dispatch(self, frames: list[bytes]) -> None:
         payload = frames[-1] if frames else b""
+        if self.auth is not None:
+            try:
+                payload = self.auth.open(payload)
+            except FrameRejected as exc:
+                self.num_unauthenticated += 1
+                if self.num_unauthenticated & (self.num_unauthenticated - 1) == 0:  # 1, 2, 4, 8 ...
+                    logger.warning("dropped %d unauthenticated message(s) from worker %s; the latest: %s",
+                                   self.num_unauthenticated, self.worker_id, exc)  # fmt: skip
+                return
         try:
             message = decode_message(payload)
         except ProtocolError as exc:

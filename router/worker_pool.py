@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq.asyncio
 
+from common.frame_auth import WORKER_CHANNEL, frame_auth
 from common.protocol import LoadReport
 from router.config import DEFAULT_BLOCK_SIZE, DEFAULT_HASH_ALGO, RouterConfig
 from router.kv_event_subscriber import KVEventSubscriber
@@ -54,6 +55,7 @@ class WorkerPool:
         self.prefix_index = PrefixIndex()
         self.subscriber = KVEventSubscriber(self.prefix_index)
         self._ctx = zmq.asyncio.Context()
+        self._auth = frame_auth(config.cluster_secret, WORKER_CHANNEL)
         self._clients: dict[str, WorkerClient] = {}
         for role, addresses in (
             (WorkerRole.PREFILL, config.prefill_workers),
@@ -62,7 +64,7 @@ class WorkerPool:
             for address in addresses:
                 state = WorkerState(worker_id=address, role=role, address=address, healthy=False)
                 self._clients[address] = WorkerClient(
-                    state, self.router_id, self._ctx, self._on_load_report, self._on_disconnect
+                    state, self.router_id, self._ctx, self._on_load_report, self._on_disconnect, self._auth
                 )
         self._feeds_wanted: dict[str, EventFeed] = {}  # what each worker's reports announce
         self._feeds_open: dict[str, EventFeed] = {}  # what the subscriber reads now
@@ -70,16 +72,30 @@ class WorkerPool:
         self._learned_hash_algo: str | None = None
         self._warned_mismatch: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
+        self.registry: Any = None  # router.registry_watcher.RegistryWatcher with --registry
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.subscriber.start()
-        for client in self._clients.values():
+        for client in list(self._clients.values()):
             await client.start()
         self._monitor = asyncio.create_task(self._watch(), name="worker-health")
+        if self.config.registry:
+            from router.registry_watcher import RegistryWatcher
+
+            self.registry = RegistryWatcher(
+                self.config.registry,
+                self,
+                static=[*self.config.prefill_workers, *self.config.decode_workers],
+                poll_interval_s=self.config.registry_poll_interval_s,
+            )
+            await self.registry.start()
 
     async def close(self) -> None:
+        if self.registry is not None:
+            await self.registry.close()
+            self.registry = None
         if self._monitor is not None:
             self._monitor.cancel()
             try:
@@ -87,10 +103,38 @@ class WorkerPool:
             except asyncio.CancelledError:
                 pass
             self._monitor = None
-        for client in self._clients.values():
+        for client in list(self._clients.values()):
             await client.close()
         await asyncio.to_thread(self.subscriber.close)
         self._ctx.term()
+
+    # -- workers found while running (router/registry_watcher.py) -------------------------
+
+    async def add_worker(self, address: str, role: WorkerRole) -> WorkerClient:
+        """Connect to the worker at `address`; it is routed to once it reports its load."""
+        client = self._clients.get(address)
+        if client is not None:
+            return client
+        state = WorkerState(worker_id=address, role=role, address=address, healthy=False)
+        client = WorkerClient(
+            state, self.router_id, self._ctx, self._on_load_report, self._on_disconnect, self._auth
+        )
+        self._clients[address] = client
+        await client.start()
+        return client
+
+    async def remove_worker(self, address: str, reason: str) -> None:
+        """Forget the worker at `address`: its open requests fail with `reason`, its cached
+        blocks leave the prefix index."""
+        client = self._clients.pop(address, None)
+        if client is None:
+            return
+        client.fail_streams(reason)
+        self._feeds_wanted.pop(address, None)
+        if self._feeds_open.pop(address, None) is not None:
+            await asyncio.to_thread(self.subscriber.remove_worker, address)
+        self.prefix_index.remove_worker(address)
+        await client.close()
 
     # -- what the orchestrator and the routes read ---------------------------------------
 
@@ -193,7 +237,11 @@ class WorkerPool:
 
     async def _sync_event_feeds(self) -> None:
         """Read the KV events of every healthy worker that announces them, and only those."""
-        wanted = {wid: feed for wid, feed in self._feeds_wanted.items() if self._clients[wid].state.healthy}
+        wanted = {
+            wid: feed
+            for wid, feed in self._feeds_wanted.items()
+            if wid in self._clients and self._clients[wid].state.healthy
+        }
         for wid in [w for w in self._feeds_open if self._feeds_open[w] != wanted.get(w)]:
             del self._feeds_open[wid]
             await asyncio.to_thread(self.subscriber.remove_worker, wid)

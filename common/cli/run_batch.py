@@ -4,7 +4,9 @@ The OpenAI batch format. Each input line is
 `{"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body"}`;
 each output line is `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error"}`, in input order. The engine runs in this process and every valid request is
-submitted at once, so they are batched together.
+submitted at once, so they are batched together. With `--url`, the requests go to a
+running server instead (`pdserve serve`, or any OpenAI-compatible one), up to
+--max-concurrency at a time, and the engine flags are not used.
 
 A bad line never stops the run and is never dropped: a line that is not a request
 (not JSON, no custom_id, wrong method or url) gets `"response": null` and `"error":
@@ -23,6 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.cli.api_client import ApiClient, ApiError, add_server_args
+from common.config.arg_types import int_at_least
 from common.generation_config import read_chat_template
 from common.model_files import resolve_model
 from common.openai_api import (
@@ -40,6 +44,7 @@ from common.openai_api import (
 from common.output_processor import OutputProcessor, RequestText
 from common.tokenizer import Tokenizer, load_tokenizer
 
+DEFAULT_MAX_CONCURRENCY = 64
 COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"
 SUPPORTED_URLS = (COMPLETIONS_URL, CHAT_URL)
@@ -69,6 +74,14 @@ def register(subparsers: Any) -> None:
         "--output-file",
         required=True,
         help="The path to the output file, one JSON object a line; '-' writes stdout.",
+    )
+    server = parser.add_argument_group("against a running server")
+    add_server_args(server, url_default=None, model=False)
+    server.add_argument(
+        "--max-concurrency",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_CONCURRENCY,
+        help="With --url: the most requests in flight at once.",
     )
     parser.add_argument(
         "--response-role",
@@ -105,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
 
+    if args.url:
+        return _run_remote(args, lines, output)
+
     from common.engine.llm_engine import LLMEngine
 
     config = engine_config_from_args(args)
@@ -127,6 +143,82 @@ def run(args: argparse.Namespace) -> int:
         if output is not sys.stdout:
             output.close()
     return 0 if complete else 1
+
+
+def _run_remote(args: argparse.Namespace, lines: list[str], output: Any) -> int:
+    try:
+        with ApiClient(args.url, args.api_key) as client:
+            client.model()  # the server is there and answers, before any line is sent
+            results, complete = run_batch_remote(client, lines, args.max_concurrency, progress=True)
+    except ApiError as exc:
+        print(f"pdserve run-batch: {exc}", file=sys.stderr)
+        if output is not sys.stdout:
+            output.close()
+        return 1
+    try:
+        for result in results:
+            output.write(json.dumps(result, ensure_ascii=False) + "\n")
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    return 0 if complete else 1
+
+
+def run_batch_remote(
+    client: ApiClient,
+    lines: Iterable[str],
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every line's output line, in input order, from the server behind `client`, and
+    whether every request got the server's answer (False if some could not be sent).
+
+    Lines that are not requests get the same error lines as in-process; the server
+    answers the rest, its refusals (400, 404 ...) included, as the API gives them."""
+    requests = [_read_request(number, text) for number, text in enumerate(lines, 1) if text.strip()]
+    results: list[dict[str, Any] | None] = [error for _, _, error in requests]
+    pending = [i for i, (_, item, _) in enumerate(requests) if item is not None]
+    complete = True
+
+    def send(index: int) -> tuple[int, dict[str, Any]]:
+        custom_id, item, _ = requests[index]
+        assert item is not None
+        body = item.get("body")
+        if isinstance(body, dict) and body.get("stream"):
+            error = bad_request("stream is not supported in a batch; drop it or set it to false", "stream")
+            return index, _response(custom_id, error.status, error.to_body())
+        response = client.post(item["url"].removeprefix("/v1"), body)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = OpenAIError(response.status_code, response.text[:1000]).to_body()
+        result = _response(custom_id, response.status_code, answer)
+        result["response"]["request_id"] = (
+            response.headers.get("x-request-id") or result["response"]["request_id"]
+        )
+        return index, result
+
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    with (
+        ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="run-batch") as pool,
+        tqdm(
+            total=len(pending), desc="Running batch", unit="req", file=sys.stderr, disable=not progress
+        ) as bar,
+    ):
+        futures = {pool.submit(send, index): index for index in pending}
+        for future in as_completed(futures):
+            try:
+                index, result = future.result()
+            except ApiError as exc:  # the server went away: this line says so, the others go on
+                complete = False
+                index = futures[future]
+                result = _line_error(requests[index][0], "request_failed", str(exc))
+            results[index] = result
+            bar.update(1)
+    return [result for result in results if result is not None], complete
 
 
 def served_model_of(
@@ -215,30 +307,39 @@ def run_batch(
     return [line.result for line in batch], complete
 
 
-def _parse_line(number: int, text: str, served: ServedModel) -> _Line:
+def _read_request(number: int, text: str) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """(custom_id, the request, None) for a line that is a request; (custom_id, None, its
+    error line) for one that is not."""
     try:
         item = json.loads(text)
     except json.JSONDecodeError as exc:
-        return _Line(result=_line_error(None, "invalid_json", f"line {number} is not valid JSON ({exc})"))
+        return None, None, _line_error(None, "invalid_json", f"line {number} is not valid JSON ({exc})")
     if not isinstance(item, dict):
-        return _Line(result=_line_error(None, "invalid_request", f"line {number} must be a JSON object"))
+        return None, None, _line_error(None, "invalid_request", f"line {number} must be a JSON object")
     custom_id = item.get("custom_id")
-    line = _Line(custom_id=custom_id)
     if not isinstance(custom_id, str) or not custom_id:
-        line.result = _line_error(
+        error = _line_error(
             custom_id, "invalid_request", f"line {number}: custom_id must be a non-empty string"
         )
     elif item.get("method") != "POST":
-        line.result = _line_error(
+        error = _line_error(
             custom_id, "invalid_method", f'line {number}: method must be "POST", got {item.get("method")!r}'
         )
     elif item.get("url") not in SUPPORTED_URLS:
-        line.result = _line_error(
+        error = _line_error(
             custom_id,
             "invalid_url",
             f"line {number}: url {item.get('url')!r} is not supported; use one of {', '.join(SUPPORTED_URLS)}",
         )
     else:
+        return custom_id, item, None
+    return custom_id, None, error
+
+
+def _parse_line(number: int, text: str, served: ServedModel) -> _Line:
+    custom_id, item, error = _read_request(number, text)
+    line = _Line(custom_id=custom_id, result=error)
+    if item is not None:
         try:
             line.prepared = _prepare(item["url"], item.get("body"), served)
         except OpenAIError as exc:

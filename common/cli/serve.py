@@ -33,6 +33,7 @@ from typing import Any
 
 from common.config.arg_parser import PdserveArgumentParser
 from common.config.arg_types import human_int, int_at_least
+from common.frame_auth import load_cluster_secret
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -46,7 +47,14 @@ _SERVE_FLAGS = ("--num-prefill-workers", "--num-decode-workers", "--startup-time
 _ROUTER_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--host", {"default": DEFAULT_HOST, "help": "Host name or address the router listens on."}),
     ("--port", {"type": int_at_least(0), "default": DEFAULT_PORT, "help": "Port the router listens on; 0 picks a free one."}),
-    ("--api-key", {"default": None, "help": "If given, the /v1 endpoints require 'Authorization: Bearer <key>'. (default: no key)"}),
+    ("--api-key", {"nargs": "+", "default": None, "metavar": "KEY",
+                   "help": "If given, the /v1 endpoints require 'Authorization: Bearer <key>' with one of these keys; "
+                   "the router gets them in its environment, never on its command line (prefer setting "
+                   "$PDSERVE_API_KEY or $VLLM_API_KEY yourself). (default: no key)"}),
+    ("--metrics-access", {"default": None, "help": "Who may read the router's /metrics: public, api-key or disabled. (default: public)"}),
+    ("--health-access", {"default": None, "help": "Who may read the router's /health and /ping: public or api-key. (default: public)"}),
+    ("--enable-log-requests", {"action": "store_true", "help": "The router logs every request body (prompts included)."}),
+    ("--max-log-len", {"type": int_at_least(0), "default": None, "help": "With --enable-log-requests, the most characters of a body logged. (default: all)"}),
     ("--local-prefill-threshold", {"type": human_int(minimum=0), "default": None,
                                    "help": "Prompts whose uncached part on the chosen decode worker is shorter than this many "
                                    "tokens are prefilled on that decode worker; 0 sends every prompt to a prefill worker. "
@@ -104,6 +112,19 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                        help="Seconds to wait for every process to be ready before giving up.")  # fmt: skip
+    # the workers register in it (these flags reach them as written) and the router watches it
+    from common.worker.worker_args import add_registry_args
+
+    add_registry_args(group)
+    group.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        metavar="PATH",
+        help="A file holding the cluster secret (16 bytes or more), given to every worker and the "
+        "router: messages between them and on the KV side channel carry its HMAC tag and those "
+        "without one are dropped. Also read from $PDSERVE_CLUSTER_SECRET_FILE or, the secret itself, "
+        "$PDSERVE_CLUSTER_SECRET. (default: none; see docs/security.md)",
+    )
     router = parser.add_argument_group("router")
     for flag, kwargs in _ROUTER_FLAGS:
         router.add_argument(flag, **kwargs)
@@ -124,9 +145,13 @@ def router_argv(args: argparse.Namespace, prefill: list[str], decode: list[str],
     argv = ["--host", args.host, "--port", str(port), "--decode-workers", ",".join(decode)]
     if prefill:
         argv += ["--prefill-workers", ",".join(prefill)]
+    if getattr(args, "registry", None):
+        argv += ["--registry", args.registry]
+    if args.cluster_secret_file:  # the workers get it too, as written (worker_argv)
+        argv += ["--cluster-secret-file", args.cluster_secret_file]
     for flag, kwargs in _ROUTER_FLAGS:
         dest = flag[2:].replace("-", "_")
-        if dest in ("host", "port"):
+        if dest in ("host", "port", "api_key"):  # the key goes in the environment (router_env)
             continue
         value = getattr(args, dest)
         if kwargs.get("action") == "store_true":
@@ -147,6 +172,23 @@ def router_argv(args: argparse.Namespace, prefill: list[str], decode: list[str],
     return argv
 
 
+def worker_env() -> dict[str, str]:
+    """The workers' environment: NIXL's UCX listens on loopback only, as everything serve
+    starts does, unless $UCX_NET_DEVICES says otherwise (UCX's default is every interface)."""
+    env = dict(os.environ)
+    env.setdefault("UCX_NET_DEVICES", "lo")
+    return env
+
+
+def router_env(args: argparse.Namespace) -> dict[str, str]:
+    """The router's environment: this one's, plus the API keys given on serve's command line
+    (kept off the router's command line, which every local user can read)."""
+    env = dict(os.environ)
+    if args.api_key:
+        env["PDSERVE_API_KEY"] = ",".join(args.api_key)
+    return env
+
+
 @dataclass
 class _Child:
     name: str
@@ -163,7 +205,9 @@ class _Launcher:
         self.children: list[_Child] = []
         self._group: int | None = None
 
-    def start(self, name: str, argv: list[str], ready_file: Path | None = None) -> _Child:
+    def start(
+        self, name: str, argv: list[str], ready_file: Path | None = None, env: dict[str, str] | None = None
+    ) -> _Child:
         command = [sys.executable, "-m", "common.cli.main", *argv]
         group = self._group if self._group is not None else 0  # 0: a new group led by this child
 
@@ -171,7 +215,7 @@ class _Launcher:
             os.setpgid(0, group)
             _die_with_parent()
 
-        process = subprocess.Popen(command, preexec_fn=in_the_group)
+        process = subprocess.Popen(command, preexec_fn=in_the_group, env=env)
         if self._group is None:
             self._group = process.pid
         child = _Child(name, process, ready_file)
@@ -231,6 +275,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
     deadline = time.monotonic() + args.startup_timeout
+    try:  # a secret that cannot be read stops everything before anything starts
+        load_cluster_secret(args.cluster_secret_file)
+    except ValueError as exc:
+        raise _StartupFailed(str(exc)) from None
     common = worker_argv(args.serve_argv)
     for role, count in (("prefill", args.num_prefill_workers), ("decode", args.num_decode_workers)):
         for i in range(count):
@@ -247,7 +295,7 @@ def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
                 "--kv-events-config.replay_endpoint", "tcp://127.0.0.1:*",
                 "--kv-transfer-config.kv_port", "0",
             ]  # fmt: skip
-            launcher.start(f"{role} worker {i}", argv, ready_file)
+            launcher.start(f"{role} worker {i}", argv, ready_file, env=worker_env())
     workers = list(launcher.children)
     for child in workers:
         child.info = _wait_for_ready_file(child, launcher, deadline)
@@ -255,9 +303,11 @@ def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
     decode = [c.info["address"] for c in workers if c.name.startswith("decode")]  # type: ignore[index]
 
     port = args.port or _free_port(args.host)
-    router = launcher.start("router", ["router", *router_argv(args, prefill, decode, port)])
+    router = launcher.start(
+        "router", ["router", *router_argv(args, prefill, decode, port)], env=router_env(args)
+    )
     url = f"http://{_url_host(args.host)}:{port}"
-    _wait_for_health(url, router, launcher, deadline)
+    _wait_for_health(url, router, launcher, deadline, _health_key(args))
     for child in workers:
         info = child.info or {}
         print(f"pdserve serve: {child.name} {info.get('worker_id')} at {info.get('address')} "
@@ -281,10 +331,24 @@ def _wait_for_ready_file(child: _Child, launcher: _Launcher, deadline: float) ->
     return json.loads(child.ready_file.read_text(encoding="utf-8"))
 
 
-def _wait_for_health(url: str, router: _Child, launcher: _Launcher, deadline: float) -> None:
+def _health_key(args: argparse.Namespace) -> str | None:
+    """The key /health needs under --health-access api-key (one the router accepts)."""
+    if args.health_access != "api-key":
+        return None
+    from_env = os.environ.get("PDSERVE_API_KEY") or os.environ.get("VLLM_API_KEY") or ""
+    keys = args.api_key or [key.strip() for key in from_env.split(",") if key.strip()]
+    return keys[0] if keys else None
+
+
+def _wait_for_health(
+    url: str, router: _Child, launcher: _Launcher, deadline: float, api_key: str | None = None
+) -> None:
+    request = urllib.request.Request(url + "/health")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
     while True:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

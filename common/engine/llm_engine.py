@@ -13,6 +13,11 @@ blocks are exported after its first token and freed when the connector says so; 
 request added with `kv_transfer_params` pulls the prompt blocks it lacks, and the
 connector's poll() lets it join the batch (see scheduler.py and
 docs/disaggregation-flow.md).
+
+With --tensor-parallel-size N > 1 the engine's process is rank 0 of N
+(common/distributed/): it spawns ranks 1..N-1, each loading its shard of the weights,
+and every step its model runner hands them the step's inputs; all ranks run the same
+forward, only rank 0 samples. shutdown() (or the engine being collected) stops them.
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ import torch
 
 from common.attention.backend_select import get_attention_backend
 from common.config.engine_config import EngineConfig
+from common.distributed.shard_plan import plan_shards
 from common.engine.block_pool import BlockPool
 from common.engine.kv_cache_manager import KVCacheManager
 from common.engine.kv_cache_sizing import determine_num_blocks
-from common.engine.model_runner import ModelRunner, profile_forward, resolve_kv_cache_dtype
+from common.engine.model_runner import (
+    ModelRunner,
+    cache_model_config,
+    profile_forward,
+    resolve_kv_cache_dtype,
+)
 from common.engine.outputs import RequestOutput
 from common.engine.request import Request
 from common.engine.scheduler import Scheduler
@@ -92,11 +103,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_engine_config(config: EngineConfig, model_config, device: torch.device) -> EngineConfig:
     """A copy of `config` with every None filled from the model and the device, and checked."""
-    if config.tensor_parallel_size != 1:
-        raise ValueError(
-            f"--tensor-parallel-size {config.tensor_parallel_size}: this engine runs the model on one "
-            "device; tensor parallelism is not implemented yet, so pass 1 (or leave the flag out)"
-        )
+    plan_shards(model_config, config.tensor_parallel_size)  # ValueError when the model does not split so
     model_len = model_config.max_position_embeddings
     max_model_len = config.max_model_len if config.max_model_len is not None else model_len
     if max_model_len < 1:
@@ -141,9 +148,12 @@ class LLMEngine:
         *,
         num_blocks: int,
         generation_config: dict[str, Any] | None = None,
+        executor=None,
     ) -> None:
-        """Prefer from_config; this expects a config already resolved by resolve_engine_config."""
+        """Prefer from_config; this expects a config already resolved by resolve_engine_config.
+        executor: the TensorParallelExecutor whose other ranks run each step with this one."""
         self.config = config
+        self.executor = executor
         self.model = model
         self.model_config = model_config
         self.max_model_len: int = config.max_model_len
@@ -179,6 +189,7 @@ class LLMEngine:
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
+            step_sender=executor,
         )
         self.kv_connector: KVConnectorLike | None = None
         self._failed_transfers: list[RequestOutput] = []  # failed outputs not handed out yet
@@ -197,6 +208,13 @@ class LLMEngine:
         """
         device = resolve_device(config.device)
         torch.manual_seed(config.seed)
+        if config.tensor_parallel_size > 1:
+            if model is not None:
+                raise ValueError(
+                    f"--tensor-parallel-size {config.tensor_parallel_size} loads the model in every rank; "
+                    "pass a config with `model` set, not a loaded model"
+                )
+            return cls._from_config_tensor_parallel(config, device)
         source = None
         if model is None:
             from common.models.loader import load_model, load_model_config
@@ -219,43 +237,54 @@ class LLMEngine:
             if config.model is not None:
                 source = resolve_model(config.model, config.revision, config.download_dir)
             config = resolve_engine_config(config, model_config, device)
-        dtype = next(model.parameters()).dtype
-        kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
-
-        def profile() -> None:
-            profile_forward(
-                model,
-                model_config,
-                num_tokens=config.max_num_batched_tokens,
-                max_model_len=config.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                block_size=config.block_size,
-                kv_cache_dtype=kv_cache_dtype,
-                device=device,
-                dtype=dtype,
-            )
-
-        num_blocks = determine_num_blocks(
-            model_config=model_config,
-            block_size=config.block_size,
-            kv_cache_dtype=kv_cache_dtype,
-            device=device,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            num_gpu_blocks_override=config.num_gpu_blocks_override,
-            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            profile_forward=profile,
-        )
         return cls(
             config,
             model,
             model_config,
-            num_blocks=num_blocks,
-            generation_config=read_generation_config(
-                config.generation_config, source.path if source is not None and source.kind == "hf_dir" else None
-            ),
+            num_blocks=kv_cache_num_blocks(config, model, model_config, device),
+            generation_config=_generation_config(config, source),
         )
+
+    @classmethod
+    def _from_config_tensor_parallel(cls, config: EngineConfig, device: torch.device) -> LLMEngine:
+        """Rank 0 of a tensor-parallel engine: start the other ranks, then load this rank's
+        shard and size the cache together with them."""
+        from common.distributed.executor import TensorParallelExecutor
+        from common.models.loader import load_model, load_model_config
+
+        source = resolve_model(config.model, config.revision, config.download_dir)
+        config = resolve_engine_config(config, load_model_config(source, config.hf_config_path), device)
+        executor = TensorParallelExecutor(config, device)
+        try:
+            group = executor.group
+            model, model_config = load_model(
+                source,
+                load_format=config.load_format,
+                dtype=config.dtype,
+                device=group.device,
+                attn_backend=get_attention_backend(group.device, config.kv_cache_dtype, config.max_model_len),
+                hf_config_path=config.hf_config_path,
+                seed=config.seed,
+                tp_group=group,
+            )
+            num_blocks = kv_cache_num_blocks(config, model, model_config, group.device, group)
+            return cls(
+                dataclasses.replace(config, device=str(group.device)),
+                model,
+                model_config,
+                num_blocks=num_blocks,
+                generation_config=_generation_config(config, source),
+                executor=executor,
+            )
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent; also runs when the
+        engine is collected or the process exits)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # -- requests ----------------------------------------------------------------------
 
@@ -358,6 +387,12 @@ class LLMEngine:
         """Register this engine's KV cache with `connector` and drive it from now on."""
         if self.kv_connector is not None:
             raise RuntimeError("a KV connector is already attached to this engine")
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError(
+                f"--tensor-parallel-size {self.config.tensor_parallel_size} with --kv-transfer-config: "
+                "KV transfer between tensor-parallel workers is not supported yet; run disaggregated "
+                "workers with --tensor-parallel-size 1, or serve the model aggregated"
+            )
         connector.register_kv_cache(self.runner.kv_cache)
         self.kv_connector = connector
 
@@ -517,6 +552,63 @@ class LLMEngine:
 
 
 _generate_calls = itertools.count()
+
+
+def kv_cache_num_blocks(config: EngineConfig, model, model_config, device: torch.device, tp_group=None) -> int:
+    """Blocks of the KV cache for a resolved config (kv_cache_sizing.py decides). Every
+    rank of `tp_group` calls it at once, sizing its own cache (its own KV heads, on CUDA its
+    own profiling forward, run in step by all ranks); they agree on the smallest count."""
+    dtype = next(model.parameters()).dtype
+    kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
+
+    def profile() -> None:
+        profile_forward(
+            model,
+            model_config,
+            num_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
+            kv_cache_dtype=kv_cache_dtype,
+            device=device,
+            dtype=dtype,
+        )
+
+    def determine() -> int:
+        return determine_num_blocks(
+            model_config=cache_model_config(model, model_config),
+            block_size=config.block_size,
+            kv_cache_dtype=kv_cache_dtype,
+            device=device,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            num_gpu_blocks_override=config.num_gpu_blocks_override,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            profile_forward=profile,
+        )
+
+    if tp_group is None:
+        return determine()
+    error = None
+    try:
+        num_blocks = determine()
+    except ValueError as e:  # still join the agreement, or the other ranks would wait forever
+        num_blocks, error = 0, e
+    agreed = tp_group.min_int(num_blocks)
+    if agreed == 0:
+        if error is not None:
+            raise error
+        raise ValueError(
+            "another tensor-parallel rank has no room for the KV cache (its error is in its output); "
+            "lower --max-model-len or give the cache more room"
+        )
+    return agreed
+
+
+def _generation_config(config: EngineConfig, source) -> dict[str, Any]:
+    folder = source.path if source is not None and source.kind == "hf_dir" else None
+    return read_generation_config(config.generation_config, folder)
 
 
 def _first_token_id(params: dict[str, Any], vocab_size: int) -> int:

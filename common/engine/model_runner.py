@@ -12,6 +12,11 @@ in a step is the sampler reading the chosen tokens back. On CUDA (unless enforce
 a pure-decode step replays a CUDA graph captured at the next batch size up
 (common/engine/cuda_graphs.py); mixed and prefill steps, and decode batches larger than
 the largest captured size, run eagerly. The CPU path never uses graphs.
+
+Under tensor parallelism (common/distributed/) the runner of rank 0 sends each step's
+packed host inputs to the other ranks before its forward (`step_sender`), and each of
+those ranks' runners rebuilds the same inputs (`run_step_message`) and runs the same
+forward on its shard; only rank 0 gets logits and samples. Ranks run eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from common.attention.metadata import AttentionMetadata
+from common.distributed import step_message
 from common.engine import cuda_graphs as graphs_module
 from common.engine.outputs import SampledToken
 from common.engine.request import Request
@@ -112,11 +118,15 @@ class ModelRunner:
         max_num_seqs: int | None = None,
         enforce_eager: bool = False,
         cuda_graph_sizes: Sequence[int] | None = None,
+        step_sender=None,
     ) -> None:
         """max_model_len (default: the model's context) bounds the block tables a captured
         decode graph takes; graphs are captured at cuda_graph_sizes (default: the list of
-        cuda_graphs.cuda_graph_sizes up to max_num_seqs) on CUDA unless enforce_eager."""
+        cuda_graphs.cuda_graph_sizes up to max_num_seqs) on CUDA unless enforce_eager.
+        step_sender (rank 0 of a tensor-parallel engine): its send_step(bytes) hands each
+        step to the other ranks."""
         self.model = model
+        self.step_sender = step_sender
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
@@ -124,7 +134,7 @@ class ModelRunner:
         self.max_model_len = max_model_len or model_config.max_position_embeddings
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
         self.kv_cache = _allocate_kv_cache(
-            model_config, num_blocks, block_size, self.kv_cache_dtype, self.device
+            cache_model_config(model, model_config), num_blocks, block_size, self.kv_cache_dtype, self.device
         )
         self.sampler = Sampler(seed)
         on_cuda = self.device.type == "cuda"
@@ -132,7 +142,8 @@ class ModelRunner:
         self._eager = _StepBuffers(self.device, pin=False) if on_cuda else self._host
         self._copies_done: torch.cuda.Event | None = None
         self.cuda_graphs: graphs_module.DecodeCudaGraphs | None = None
-        if on_cuda and not enforce_eager and _backend_supports_cuda_graphs(model):
+        tensor_parallel = hasattr(model, "rank_config")
+        if on_cuda and not enforce_eager and not tensor_parallel and _backend_supports_cuda_graphs(model):
             sizes = cuda_graph_sizes or graphs_module.cuda_graph_sizes(max_num_seqs or DEFAULT_MAX_NUM_SEQS)
             self.capture_cuda_graphs(sizes)
 
@@ -169,14 +180,72 @@ class ModelRunner:
             else:
                 logits = logits[inputs.sample_rows]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn_metadata)
-            if not inputs.sample_requests:
-                return {}
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            if self.step_sender is not None:
+                self.step_sender.send_step(self.step_message(inputs))
+            logits = self.forward(inputs)
         if not inputs.sample_requests:
             return {}
         sampled = self.sampler(logits, inputs.sample_requests)
         return {r.request_id: s for r, s in zip(inputs.sample_requests, sampled, strict=True)}
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The model on an eager step; the logits of its sampling rows (None when no row
+        samples, or on a tensor-parallel rank other than 0)."""
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn_metadata)
+        if inputs.sample_rows.shape[0] == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def step_message(self, inputs: StepInputs) -> bytes:
+        """An eager step's packed host inputs, for the other tensor-parallel ranks."""
+        meta = inputs.attn_metadata
+        rows, width = meta.block_tables.shape
+        sizes = {
+            "input_ids": inputs.input_ids.shape[0],
+            "positions": inputs.positions.shape[0],
+            "slot_mapping": meta.slot_mapping.shape[0],
+            "seq_lens": rows,
+            "query_start_loc": rows + 1,
+            "block_tables": rows * width,
+            "sample_rows": inputs.sample_rows.shape[0],
+        }
+        arrays = {name: self._host.get(name, size).numpy() for name, size in sizes.items()}
+        scalars = {"width": width, "max_query_len": meta.max_query_len, "max_seq_len": meta.max_seq_len}
+        return step_message.encode_step(arrays, scalars)
+
+    @torch.inference_mode()
+    def run_step_message(self, message: bytes) -> bool:
+        """Run the forward rank 0 sent (a tensor-parallel rank's step); False on shutdown."""
+        op, arrays, scalars = step_message.decode(message)
+        if op == step_message.SHUTDOWN:
+            return False
+        query_start_loc = arrays["query_start_loc"]
+        seq_lens = arrays["seq_lens"]
+        rows = seq_lens.shape[0]
+
+        def device(name: str) -> torch.Tensor:
+            return torch.from_numpy(arrays[name]).to(self.device, non_blocking=False)
+
+        metadata = AttentionMetadata(
+            query_start_loc=device("query_start_loc"),
+            seq_lens=device("seq_lens"),
+            block_tables=device("block_tables").view(rows, scalars["width"]),
+            slot_mapping=device("slot_mapping"),
+            max_query_len=scalars["max_query_len"],
+            max_seq_len=scalars["max_seq_len"],
+            query_lens_cpu=np.diff(query_start_loc).tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        inputs = StepInputs(
+            input_ids=device("input_ids"),
+            positions=device("positions"),
+            attn_metadata=metadata,
+            sample_rows=device("sample_rows"),
+            sample_requests=[],
+            num_reqs=rows,
+        )
+        self.forward(inputs)
+        return True
 
     def graph_size_for(self, batch: ScheduledBatch) -> int | None:
         """The captured batch size a step replays: None unless it is pure decode (one token a
@@ -318,6 +387,12 @@ def _backend_supports_cuda_graphs(model) -> bool:
     return getattr(getattr(model, "attn_backend", None), "name", None) == "triton"
 
 
+def cache_model_config(model, model_config):
+    """The config whose KV heads this process's cache holds: a tensor-parallel rank's own
+    (common/models/parallel_layers.py), else the model's."""
+    return getattr(model, "rank_config", model_config)
+
+
 def _allocate_kv_cache(
     model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -385,5 +460,6 @@ def profile_forward(
         hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
         rows = torch.zeros(max_num_seqs, dtype=torch.int64, device=hidden.device)
         logits = model.compute_logits(hidden[rows])
-        runner.sampler(logits, [requests[0]] * max_num_seqs)
+        if logits is not None:  # None on tensor-parallel ranks other than 0
+            runner.sampler(logits, [requests[0]] * max_num_seqs)
     del runner, hidden, logits

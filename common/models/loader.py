@@ -11,9 +11,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from common.distributed.group import TensorParallelGroup
+from common.distributed.shard_plan import plan_shards
 from common.model_files import ModelSource
 from common.models.config import ModelConfig, gguf_reader, load_model_config
 from common.models.llama import LlamaForCausalLM
+from common.models.parallel_layers import TensorParallelLlamaForCausalLM
 from common.models.weights_dummy import fill_dummy_weights
 from common.models.weights_gguf import iter_gguf_weights
 from common.models.weights_safetensors import iter_safetensors_weights
@@ -58,22 +61,35 @@ def load_model(
     attn_backend,
     hf_config_path: str | None = None,
     seed: int = 0,
+    tp_group: TensorParallelGroup | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """The model of `source` with its weights, ready for forward(); and its config."""
+    """The model of `source` with its weights, ready for forward(); and its config.
+
+    With `tp_group`, the part of the model that rank holds (parallel_layers.py), its
+    weights read as slices of the checkpoint's tensors; every rank of the group calls
+    this at the same time. The config returned is the whole model's.
+    """
     fmt = _resolve_format(source, load_format)
     config = load_model_config(source, hf_config_path)
     if isinstance(dtype, str):
         dtype = resolve_dtype(config.torch_dtype, dtype, device)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, attn_backend)
+        if tp_group is None:
+            model = LlamaForCausalLM(config, attn_backend)
+        else:
+            shard = plan_shards(config, tp_group.size)[tp_group.rank]
+            model = TensorParallelLlamaForCausalLM(config, attn_backend, tp_group, shard)
+    shards = model.weight_shards() if tp_group is not None else None
     if fmt == "dummy":
         fill_dummy_weights(model, seed)
+        if tp_group is not None:
+            model.broadcast_replicated()
     elif fmt == "gguf":
         reader = gguf_reader(source.path)
         # The tensor layout comes from the file even when --hf-config-path gave the config.
-        load_weights(model, iter_gguf_weights(reader, ModelConfig.from_gguf(reader)))
+        load_weights(model, iter_gguf_weights(reader, ModelConfig.from_gguf(reader), shards))
     else:
-        load_weights(model, iter_safetensors_weights(source.path))
+        load_weights(model, iter_safetensors_weights(source.path, shards))
     return model.eval(), config
 
 

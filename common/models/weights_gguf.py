@@ -8,7 +8,7 @@ weights exactly. qwen2/qwen3 files are stored unpermuted.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from common.models.config import ModelConfig
+from common.models.weights_shard import Shard
 
 _PERMUTED_ARCHITECTURES = ("llama", "mistral")
 _GLOBAL_NAMES = {
@@ -57,17 +58,30 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 CPU tensor) for every weight of the file."""
+def iter_gguf_weights(
+    reader: GGUFReader, config: ModelConfig, shards: Mapping[str, Shard] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 CPU tensor) for every weight of the file; a tensor named
+    in `shards` comes as that slice only (a tensor-parallel rank's part).
+
+    A row slice is cut from the stored (quantized) rows before dequantizing, so a rank
+    dequantizes only its rows; quantization blocks run along a row, and the q/k
+    permutation stays inside a head, so whole heads slice cleanly.
+    """
     permuted = config.extra.get("gguf_architecture") in _PERMUTED_ARCHITECTURES
+    shards = shards or {}
     for tensor in reader.tensors:
         if tensor.name in _CONFIG_TENSORS:
             continue
-        w = dequantize(tensor.data, tensor.tensor_type)
         name = hf_name(tensor.name)
-        if permuted and name.endswith("q_proj.weight"):
-            w = unpermute_rows(w, config.num_attention_heads)
-        elif permuted and name.endswith("k_proj.weight"):
-            w = unpermute_rows(w, config.num_key_value_heads)
+        shard = shards.get(name)
+        data = tensor.data
+        if shard is not None and shard.dim == 0:
+            data = data[shard.start : shard.stop]
+        w = dequantize(data, tensor.tensor_type)
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute_rows(w, w.shape[0] // config.head_dim)
+        if shard is not None and shard.dim == 1:
+            w = w[:, shard.start : shard.stop]
         # np.array copies: the reader's arrays are read-only views of the mapped file.
         yield name, torch.from_numpy(np.array(w, dtype=np.float32))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from common.models.weights_shard import Shard
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -38,9 +40,19 @@ def safetensors_files(folder: Path) -> list[Path]:
     )
 
 
-def iter_safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, CPU tensor) for every tensor of the folder, one at a time."""
+def iter_safetensors_weights(
+    folder: Path, shards: Mapping[str, Shard] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, CPU tensor) for every tensor of the folder, one at a time; a
+    tensor named in `shards` is read as that slice only (a tensor-parallel rank's part)."""
+    shards = shards or {}
     for file in safetensors_files(Path(folder)):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                shard = shards.get(name)
+                if shard is None:
+                    yield name, f.get_tensor(name)
+                elif shard.dim == 0:
+                    yield name, f.get_slice(name)[shard.start : shard.stop]
+                else:
+                    yield name, f.get_slice(name)[:, shard.start : shard.stop]

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, replace
 
 from common.openai_api.errors import bad_request
-from common.openai_api.requests import ChatCompletionRequest, CompletionRequest
+from common.openai_api.requests import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 from common.openai_api.served_model import ServedModel
 from common.output_processor import OutputOptions
 from common.sampling_params import SamplingParams
@@ -106,6 +106,12 @@ def completion_prompts(request: CompletionRequest, served: ServedModel) -> list[
         raise bad_request("prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
+    if len(prompt) * request.n > MAX_CHOICES:
+        raise bad_request(
+            f"{len(prompt)} prompts x n={request.n} make {len(prompt) * request.n} choices, more than the "
+            f"{MAX_CHOICES} one request may ask for; split the prompts over several requests",
+            "prompt",
+        )
     prompts = []
     for item in prompt:
         if isinstance(item, str):

@@ -9,11 +9,12 @@ settings). Every rejection is an OpenAIError with vLLM's wording where vLLM has 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from common.openai_api.errors import bad_request, from_validation_error
+from common.openai_api.json_body import json_type_name
 from common.openai_api.served_model import ServedModel
 from common.output_processor import OutputOptions
 from common.sampling_params import SamplingParams
@@ -21,9 +22,72 @@ from common.sampling_params import SamplingParams
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound for chat top_logprobs
 
+# Bounds that keep one request from costing the server what a thousand would: every
+# choice is an engine request, and stop strings and stop token ids are checked per token.
+MAX_N = 128  # the OpenAI API's own bound
+MAX_CHOICES = 1024  # prompts x n of one completion request
+MAX_STOP_STRINGS = 128
+MAX_STOP_TOKEN_IDS = 1024
+MAX_REQUEST_ID_CHARS = 256  # as for the X-Request-Id header
+# integers that travel to the workers must fit the wire's 64 bits
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+# Strict: a field takes its JSON type only ("5" is not a number, 1 is not true), as the
+# OpenAPI schema says. NaN or infinity in a sampling field would reach the sampler and
+# fail a whole step, so they are refused too.
+_REQUEST_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _documented(default: Any, **schema: Any) -> Any:
+    """A field whose bounds check_supported() or SamplingParams.validate() enforce, with
+    the API's own wording; `schema` writes them into the OpenAPI description."""
+    return Field(default, json_schema_extra=schema)
+
+
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT_SCHEMA = {
+    "description": "text, a list of texts, token ids, or a list of token-id lists (one choice per prompt)",
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": {"type": "string", "minLength": 1}},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": _TOKEN_IDS},
+    ],
+}
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+_MESSAGES_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "anyOf": [
+            {
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": list(_CHAT_ROLES)},
+                    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+                },
+            },
+            {  # an assistant turn that only called tools
+                "required": ["role", "tool_calls"],
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "content": {"type": "null"},
+                    "tool_calls": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                },
+            },
+        ],
+    },
+}
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _REQUEST_CONFIG
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -31,38 +95,42 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Fields the two endpoints share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = _REQUEST_CONFIG
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int = _documented(1, minimum=1, maximum=MAX_N)
+    temperature: float | None = _documented(None, minimum=0)
+    top_p: float | None = _documented(None, exclusiveMinimum=0, maximum=1)
+    stop: str | list[str] | None = _documented(None, maxItems=MAX_STOP_STRINGS)
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = _documented(None, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _documented(None, minimum=-2, maximum=2)
+    logit_bias: dict[str, float] | None = _documented(
+        None, additionalProperties={"type": "number", "minimum": -100, "maximum": 100}
+    )
     user: str | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = _documented(None, properties={"type": {"enum": ["text"]}})
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: Int64 | None = _documented(None, minimum=-1)
+    min_p: float | None = _documented(None, minimum=0, maximum=1)
+    repetition_penalty: float | None = _documented(None, exclusiveMinimum=0, maximum=2)
+    min_tokens: int = _documented(0, minimum=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = _documented(
+        None, maxItems=MAX_STOP_TOKEN_IDS, items={"type": "integer", "minimum": 0}
+    )
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    priority: int = 0
-    request_id: str | None = None
+    priority: Int64 = 0
+    request_id: str | None = Field(None, max_length=MAX_REQUEST_ID_CHARS)
     cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: int | None = _documented(None, minimum=1)
     use_beam_search: bool = False
     prompt_logprobs: int | None = None
 
@@ -70,7 +138,7 @@ class _GenerationRequest(BaseModel):
     def parse(cls, body: Any):
         """Validate a decoded JSON body; an OpenAIError 400 names the first bad field."""
         if not isinstance(body, dict):
-            raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+            raise bad_request(f"the request body must be a JSON object, got {json_type_name(body)}")
         try:
             return cls.model_validate(body)
         except ValidationError as exc:
@@ -87,6 +155,16 @@ class _GenerationRequest(BaseModel):
         """Reject what this server cannot do, instead of silently doing something else."""
         if self.n < 1:
             raise bad_request(f"n must be at least 1, got {self.n}.", "n")
+        if self.n > MAX_N:
+            raise bad_request(f"n must be at most {MAX_N}, got {self.n}; send several requests instead", "n")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop has {len(stops)} strings, more than the {MAX_STOP_STRINGS} allowed", "stop")
+        if len(self.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(
+                f"stop_token_ids has {len(self.stop_token_ids)} ids, more than the {MAX_STOP_TOKEN_IDS} allowed",
+                "stop_token_ids",
+            )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if self.use_beam_search:
@@ -186,13 +264,23 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # the OpenAI API's and vLLM's default for completions
-    logprobs: int | None = None
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
+    max_tokens: int | None = _documented(16, minimum=1)  # the OpenAI API's and vLLM's default
+    logprobs: int | None = _documented(None, minimum=0)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool = True
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_has_one_of_four_shapes(cls, prompt: Any) -> Any:
+        if isinstance(prompt, str) or (isinstance(prompt, list) and _is_prompt_list(prompt)):
+            return prompt
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists; "
+            f"got {json_type_name(prompt)} that is none of these"
+        )
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -219,11 +307,12 @@ class CompletionRequest(_GenerationRequest):
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[Any]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[Any], WithJsonSchema(_MESSAGES_SCHEMA)]
+    # deprecated by OpenAI in favour of max_completion_tokens
+    max_tokens: int | None = _documented(None, minimum=1)
+    max_completion_tokens: int | None = _documented(None, minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _documented(None, minimum=0, maximum=_MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -290,6 +379,18 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.top_logprobs or 0
 
 
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_prompt_list(items: list[Any]) -> bool:
+    return (
+        all(isinstance(p, str) for p in items)
+        or all(_is_token_id(t) for t in items)
+        or all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in items)
+    )
+
+
 def _check_message(i: int, message: Any) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
@@ -299,7 +400,8 @@ def _check_message(i: int, message: Any) -> None:
         raise ValueError(f"{where}.role must be one of {', '.join(_CHAT_ROLES)}; got {role!r}")
     content = message.get("content")
     if content is None:
-        if role == "assistant" and message.get("tool_calls"):
+        calls = message.get("tool_calls")
+        if role == "assistant" and isinstance(calls, list) and calls and all(isinstance(c, dict) for c in calls):
             return
         raise ValueError(f"{where}.content is missing; give a string or a list of text parts")
     if isinstance(content, str):

@@ -29,6 +29,7 @@ import zmq
 
 from common.engine.llm_engine import EngineStats, LLMEngine
 from common.engine.outputs import RequestOutput
+from common.frame_auth import FrameAuth, FrameRejected
 from common.protocol import (
     MAX_FRAME_BYTES,
     Abort,
@@ -78,11 +79,14 @@ class EngineServer:
         metrics: WorkerMetrics | None = None,
         connector: Any = None,
         context: zmq.Context | None = None,
+        auth: FrameAuth | None = None,
     ) -> None:
         """Bind a ROUTER at `address` (a port of 0 or * picks a free one; see `self.address`).
 
         `publisher` (a KV-event publisher) gets every step's KV events; `connector` (the
-        one attached to the engine) is read for transfer records and counters."""
+        one attached to the engine) is read for transfer records and counters. With `auth`
+        (the cluster secret) every frame goes out sealed, and one that arrives without a
+        valid tag is dropped unanswered and counted in `num_unauthenticated`."""
         self.engine = engine
         self.reporter = reporter
         self.publisher = publisher
@@ -93,6 +97,8 @@ class EngineServer:
         self._progressing = True
         self.num_malformed = 0
         self.num_dropped_sends = 0
+        self.auth = auth
+        self.num_unauthenticated = 0
 
         ctx = context if context is not None else zmq.Context.instance()
         self._socket = ctx.socket(zmq.ROUTER)
@@ -217,14 +223,32 @@ class EngineServer:
             identity = frames[0]
             if len(frames) != 2:
                 self.num_malformed += 1
-                self._send(
-                    identity,
-                    ErrorMessage(
-                        "", 400, f"a message is one frame after the identity; got {len(frames) - 1}"
-                    ),
-                )
+                if self.auth is None:  # with a secret, who sent it is unknown: no answer
+                    self._send(
+                        identity,
+                        ErrorMessage(
+                            "", 400, f"a message is one frame after the identity; got {len(frames) - 1}"
+                        ),
+                    )
                 continue
-            self._handle(identity, frames[1])
+            payload = self._authenticated(frames[1])
+            if payload is not None:
+                self._handle(identity, payload)
+
+    def _authenticated(self, frame: bytes) -> bytes | None:
+        """The frame's payload; None when it must be dropped (no valid tag, or a replay)."""
+        if self.auth is None:
+            return frame
+        try:
+            return self.auth.open(frame)
+        except FrameRejected as e:
+            self.num_unauthenticated += 1
+            # logged sparingly: a stranger must not be able to flood the log
+            if self.num_unauthenticated & (self.num_unauthenticated - 1) == 0:
+                logger.warning(
+                    "dropped %d unauthenticated message(s); the latest: %s", self.num_unauthenticated, e
+                )
+            return None
 
     def _handle(self, identity: bytes, frame: bytes) -> None:
         try:
@@ -320,6 +344,8 @@ class EngineServer:
 
     def _send_raw(self, identity: bytes, payload: bytes) -> None:
         try:
+            if self.auth is not None:
+                payload = self.auth.seal(payload)
             self._socket.send_multipart((identity, payload), zmq.NOBLOCK)
         except zmq.Again:
             self.num_dropped_sends += 1

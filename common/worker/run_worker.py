@@ -21,6 +21,12 @@ from typing import Any
 
 from common.config.engine_args import engine_config_from_args
 from common.config.engine_config import EngineConfig
+from common.frame_auth import (
+    WORKER_CHANNEL,
+    install_cluster_secret,
+    installed_frame_auth,
+    load_cluster_secret,
+)
 from common.model_files import resolve_model
 from common.worker.load_reports import LoadReporter
 from common.worker.worker_args import WorkerOptions, worker_options_from_args
@@ -43,6 +49,8 @@ def run_worker(args: argparse.Namespace, role: WorkerRole) -> int:
             config, kv_transfer_config=kv_transfer_config_for(config.kv_transfer_config, role)
         )
         model_name = resolve_model(config.model, config.revision, config.download_dir).name
+        # the KV side channel, built inside the connector, finds it installed (docs/security.md)
+        install_cluster_secret(load_cluster_secret(options.cluster_secret_file))
     except ValueError as e:
         print(f"pdserve {role.name}: {e}", file=sys.stderr)
         return 2
@@ -73,6 +81,7 @@ class WorkerProcess:
         self.publisher: Any = None
         self.metrics: Any = None
         self.server: EngineServer | None = None
+        self.heartbeat: Any = None  # common.registry_heartbeat.RegistryHeartbeat with --registry
         try:
             self.engine = engine = LLMEngine.from_config(config)
             config = engine.config
@@ -92,7 +101,12 @@ class WorkerProcess:
                     max_model_len=config.max_model_len,
                 )
                 self.metrics_port = self.metrics.serve_http(options.metrics_host, options.metrics_port)
-            self.reporter = LoadReporter(
+            reporter_type = LoadReporter
+            if options.registry:  # the heartbeat reports the load the serving loop saw last
+                from common.registry_heartbeat import RecordingLoadReporter
+
+                reporter_type = RecordingLoadReporter
+            self.reporter = reporter_type(
                 worker_id="", role=role.name, engine_id=config.kv_transfer_config.engine_id, extra={}
             )
             self.server = EngineServer(
@@ -102,6 +116,7 @@ class WorkerProcess:
                 publisher=self.publisher,
                 metrics=self.metrics,
                 connector=self.connector,
+                auth=installed_frame_auth(WORKER_CHANNEL),
             )
             self.worker_id = options.worker_id or default_worker_id(role.name, self.server.address)
             self.reporter.worker_id = self.worker_id
@@ -160,14 +175,40 @@ class WorkerProcess:
             if self.options.ready_file:
                 write_json_atomically(Path(self.options.ready_file), info)
             print(f"pdserve {self.role.name} worker {self.worker_id} ready at {server.address}", flush=True)
+            if self.options.registry:
+                self.heartbeat = self._start_heartbeat(info)
             server.run()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         logger.info("stopped")
 
+    def _start_heartbeat(self, info: dict[str, Any]) -> Any:
+        """Register in --registry and keep the record alive while serving."""
+        from common.registry import WorkerRecord
+        from common.registry_heartbeat import RegistryHeartbeat, load_of
+
+        assert self.server is not None and self.options.registry
+        record = WorkerRecord(
+            worker_id=self.worker_id,
+            role=self.role.name,
+            address=advertise_endpoint(self.server.address, advertised_host(self.server.address)) or "",
+            model=self.model_name,
+            engine_id=info["engine_id"],
+            ttl_s=self.options.registry_ttl_s,
+            served_model_name=info["served_model_name"],
+            kv_events_endpoint=info["kv_events_endpoint"],
+            kv_replay_endpoint=info["kv_replay_endpoint"],
+            tensor_parallel_size=self.engine.config.tensor_parallel_size,
+            metrics_port=self.metrics_port,
+        )
+        reporter = self.reporter
+        heartbeat = RegistryHeartbeat(self.options.registry, record, lambda: load_of(reporter.last_stats))
+        heartbeat.start()
+        return heartbeat
+
     def close(self) -> None:
-        for part in (self.server, self.metrics, self.publisher, self.connector):
+        for part in (self.heartbeat, self.server, self.metrics, self.publisher, self.connector):
             if part is None:
                 continue
             try:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from common.config.arg_parser import PdserveArgumentParser
 from common.config.arg_types import choice, int_at_least
 from common.config.engine_args import add_engine_args
+from common.registry import DEFAULT_TTL_S, check_registry_url
 
 # Where each role listens unless --worker-address says otherwise.
 DEFAULT_WORKER_PORTS = {"prefill": 8100, "decode": 8200}
@@ -25,6 +27,9 @@ class WorkerOptions:
     metrics_port: int | None
     ready_file: str | None
     log_level: str
+    registry: str | None = None  # redis://HOST:PORT/DB of the worker registry
+    registry_ttl_s: float = DEFAULT_TTL_S
+    cluster_secret_file: str | None = None  # else $PDSERVE_CLUSTER_SECRET (common/frame_auth.py)
 
 
 def worker_address(text: str) -> str:
@@ -37,6 +42,23 @@ def worker_address(text: str) -> str:
         if not sep or not host or not (port.isdigit() or port == "*"):
             raise argparse.ArgumentTypeError(f"{text!r} needs a host and a port: tcp://127.0.0.1:8100")
     return text
+
+
+def registry_url(text: str) -> str:
+    try:
+        return check_registry_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def registry_ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of seconds") from None
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: the TTL must be at least 1 second")
+    return value
 
 
 def add_worker_args(parser: PdserveArgumentParser, role: str) -> None:
@@ -72,8 +94,41 @@ def add_worker_args(parser: PdserveArgumentParser, role: str) -> None:
         help="Once the worker serves, write a JSON file here with its address, worker id, engine "
         "id, metrics port, KV-event endpoints and KV side channel (for launchers and tests).",
     )
+    add_registry_args(group)
+    group.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        metavar="PATH",
+        help="A file holding the cluster secret (16 bytes or more): messages from routers and KV "
+        "side-channel requests without its HMAC tag are dropped, and this worker's own messages "
+        "carry it. Give routers and workers the same one. Also read from $PDSERVE_CLUSTER_SECRET_FILE "
+        "or the secret itself from $PDSERVE_CLUSTER_SECRET. (default: none, messages are not "
+        "authenticated; see docs/security.md)",
+    )
     group.add_argument(
         "--log-level", type=choice(LOG_LEVELS), choices=LOG_LEVELS, default="info", help="Logging level."
+    )
+
+
+def add_registry_args(group: Any) -> None:
+    """--registry and --registry-ttl (also on `pdserve serve`, which passes them on)."""
+    group.add_argument(
+        "--registry",
+        type=registry_url,
+        default=None,
+        metavar="redis://HOST:PORT/DB",
+        help="Register this worker (role, address, model, engine id, KV-event endpoint, TP size, "
+        "load) in this Redis worker registry, renewed by a heartbeat, so routers started with the "
+        "same --registry find it. The worker serves on while Redis is down. (default: no registry)",
+    )
+    group.add_argument(
+        "--registry-ttl",
+        type=registry_ttl,
+        default=DEFAULT_TTL_S,
+        metavar="SECONDS",
+        help="How long the worker's registry record outlives its last heartbeat (the heartbeat "
+        "renews it three times per TTL): a worker that dies leaves the routers' pools this long "
+        "after. Used with --registry.",
     )
 
 
@@ -85,4 +140,7 @@ def worker_options_from_args(ns: argparse.Namespace) -> WorkerOptions:
         metrics_port=ns.metrics_port,
         ready_file=ns.ready_file,
         log_level=ns.log_level,
+        registry=ns.registry,
+        registry_ttl_s=ns.registry_ttl,
+        cluster_secret_file=ns.cluster_secret_file,
     )

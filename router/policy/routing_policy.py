@@ -5,14 +5,16 @@ let the picker take the best.
     worker, decision = policy.choose(decode_workers, block_hashes, len(prompt))
     worker.note_request_sent(request_id, decision.new_prefill_tokens, ...)
 
-`choose` changes nothing but the picker's tie rotation: the caller notes the request on
-the worker it sends it to. A scorer with weight 0 is left out of the pipeline.
+`choose` changes nothing but the picker's tie-break state (its rotation and the work it
+has routed to each worker): the caller notes the request on the worker it sends it to.
+A scorer with weight 0 is left out of the pipeline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from router.policy.kv_usage import KVUsageScorer
 from router.policy.load_cost import LoadCostScorer
@@ -32,17 +34,38 @@ class NoWorkerAvailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PolicyWeights:
-    prefix_overlap: float = 1.0
+    """The router's defaults are what `pdserve bench route` chose on the Mooncake trace
+    (docs/routing.md says why): routing is driven by the load cost, a miss counted as 7
+    queued blocks, the decode load (active KV blocks) as 1/20 of a queued prefill block,
+    and a light nudge toward the longer cached prefix among workers of similar cost."""
+
+    prefix_overlap: float = 0.1
     load_cost: float = 1.0
     queued_prefill: float = 0.0
     running_requests: float = 0.0
     kv_usage: float = 0.0
-    prefill_load_scale: float = 1.0  # of LoadCostScorer
+    prefill_load_scale: float = 20.0  # of LoadCostScorer: queued prefill blocks against active KV blocks
+    cache_miss_scale: float = 7.0  # of LoadCostScorer: a missing prompt block against a queued one
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicyWeights:
+        """Weights from a JSON object (--routing-weights); unset keys keep their defaults.
+        Raises ValueError naming a key that is unknown or a value that is not a number >= 0."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown weights {unknown}; known: {sorted(known)}")
+        for name, value in data.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number, 0 or more; got {value!r}")
+        weights = cls(**{k: float(v) for k, v in data.items()})
+        weights.scorers()  # checks them
+        return weights
 
     def scorers(self) -> list[tuple[Scorer, float]]:
         candidates: list[tuple[Scorer, float]] = [
             (PrefixOverlapScorer(), self.prefix_overlap),
-            (LoadCostScorer(self.prefill_load_scale), self.load_cost),
+            (LoadCostScorer(self.prefill_load_scale, self.cache_miss_scale), self.load_cost),
             (QueuedPrefillScorer(), self.queued_prefill),
             (RunningRequestsScorer(), self.running_requests),
             (KVUsageScorer(), self.kv_usage),
@@ -107,6 +130,7 @@ class RoutingPolicy:
             ratings[scorer.name] = rated
             totals = [total + weight * r for total, r in zip(totals, rated, strict=True)]
         chosen = self.picker.pick(workers, totals)
+        self.picker.note_routed(chosen, request.new_prefill_tokens_of(chosen.worker_id))
 
         scores = {}
         for i, w in enumerate(workers):

@@ -31,7 +31,7 @@ async def health(ctx: Context) -> JSONResponse:
     missing = []
     if pool.num_healthy(WorkerRole.DECODE) == 0:
         missing.append("decode")
-    if ctx.config.prefill_workers and pool.num_healthy(WorkerRole.PREFILL) == 0:
+    if pool.clients(WorkerRole.PREFILL) and pool.num_healthy(WorkerRole.PREFILL) == 0:
         missing.append("prefill")
     workers: list[dict[str, Any]] = [
         {
@@ -50,7 +50,8 @@ async def health(ctx: Context) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.api_route("/ping", methods=["GET", "POST"])
+@router.get("/ping")
+@router.post("/ping")  # a route per method: each its own OpenAPI operation id
 async def ping(ctx: Context) -> JSONResponse:
     return await health(ctx)
 

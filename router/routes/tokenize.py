@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from common.openai_api import ChatCompletionRequest, bad_request, render_chat_prompt
 from common.openai_api.errors import from_validation_error
+from common.openai_api.json_body import json_type_name
 from router.context import RouterContext
 from router.dependencies import Context, JsonBody
 
@@ -19,7 +20,7 @@ router = APIRouter()
 class TokenizeRequest(BaseModel):
     """Either `prompt` (text) or `messages` (rendered with the chat template first)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types only, as /openapi.json says
     model: str | None = None
     prompt: str | None = None
     messages: list[Any] | None = None
@@ -31,14 +32,14 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types only, as /openapi.json says
     model: str | None = None
     tokens: list[int]
 
 
 def _parse(model_type: type[BaseModel], body: Any) -> Any:
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise bad_request(f"the request body must be a JSON object, got {json_type_name(body)}")
     try:
         return model_type.model_validate(body)
     except ValidationError as exc:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from common.cli.serve import router_argv, worker_argv
+from common.cli.serve import router_argv, router_env, worker_argv
 from common.config.arg_parser import PdserveArgumentParser
 
 
@@ -43,7 +43,8 @@ def test_the_router_gets_its_flags_the_model_flags_and_the_worker_addresses():
     assert pairs["--port"] == "8123"
     assert pairs["--decode-workers"] == "tcp://127.0.0.1:2,tcp://127.0.0.1:3"
     assert pairs["--prefill-workers"] == "tcp://127.0.0.1:1"
-    assert pairs["--api-key"] == "k" and pairs["--local-prefill-threshold"] == "64"
+    assert "--api-key" not in argv and router_env(args)["PDSERVE_API_KEY"] == "k"  # not in `ps`
+    assert pairs["--local-prefill-threshold"] == "64"
     assert pairs["--model"] == "/m" and pairs["--max-model-len"] == "2000" and pairs["--block-size"] == "32"
     assert argv[argv.index("--served-model-name") + 1 : argv.index("--served-model-name") + 3] == ["a", "b"]
     assert pairs["--override-generation-config"] == '{"temperature": 0.5}'

@@ -326,10 +326,10 @@ def test_settings_are_checked_before_any_weight_is_loaded(monkeypatch):
         LLMEngine.from_config(EngineConfig(device="cpu", max_model_len=9000))
 
 
-def test_tensor_parallelism_is_refused_with_a_clear_message(smollm2_model):
-    _, model_config = smollm2_model
-    with pytest.raises(ValueError, match="--tensor-parallel-size 2"):
-        resolve_engine_config(EngineConfig(tensor_parallel_size=2), model_config, torch.device("cpu"))
+def test_a_tensor_parallel_size_the_heads_do_not_split_into_is_refused_with_a_clear_message(smollm2_model):
+    _, model_config = smollm2_model  # 3 KV heads: 4 ranks can neither share nor replicate them
+    with pytest.raises(ValueError, match="--tensor-parallel-size 4 does not fit"):
+        resolve_engine_config(EngineConfig(tensor_parallel_size=4), model_config, torch.device("cpu"))
 
 
 def test_a_cache_too_small_for_one_max_length_request_is_refused(smollm2_model):

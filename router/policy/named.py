@@ -1,0 +1,33 @@
+"""Routing policies by name, for benchmarks that compare them (`pdserve bench route`).
+
+- round_robin: ignore the cache and the load, take the workers in turn.
+- least_loaded: fewest queued prefill tokens (ties: fewest requests, then KV blocks).
+- longest_prefix: most cached leading blocks, ties to the least loaded; no load term,
+  so a popular prefix keeps going where it is cached however long the queue there.
+- prefix: the router's own policy, cache overlap weighed against load (PolicyWeights).
+"""
+
+from __future__ import annotations
+
+from router.policy.picker import MaxScorePicker
+from router.policy.prefix_overlap import PrefixOverlapScorer
+from router.policy.queued_prefill import QueuedPrefillScorer
+from router.policy.routing_policy import PolicyWeights, RoutingPolicy
+from router.prefix_index import PrefixIndex
+
+POLICY_NAMES = ("round_robin", "least_loaded", "longest_prefix", "prefix")
+
+
+def build_policy(
+    name: str, prefix_index: PrefixIndex, block_size: int, weights: PolicyWeights | None = None
+) -> RoutingPolicy:
+    """The policy called `name`; `weights` apply to "prefix" only (default: the router's)."""
+    if name == "round_robin":
+        return RoutingPolicy(None, block_size, scorers=[], picker=MaxScorePicker(prefer_least_loaded=False))
+    if name == "least_loaded":
+        return RoutingPolicy(None, block_size, scorers=[(QueuedPrefillScorer(), 1.0)])
+    if name == "longest_prefix":
+        return RoutingPolicy(prefix_index, block_size, scorers=[(PrefixOverlapScorer(), 1.0)])
+    if name == "prefix":
+        return RoutingPolicy(prefix_index, block_size, weights=weights)
+    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,192 @@
+"""Replay a trace through the router's real routing policy and prefix index against
+simulated workers, and measure what routing quality means to users: cache hit rate,
+load balance, time to first token.
+
+For each request, in arrival order: every worker runs its steps up to the arrival time,
+and what they said meanwhile reaches the router as it would over the wire (KV events
+msgpack-encoded and decoded into the PrefixIndex, load reports into the WorkerState,
+first tokens and finishes as the orchestrator notes them); then the RoutingPolicy picks
+a worker, the router notes the request there as the orchestrator does, and the worker
+queues it. The router only knows what the workers have published: a prompt being
+prefilled somewhere is not in the index until its blocks are.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from common.kv_events import KVEventBatch, decode_batch, encode_batch
+from router.policy import PolicyWeights
+from router.policy.named import build_policy
+from router.prefix_index import PrefixIndex
+from router.route_sim.service_model import ServiceModel
+from router.route_sim.sim_worker import Message, SimRequest, SimWorker
+from router.route_sim.trace import TRACE_BLOCK_SIZE, TraceRequest, distinct_blocks
+from router.worker_state import WorkerRole, WorkerState
+
+
+@dataclass
+class RouteResult:
+    policy: str
+    num_requests: int
+    num_workers: int
+    blocks_per_worker: int
+    hit_rate: float  # prompt tokens served from the workers' caches / prompt tokens
+    oracle_hit_rate: float  # the same with one worker of unbounded cache
+    load_imbalance: float  # max / mean of per-worker prefill (computed prompt) tokens
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    ttft_mean_ms: float
+    decisions_per_s: float  # RoutingPolicy.choose calls per second of their own time
+    kv_events_per_s: float  # KV events decoded and indexed per second of that work
+    kv_events: int
+    evicted_blocks: int
+    index_hit_rate: float  # what the router's index promised on the chosen worker
+    simulated_s: float  # from the first arrival to the last finish
+    busy_fraction: float  # of the workers' time over the trace's span, spent in steps (mean)
+    max_busy_fraction: float  # the same for the busiest worker
+    wall_s: float
+    prefill_tokens_per_worker: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: _json_number(v) for k, v in vars(self).items()}
+
+
+def default_blocks_per_worker(trace: Sequence[TraceRequest]) -> int:
+    """A tenth of the trace's distinct blocks, but at least its largest prompt."""
+    largest = max((len(r.hash_ids) for r in trace), default=1)
+    return max(distinct_blocks(list(trace)) // 10, largest, 1)
+
+
+def oracle_hit_rate(trace: Sequence[TraceRequest], block_size: int = TRACE_BLOCK_SIZE) -> float:
+    """The hit rate of one worker that never evicts and sees every earlier prompt's blocks
+    at once: the most any routing can reach."""
+    seen: set[int] = set()
+    hits = total = 0
+    for r in trace:
+        n = 0
+        for h in r.hash_ids:
+            if h not in seen:
+                break
+            n += 1
+        hits += min(n * block_size, r.input_length - 1)
+        total += r.input_length
+        seen.update(r.hash_ids)
+    return hits / total if total else 0.0
+
+
+def replay(
+    trace: Sequence[TraceRequest],
+    policy_name: str,
+    num_workers: int = 8,
+    blocks_per_worker: int | None = None,
+    model: ServiceModel | None = None,
+    weights: PolicyWeights | None = None,
+    oracle: float | None = None,
+) -> RouteResult:
+    """Route every request of `trace` with the policy `policy_name` (router.policy.named)."""
+    if num_workers < 1:
+        raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
+    model = model or ServiceModel()
+    model.validate()
+    capacity = blocks_per_worker if blocks_per_worker is not None else default_blocks_per_worker(trace)
+    index = PrefixIndex()
+    policy = build_policy(policy_name, index, TRACE_BLOCK_SIZE, weights)
+    clock = [0.0]
+    states = [
+        WorkerState(f"w{i}", WorkerRole.DECODE, f"sim://w{i}", clock=lambda: clock[0]) for i in range(num_workers)
+    ]
+    workers = {s.worker_id: SimWorker(s.worker_id, capacity, model) for s in states}
+    requests: list[SimRequest] = []
+    decide_s = index_s = 0.0
+    num_events = promised = 0
+
+    def deliver(state: WorkerState, worker: SimWorker) -> None:
+        nonlocal index_s, num_events
+        for ts, kind, payload in worker.outbox:
+            if kind is Message.KV_EVENTS:
+                wire = encode_batch(KVEventBatch(ts=ts, events=payload))
+                t0 = time.perf_counter()
+                index.apply_batch(state.worker_id, decode_batch(wire))
+                index_s += time.perf_counter() - t0
+                num_events += len(payload)
+            elif kind is Message.LOAD_REPORT:
+                state.update_load(payload)
+            elif kind is Message.FIRST_TOKEN:
+                state.note_prefill_done(payload.request_id)
+            else:
+                state.note_request_finished(payload.request_id)
+        worker.outbox.clear()
+
+    start = time.perf_counter()
+    for n, tr in enumerate(trace):
+        now = clock[0] = tr.arrival_s
+        for state in states:
+            worker = workers[state.worker_id]
+            worker.advance(now)
+            if worker.outbox:
+                deliver(state, worker)
+        t0 = time.perf_counter()
+        state, decision = policy.choose(states, tr.hash_ids, tr.input_length)
+        decide_s += time.perf_counter() - t0
+        request = SimRequest(str(n), tr)
+        blocks = math.ceil((tr.input_length + tr.output_length) / TRACE_BLOCK_SIZE)
+        state.note_request_sent(request.request_id, decision.new_prefill_tokens, blocks)
+        promised += min(decision.overlap_tokens, tr.input_length - 1)
+        workers[state.worker_id].submit(request, now)
+        requests.append(request)
+    for state in states:
+        worker = workers[state.worker_id]
+        worker.advance(math.inf)
+        deliver(state, worker)
+    wall_s = time.perf_counter() - start
+
+    prompt_tokens = sum(w.prompt_tokens for w in workers.values())
+    per_worker = [workers[s.worker_id].prefill_tokens for s in states]
+    mean_prefill = sum(per_worker) / num_workers
+    ttfts = sorted(r.ttft_s for r in requests)
+    busy = [workers[s.worker_id].busy_s for s in states]
+    span = max((r.finish_s for r in requests), default=0.0) - (trace[0].arrival_s if trace else 0.0)
+    return RouteResult(
+        policy=policy_name,
+        num_requests=len(requests),
+        num_workers=num_workers,
+        blocks_per_worker=capacity,
+        hit_rate=sum(w.cached_tokens for w in workers.values()) / prompt_tokens if prompt_tokens else 0.0,
+        oracle_hit_rate=oracle if oracle is not None else oracle_hit_rate(trace),
+        load_imbalance=max(per_worker) / mean_prefill if mean_prefill else 1.0,
+        ttft_p50_ms=1000 * percentile(ttfts, 50),
+        ttft_p99_ms=1000 * percentile(ttfts, 99),
+        ttft_mean_ms=1000 * sum(ttfts) / len(ttfts) if ttfts else math.nan,
+        decisions_per_s=len(requests) / decide_s if decide_s else math.inf,
+        kv_events_per_s=num_events / index_s if index_s else math.inf,
+        kv_events=num_events,
+        evicted_blocks=sum(w.cache.num_evicted for w in workers.values()),
+        index_hit_rate=promised / prompt_tokens if prompt_tokens else 0.0,
+        busy_fraction=sum(busy) / len(busy) / span if span > 0 else 0.0,
+        max_busy_fraction=max(busy) / span if span > 0 else 0.0,
+        simulated_s=span,
+        wall_s=wall_s,
+        prefill_tokens_per_worker=per_worker,
+    )
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile of ascending values, interpolated linearly between ranks."""
+    if not sorted_values:
+        return math.nan
+    rank = (len(sorted_values) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
