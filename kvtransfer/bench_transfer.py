@@ -374,13 +374,6 @@ def gpu_rows() -> list[Row]:
             max_tokens=slow,
             pulls=3,
         ),
-        Row(
-            "NixlConnector, UCX_TLS=cuda_ipc,cuda_copy,sm,self",
-            "NixlConnector",
-            {"UCX_TLS": "cuda_ipc,cuda_copy,sm,self"},
-            max_tokens=slow,
-            pulls=3,
-        ),
         Row("raw NIXL READ, 1 desc/block", "nixl-raw", fast, max_tokens=slow, pulls=3),
         Row("raw NIXL READ, 1 desc/layer/block", "nixl-raw", fast, per_layer=True, max_tokens=slow, pulls=3),
         Row("raw NIXL WRITE, 1 desc/block", "nixl-raw", fast, op="WRITE", max_tokens=slow, pulls=3),
