@@ -18,8 +18,9 @@ LOG2E = 1.4426950408889634
 
 # Programmatic dependent launch (Hopper and later): the decode-path kernels are launched so
 # that the next one's programs may start while this one drains; each waits for its
-# predecessor's writes before reading (pdl_wait). Off unless switched on.
-USE_PDL = False
+# predecessor's writes before reading (pdl_wait). On Hopper it took a batch-1 decode step of
+# Llama-3-8B shapes from 5.97 to 5.86 ms (docs/benchmarks.md, "Whole-model decode step").
+USE_PDL = True
 
 
 def pdl_enabled(device: torch.device) -> bool:

@@ -55,8 +55,10 @@ class StepRow:
     fused_norm_graph_ms: float | None = None  # ... norms only (SiLU-and-mul a kernel of its own)
     fused_silu_graph_ms: float | None = None  # ... SiLU only (RMSNorm kernels of their own)
     fused_add_graph_ms: float | None = None  # ... only the residual adds into the projections
-    pdl_graph_ms: float | None = None  # with programmatic dependent launch
-    pdl_prefetch_graph_ms: float | None = None  # PDL, weights' first lines prefetched before the wait
+    no_pdl_graph_ms: float | None = None  # without programmatic dependent launch (and so no prefetch)
+    prefetch_0_graph_ms: float | None = None  # PDL, no weight prefetch before the wait
+    prefetch_16_graph_ms: float | None = None  # PDL, 16 lines of each weight row prefetched
+    prefetch_32_graph_ms: float | None = None  # PDL, 32 lines
     hf_decode_tok_s: float | None = None
     hf_total_tok_s: float | None = None
 
@@ -277,6 +279,9 @@ class _StepBench:
         if self.args.variants and self.runner.cuda_graphs is not None:
             self.time_variant(rows, "cublas_graph_ms", {"layers.USE_TRITON_SMALL_MATMUL": False})
             self.time_variant(rows, "plain_layers_graph_ms", {"layers.USE_TRITON_KERNELS": False})
+            self.time_variant(rows, "no_pdl_graph_ms", {"tiles.USE_PDL": False})
+            for lines in (0, 16, 32):
+                self.time_variant(rows, f"prefetch_{lines}_graph_ms", {"kernels.PREFETCH_LINES": lines})
             fused = {"layers.USE_FUSED_SMALL_BATCH": True}
             self.time_variant(rows, "fused_graph_ms", fused)
             self.time_variant(rows, "fused_norm_graph_ms", fused | {"layers.FUSE_SILU_INTO_MATMUL": False})
@@ -285,10 +290,6 @@ class _StepBench:
                 rows,
                 "fused_add_graph_ms",
                 fused | {"layers.FUSE_NORM_INTO_MATMUL": False, "layers.FUSE_SILU_INTO_MATMUL": False},
-            )
-            self.time_variant(rows, "pdl_graph_ms", {"tiles.USE_PDL": True})
-            self.time_variant(
-                rows, "pdl_prefetch_graph_ms", {"tiles.USE_PDL": True, "kernels.PREFETCH_LINES": 8}
             )
         return rows
 
@@ -534,9 +535,9 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
         "| batch | context | weights + KV read GB | floor ms | graph step ms | ratio | tok/s (graph) "
         "| engine step ms | tok/s (engine) | eager step ms | graph ms, cuBLAS matmuls | graph ms, torch layers "
         "| graph ms, fused norm+SiLU | fused norm | fused SiLU | fused adds only "
-        "| graph ms, PDL | graph ms, PDL + prefetch "
+        "| graph ms, no PDL | PDL, prefetch 0 | prefetch 16 | prefetch 32 "
         "| HF generate tok/s | engine vs HF |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines = []
 
@@ -546,7 +547,8 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
     for r in rows:
         graph, plain, cublas = ms(r.graph_ms), ms(r.plain_layers_graph_ms), ms(r.cublas_graph_ms)
         fused = (r.fused_graph_ms, r.fused_norm_graph_ms, r.fused_silu_graph_ms, r.fused_add_graph_ms)
-        variants = " | ".join(ms(v) for v in (*fused, r.pdl_graph_ms, r.pdl_prefetch_graph_ms))
+        pdl = (r.no_pdl_graph_ms, r.prefetch_0_graph_ms, r.prefetch_16_graph_ms, r.prefetch_32_graph_ms)
+        variants = " | ".join(ms(v) for v in (*fused, *pdl))
         hf = f"{r.hf_decode_tok_s:.0f}" if r.hf_decode_tok_s is not None else "-"
         engine_tok_s = r.batch / (r.engine_ms * 1e-3)
         vs_hf = f"{engine_tok_s / r.hf_decode_tok_s:.1f}x" if r.hf_decode_tok_s else "-"

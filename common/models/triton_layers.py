@@ -31,7 +31,7 @@ SMALL_M = 16  # rows of x one small_m_matmul program holds (tl.dot needs at leas
 # Under programmatic dependent launch, each small_m_matmul program asks L2 for the first this
 # many 128-byte lines of each of its weight rows before waiting for the previous kernel: the
 # weights do not depend on it, so their first reads overlap its tail. 0: no prefetch.
-PREFETCH_LINES = 0
+PREFETCH_LINES = 8  # 5.86 -> 5.82 ms a batch-1 step on the H100 (docs/benchmarks.md)
 
 
 def _launch_options(device: torch.device) -> dict:
