@@ -2,13 +2,20 @@
 engine steps on a clock) driven through the router's real policy and prefix index.
 `pdserve bench route` runs it. Torch-free."""
 
-from router.route_sim.trace_replay import RouteResult, default_blocks_per_worker, oracle_hit_rate, replay
 from router.route_sim.service_model import ServiceModel
 from router.route_sim.trace import TraceRequest, load_trace
+from router.route_sim.trace_replay import (
+    RouteResult,
+    TraceReplay,
+    default_blocks_per_worker,
+    oracle_hit_rate,
+    replay,
+)
 
 __all__ = [
     "RouteResult",
     "ServiceModel",
+    "TraceReplay",
     "TraceRequest",
     "default_blocks_per_worker",
     "load_trace",

@@ -214,6 +214,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cells += [[fmt.format(row[key]) for key, _, fmt in _TABLE] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE))]
     return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in cells
     )

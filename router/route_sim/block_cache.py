@@ -32,6 +32,7 @@ class LRUBlockCache:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unused cached blocks, oldest first
         self.num_reserved = 0  # blocks promised to running requests, not stored yet
         self.num_evicted = 0
+        self.peak_blocks = 0  # most blocks cached at once
         self._events: list[KVEvent] = []
 
     # -- asking -----------------------------------------------------------------------------
@@ -92,6 +93,7 @@ class LRUBlockCache:
             else:
                 self._make_room()
                 self._users[h] = 1
+                self.peak_blocks = max(self.peak_blocks, len(self._users))
                 self._note_stored(h, parent)
             parent = h
 

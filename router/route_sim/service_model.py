@@ -4,20 +4,23 @@ A worker runs continuous batching with chunked prefill, as pdserve's engine does
 step computes one token of every decoding sequence plus up to a token budget of prompt
 chunks, and a step costs
 
-    step_overhead                                 (weights read once per step)
-  + (prefill tokens + decode tokens) / token_rate (the dense layers, per token)
-  + attention pairs of the prefill chunks × attention_s_per_pair
-  + context tokens of the decoding sequences × kv_read_s_per_token
+    step_overhead                                   (weights read once per step)
+  + (prefill tokens + decode tokens) / token_rate   (the dense layers, per token)
+  + (query, key) pairs of the prefill chunks / (token_rate × attention_crossover_tokens)
+  + context tokens of the decoding sequences × kv_read_s_per_ktoken / 1000
 
 so prefill time grows with the uncached prompt tokens (and, through attention, with the
 context they attend to), and decode time with the batch and its context. Cached prompt
 tokens cost nothing but the attention of the new tokens over them.
 
-The defaults are an 8B-parameter dense model with grouped-query attention on one
-H100-class GPU: ~10k prompt tokens/s through the dense layers, attention as costly as the
-dense layers at ~30k tokens of context, 128 KiB of KV per token read at ~3 TB/s, and
-~5 ms a step to read the weights. Routing quality depends on the ratios (how much of a
-worker's time a cache miss costs, how much a long queue costs), not on the exact figures.
+The defaults describe an 8B-parameter dense model with grouped-query attention on one
+data-center GPU at a modest efficiency: ~10k tokens/s through the dense layers, attention
+as costly as those at ~30k tokens of context (that model's ratio of attention to dense
+FLOPs per token), 128 KiB of KV per token read at ~3 TB/s, and ~5 ms a step to read the
+weights. Routing quality depends on the ratios (how much of a worker's time a cache miss
+costs against a long queue), and the trace's load against `token_rate` sets how busy the
+workers are: at the defaults, 8 workers replaying the Mooncake trace are comfortably busy
+when routing finds the cache and overloaded when it does not.
 """
 
 from __future__ import annotations

@@ -75,6 +75,7 @@ class SimWorker:
         self.prefilling: list[SimRequest] = []  # admitted, prompt not done, admission order
         self.outbox: list[tuple[float, Message, Any]] = []
         self.num_steps = 0
+        self.num_requests = 0  # sent here
         self.prompt_tokens = 0  # of every request sent here
         self.cached_tokens = 0  # of those, served from the prefix cache
         self.prefill_tokens = 0  # of those, computed here
@@ -98,6 +99,7 @@ class SimWorker:
                 f"{self.capacity_blocks}; raise --blocks-per-worker to at least {blocks}"
             )
         self.waiting.append(request)
+        self.num_requests += 1
         self.prompt_tokens += request.trace.input_length
         self._queued_prefill_tokens += request.trace.input_length
         if self._step is None:
@@ -107,11 +109,6 @@ class SimWorker:
         """Run every step that ends by `until`."""
         while self._step is not None and self._step.end_s <= until:
             self._finish_step()
-
-    @property
-    def busy_until(self) -> float:
-        """When the running step ends (-inf when idle)."""
-        return self._step.end_s if self._step is not None else -math.inf
 
     @property
     def num_running(self) -> int:
@@ -178,7 +175,9 @@ class SimWorker:
     def _store_computed(self, r: SimRequest, computed: int) -> None:
         # The engine caches a chunk's blocks when it schedules it, as the prefix cache does.
         hashes = r.trace.hash_ids
-        full = len(hashes) if computed >= r.trace.input_length else min(computed // self.block_size, len(hashes))
+        full = (
+            len(hashes) if computed >= r.trace.input_length else min(computed // self.block_size, len(hashes))
+        )
         if full > r.stored_blocks:
             parent = hashes[r.stored_blocks - 1] if r.stored_blocks else None
             self.cache.store(hashes[r.stored_blocks : full], parent)
@@ -189,6 +188,10 @@ class SimWorker:
         assert step is not None
         now = step.end_s
         self.num_steps += 1
+        # the blocks the step stored and evicted when it was scheduled, published as it ends
+        events = self.cache.take_events()
+        if events:
+            self.outbox.append((now, Message.KV_EVENTS, events))
         # every sequence decoding at the step's start made one token
         self._decode_context += step.num_decodes
         while self._decoding and self._decoding[0][0] <= self.num_steps:
@@ -214,9 +217,6 @@ class SimWorker:
                 self._decode_context += r.trace.input_length + 1
         if prefilled:
             self.prefilling = [r for r in self.prefilling if r.computed_tokens < r.trace.input_length]
-        events = self.cache.take_events()
-        if events:
-            self.outbox.append((now, Message.KV_EVENTS, events))
         self._maybe_report(now)
         self._start_step(now)
 

@@ -43,6 +43,7 @@ class RouteResult:
     decisions_per_s: float  # RoutingPolicy.choose calls per second of their own time
     kv_events_per_s: float  # KV events decoded and indexed per second of that work
     kv_events: int
+    kv_event_blocks: int  # block hashes those events carried
     evicted_blocks: int
     index_hit_rate: float  # what the router's index promised on the chosen worker
     simulated_s: float  # from the first arrival to the last finish
@@ -78,6 +79,122 @@ def oracle_hit_rate(trace: Sequence[TraceRequest], block_size: int = TRACE_BLOCK
     return hits / total if total else 0.0
 
 
+class TraceReplay:
+    """One replay: the router's side (PrefixIndex, RoutingPolicy, a WorkerState per
+    worker) and the simulated workers, kept after `run` for inspection."""
+
+    def __init__(
+        self,
+        trace: Sequence[TraceRequest],
+        policy_name: str,
+        num_workers: int = 8,
+        blocks_per_worker: int | None = None,
+        model: ServiceModel | None = None,
+        weights: PolicyWeights | None = None,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
+        self.trace = list(trace)
+        self.policy_name = policy_name
+        self.model = model or ServiceModel()
+        self.model.validate()
+        self.capacity = (
+            blocks_per_worker if blocks_per_worker is not None else default_blocks_per_worker(trace)
+        )
+        self.index = PrefixIndex()
+        self.policy = build_policy(policy_name, self.index, TRACE_BLOCK_SIZE, weights)
+        self.now = 0.0
+        self.states = [
+            WorkerState(f"w{i}", WorkerRole.DECODE, f"sim://w{i}", clock=self._clock)
+            for i in range(num_workers)
+        ]
+        self.workers = {s.worker_id: SimWorker(s.worker_id, self.capacity, self.model) for s in self.states}
+        self.requests: list[SimRequest] = []
+        self.num_kv_events = 0
+        self.num_kv_event_blocks = 0
+        self._decide_s = self._index_s = 0.0
+        self._promised_tokens = 0  # cached tokens the index showed on the chosen workers
+
+    def _clock(self) -> float:
+        return self.now
+
+    def run(self, oracle: float | None = None) -> RouteResult:
+        start = time.perf_counter()
+        for n, tr in enumerate(self.trace):
+            self.now = tr.arrival_s
+            self._catch_up(self.now)
+            t0 = time.perf_counter()
+            state, decision = self.policy.choose(self.states, tr.hash_ids, tr.input_length)
+            self._decide_s += time.perf_counter() - t0
+            request = SimRequest(str(n), tr)
+            # as the orchestrator notes a request sent to a decode worker that prefills it
+            blocks = math.ceil((tr.input_length + tr.output_length) / TRACE_BLOCK_SIZE)
+            state.note_request_sent(request.request_id, decision.new_prefill_tokens, blocks)
+            self._promised_tokens += min(decision.overlap_tokens, tr.input_length - 1)
+            self.workers[state.worker_id].submit(request, self.now)
+            self.requests.append(request)
+        self._catch_up(math.inf)
+        return self._result(time.perf_counter() - start, oracle)
+
+    def _catch_up(self, until: float) -> None:
+        """Run every worker's steps that end by `until` and deliver what they said."""
+        for state in self.states:
+            worker = self.workers[state.worker_id]
+            worker.advance(until)
+            if worker.outbox:
+                self._deliver(state, worker)
+
+    def _deliver(self, state: WorkerState, worker: SimWorker) -> None:
+        for ts, kind, payload in worker.outbox:
+            if kind is Message.KV_EVENTS:
+                wire = encode_batch(KVEventBatch(ts=ts, events=payload))
+                t0 = time.perf_counter()
+                self.index.apply_batch(state.worker_id, decode_batch(wire))
+                self._index_s += time.perf_counter() - t0
+                self.num_kv_events += len(payload)
+                self.num_kv_event_blocks += sum(len(e.block_hashes) for e in payload)
+            elif kind is Message.LOAD_REPORT:
+                state.update_load(payload)
+            elif kind is Message.FIRST_TOKEN:
+                state.note_prefill_done(payload.request_id)
+            else:
+                state.note_request_finished(payload.request_id)
+        worker.outbox.clear()
+
+    def _result(self, wall_s: float, oracle: float | None) -> RouteResult:
+        workers = [self.workers[s.worker_id] for s in self.states]
+        prompt_tokens = sum(w.prompt_tokens for w in workers)
+        per_worker = [w.prefill_tokens for w in workers]
+        mean_prefill = sum(per_worker) / len(workers)
+        ttfts = sorted(r.ttft_s for r in self.requests)
+        first = self.trace[0].arrival_s if self.trace else 0.0
+        span = max((r.finish_s for r in self.requests), default=first) - first
+        busy = [w.busy_s for w in workers]
+        return RouteResult(
+            policy=self.policy_name,
+            num_requests=len(self.requests),
+            num_workers=len(workers),
+            blocks_per_worker=self.capacity,
+            hit_rate=sum(w.cached_tokens for w in workers) / prompt_tokens if prompt_tokens else 0.0,
+            oracle_hit_rate=oracle if oracle is not None else oracle_hit_rate(self.trace),
+            load_imbalance=max(per_worker) / mean_prefill if mean_prefill else 1.0,
+            ttft_p50_ms=1000 * percentile(ttfts, 50),
+            ttft_p99_ms=1000 * percentile(ttfts, 99),
+            ttft_mean_ms=1000 * sum(ttfts) / len(ttfts) if ttfts else math.nan,
+            decisions_per_s=len(self.requests) / self._decide_s if self._decide_s else math.inf,
+            kv_events_per_s=self.num_kv_events / self._index_s if self._index_s else math.inf,
+            kv_events=self.num_kv_events,
+            kv_event_blocks=self.num_kv_event_blocks,
+            evicted_blocks=sum(w.cache.num_evicted for w in workers),
+            index_hit_rate=self._promised_tokens / prompt_tokens if prompt_tokens else 0.0,
+            busy_fraction=sum(busy) / len(busy) / span if span > 0 else 0.0,
+            max_busy_fraction=max(busy) / span if span > 0 else 0.0,
+            simulated_s=span,
+            wall_s=wall_s,
+            prefill_tokens_per_worker=per_worker,
+        )
+
+
 def replay(
     trace: Sequence[TraceRequest],
     policy_name: str,
@@ -87,91 +204,9 @@ def replay(
     weights: PolicyWeights | None = None,
     oracle: float | None = None,
 ) -> RouteResult:
-    """Route every request of `trace` with the policy `policy_name` (router.policy.named)."""
-    if num_workers < 1:
-        raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
-    model = model or ServiceModel()
-    model.validate()
-    capacity = blocks_per_worker if blocks_per_worker is not None else default_blocks_per_worker(trace)
-    index = PrefixIndex()
-    policy = build_policy(policy_name, index, TRACE_BLOCK_SIZE, weights)
-    clock = [0.0]
-    states = [
-        WorkerState(f"w{i}", WorkerRole.DECODE, f"sim://w{i}", clock=lambda: clock[0]) for i in range(num_workers)
-    ]
-    workers = {s.worker_id: SimWorker(s.worker_id, capacity, model) for s in states}
-    requests: list[SimRequest] = []
-    decide_s = index_s = 0.0
-    num_events = promised = 0
-
-    def deliver(state: WorkerState, worker: SimWorker) -> None:
-        nonlocal index_s, num_events
-        for ts, kind, payload in worker.outbox:
-            if kind is Message.KV_EVENTS:
-                wire = encode_batch(KVEventBatch(ts=ts, events=payload))
-                t0 = time.perf_counter()
-                index.apply_batch(state.worker_id, decode_batch(wire))
-                index_s += time.perf_counter() - t0
-                num_events += len(payload)
-            elif kind is Message.LOAD_REPORT:
-                state.update_load(payload)
-            elif kind is Message.FIRST_TOKEN:
-                state.note_prefill_done(payload.request_id)
-            else:
-                state.note_request_finished(payload.request_id)
-        worker.outbox.clear()
-
-    start = time.perf_counter()
-    for n, tr in enumerate(trace):
-        now = clock[0] = tr.arrival_s
-        for state in states:
-            worker = workers[state.worker_id]
-            worker.advance(now)
-            if worker.outbox:
-                deliver(state, worker)
-        t0 = time.perf_counter()
-        state, decision = policy.choose(states, tr.hash_ids, tr.input_length)
-        decide_s += time.perf_counter() - t0
-        request = SimRequest(str(n), tr)
-        blocks = math.ceil((tr.input_length + tr.output_length) / TRACE_BLOCK_SIZE)
-        state.note_request_sent(request.request_id, decision.new_prefill_tokens, blocks)
-        promised += min(decision.overlap_tokens, tr.input_length - 1)
-        workers[state.worker_id].submit(request, now)
-        requests.append(request)
-    for state in states:
-        worker = workers[state.worker_id]
-        worker.advance(math.inf)
-        deliver(state, worker)
-    wall_s = time.perf_counter() - start
-
-    prompt_tokens = sum(w.prompt_tokens for w in workers.values())
-    per_worker = [workers[s.worker_id].prefill_tokens for s in states]
-    mean_prefill = sum(per_worker) / num_workers
-    ttfts = sorted(r.ttft_s for r in requests)
-    busy = [workers[s.worker_id].busy_s for s in states]
-    span = max((r.finish_s for r in requests), default=0.0) - (trace[0].arrival_s if trace else 0.0)
-    return RouteResult(
-        policy=policy_name,
-        num_requests=len(requests),
-        num_workers=num_workers,
-        blocks_per_worker=capacity,
-        hit_rate=sum(w.cached_tokens for w in workers.values()) / prompt_tokens if prompt_tokens else 0.0,
-        oracle_hit_rate=oracle if oracle is not None else oracle_hit_rate(trace),
-        load_imbalance=max(per_worker) / mean_prefill if mean_prefill else 1.0,
-        ttft_p50_ms=1000 * percentile(ttfts, 50),
-        ttft_p99_ms=1000 * percentile(ttfts, 99),
-        ttft_mean_ms=1000 * sum(ttfts) / len(ttfts) if ttfts else math.nan,
-        decisions_per_s=len(requests) / decide_s if decide_s else math.inf,
-        kv_events_per_s=num_events / index_s if index_s else math.inf,
-        kv_events=num_events,
-        evicted_blocks=sum(w.cache.num_evicted for w in workers.values()),
-        index_hit_rate=promised / prompt_tokens if prompt_tokens else 0.0,
-        busy_fraction=sum(busy) / len(busy) / span if span > 0 else 0.0,
-        max_busy_fraction=max(busy) / span if span > 0 else 0.0,
-        simulated_s=span,
-        wall_s=wall_s,
-        prefill_tokens_per_worker=per_worker,
-    )
+    """Route every request of `trace` with the policy `policy_name` (router.policy.named);
+    `oracle` saves recomputing oracle_hit_rate(trace) when comparing several policies."""
+    return TraceReplay(trace, policy_name, num_workers, blocks_per_worker, model, weights).run(oracle)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
