@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI
 
 from common.openai_api import ServedModel
 from common.output_processor import TokenStrings
+from router.admission import AdmissionControl, AdmissionLimits, decode_capacity
 from router.config import RouterConfig
 from router.context import RouterContext
 from router.dependencies import endpoint_access
@@ -48,6 +49,13 @@ def create_app(config: RouterConfig, served: ServedModel) -> FastAPI:
         metrics=router_metrics,
         token_strings=TokenStrings(served.tokenizer),
         created=int(time.time()),
+        admission=AdmissionControl(
+            AdmissionLimits(
+                config.max_concurrent_requests, config.max_queued_requests, config.max_queue_wait_s
+            ),
+            capacity=decode_capacity(pool),
+            metrics=router_metrics,
+        ),
     )
 
     @asynccontextmanager

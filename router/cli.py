@@ -26,6 +26,8 @@ from router.config import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_EVENT_SIZE,
     DEFAULT_MAX_HEADER_COUNT,
+    DEFAULT_MAX_QUEUE_WAIT_S,
+    DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_PORT,
     DEFAULT_WORKER_HEALTH_TIMEOUT_S,
     DEFAULT_WORKER_REPLY_TIMEOUT_S,
@@ -173,8 +175,23 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "--max-concurrent-requests",
         type=int_at_least(1),
         default=DEFAULT_MAX_CONCURRENT_REQUESTS,
-        help="Generation requests the router answers at once; beyond it, new ones get 503 with "
-        "Retry-After instead of queueing without bound.",
+        help="Generation requests the router answers at once; more wait in a bounded queue "
+        "(--max-queued-requests), and beyond that get 429 with Retry-After. (default: what the "
+        "decode workers can run at once, the sum of their --max-num-seqs)",
+    )
+    server.add_argument(
+        "--max-queued-requests",
+        type=int_at_least(0),
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        help="Generation requests that may wait, first come first served, for one in flight to "
+        "finish; beyond it new ones get 429 with Retry-After at once. 0 refuses whatever "
+        "cannot start now. (default: the --max-concurrent-requests limit)",
+    )
+    server.add_argument(
+        "--max-queue-wait",
+        type=_positive_float,
+        default=DEFAULT_MAX_QUEUE_WAIT_S,
+        help="Seconds a queued request waits for its turn before it gets 429 with Retry-After.",
     )
     server.add_argument(
         "--uvicorn-log-level", type=choice(LOG_LEVELS), default="info", help="Log level of the HTTP server."
@@ -229,7 +246,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         default=PolicyWeights(),
         help="Weights of the routing scorers, as JSON: "
         + ", ".join(f"{f.name} (default {f.default})" for f in fields(PolicyWeights))
-        + ". Set keys one at a time with --routing-weights.KEY VALUE.",
+        + ". Set keys one at a time with --routing-weights.KEY VALUE. The defaults are the ones "
+        "`pdserve bench route` chose on the Mooncake trace; docs/routing.md says what each does and why.",
     )
     workers.add_argument(
         "--block-size",
@@ -355,6 +373,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSetti
         worker_health_timeout_s=args.worker_health_timeout,
         worker_reply_timeout_s=args.worker_reply_timeout,
         max_concurrent_requests=args.max_concurrent_requests,
+        max_queued_requests=args.max_queued_requests,
+        max_queue_wait_s=args.max_queue_wait,
         max_event_size=args.h11_max_incomplete_event_size,
         max_header_count=args.h11_max_header_count,
         enable_request_id_headers=args.enable_request_id_headers,

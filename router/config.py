@@ -18,8 +18,12 @@ DEFAULT_WORKER_HEALTH_TIMEOUT_S = 3.0
 # The longest a request waits for its worker's next message; past it the request fails
 # instead of hanging. Generous, since a CPU worker may queue a request behind long prefills.
 DEFAULT_WORKER_REPLY_TIMEOUT_S = 300.0
-# Requests in flight in the router before new ones get 503 + Retry-After.
-DEFAULT_MAX_CONCURRENT_REQUESTS = 1024
+# Requests in flight in the router (router/admission.py): None sizes it from the decode
+# workers' --max-num-seqs; the queue behind it (None: as long as the in-flight limit), and
+# the longest a queued request waits before 429.
+DEFAULT_MAX_CONCURRENT_REQUESTS: int | None = None
+DEFAULT_MAX_QUEUED_REQUESTS: int | None = None
+DEFAULT_MAX_QUEUE_WAIT_S = 60.0
 # vLLM's defaults for --h11-max-incomplete-event-size and --h11-max-header-count.
 DEFAULT_MAX_EVENT_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_HEADER_COUNT = 256
@@ -47,10 +51,13 @@ class RouterConfig:
     # None: what the workers report (LoadReport.extra), else the default above
     block_size: int | None = None
     prefix_caching_hash_algo: str | None = None
+    # defaults tuned with `pdserve bench route` (docs/routing.md)
     policy_weights: PolicyWeights = field(default_factory=PolicyWeights)
     worker_health_timeout_s: float = DEFAULT_WORKER_HEALTH_TIMEOUT_S
     worker_reply_timeout_s: float = DEFAULT_WORKER_REPLY_TIMEOUT_S
-    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_concurrent_requests: int | None = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_queued_requests: int | None = DEFAULT_MAX_QUEUED_REQUESTS
+    max_queue_wait_s: float = DEFAULT_MAX_QUEUE_WAIT_S
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE  # largest header block or body, in bytes
     max_header_count: int = DEFAULT_MAX_HEADER_COUNT
     enable_request_id_headers: bool = False
@@ -117,7 +124,11 @@ class RouterConfig:
         for name in ("worker_health_timeout_s", "worker_reply_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_concurrent_requests < 1:
+        if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
             raise ValueError(
                 f"--max-concurrent-requests must be at least 1, got {self.max_concurrent_requests}"
             )
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"--max-queued-requests must be 0 or more, got {self.max_queued_requests}")
+        if self.max_queue_wait_s <= 0:
+            raise ValueError(f"--max-queue-wait must be more than 0 seconds, got {self.max_queue_wait_s}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from common.openai_api import ServedModel
 from common.output_processor import TokenStrings
+from router.admission import AdmissionControl
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
@@ -22,4 +23,4 @@ class RouterContext:
     metrics: RouterMetrics
     token_strings: TokenStrings  # token id -> text for logprobs, shared by every request
     created: int  # when the router started, for /v1/models
-    in_flight: int = 0  # generation requests being answered
+    admission: AdmissionControl  # generation requests in flight and queued, both bounded

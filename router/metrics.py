@@ -82,8 +82,12 @@ class RouterMetrics:
                                        [*model, "finished_reason"], registry=reg)  # fmt: skip
         self.requests_in_flight = Gauge("pdserve_router_requests_in_flight", "HTTP generation requests in progress.",
                                         model, registry=reg)  # fmt: skip
+        self.requests_queued = Gauge("pdserve_router_requests_queued",
+                                     "HTTP generation requests waiting for a slot (router/admission.py).",
+                                     model, registry=reg)  # fmt: skip
         self.requests_rejected = Counter("pdserve_router_requests_rejected",
-                                         "Requests refused before reaching a worker, by reason.",
+                                         "Requests refused before reaching a worker, by reason: no_worker, "
+                                         "queue_full, queue_timeout, client_gone (left the queue).",
                                          ["reason"], registry=reg)  # fmt: skip
         self.requests_failed = Counter("pdserve_router_requests_failed",
                                        "Engine requests that ended in an error, by the HTTP status reported.",

@@ -9,7 +9,8 @@ malformed one is counted and dropped; neither stops the reader. With the cluster
 (common/frame_auth.py) every frame is sealed, and one without a valid tag is dropped.
 
 A monitor of the socket tells whether the worker is there at all: when the connection
-drops (the worker process exited, was killed, or restarted) every request open on it
+drops (the worker process exited, was killed, or restarted) or stops answering ZMTP
+heartbeats for 5 s (a cut link, a frozen host) every request open on it
 fails at once with WorkerLost, and the pool forgets what the worker cached. A worker
 that is connected but silent (a long engine step) keeps its requests. `Hello` goes out
 on every (re)connection and again while the worker is not reporting, so a worker that
@@ -43,6 +44,9 @@ from router.worker_state import LoadReport as WorkerLoad
 from router.worker_state import WorkerState
 
 logger = logging.getLogger(__name__)
+
+_HEARTBEAT_IVL_MS = 1000
+_HEARTBEAT_TIMEOUT_MS = 5000
 
 
 class WorkerUnavailable(RuntimeError):
@@ -142,6 +146,11 @@ class WorkerClient:
         socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # ZMTP heartbeats, answered by the worker's I/O thread even during a long engine step:
+        # a worker that cannot be reached at all (a cut link, a frozen host) counts as gone
+        # after HEARTBEAT_TIMEOUT, like one whose connection closed
+        socket.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         socket.connect(self.state.address)
         self._socket = socket

@@ -2,8 +2,9 @@
 
 Flash-decoding: program (seq, kv_head, split) attends the query heads that share one KV
 head (packed as the rows of one tile, padded to 16 so tl.dot gets M >= 16) to its share
-of the sequence's context, and a second kernel merges the splits by their log-sum-exp.
-With one split the first kernel writes the output itself and the merge is skipped.
+of the sequence's context; the splits are merged by their log-sum-exp, by the last split of
+each (sequence, KV head) to finish (an atomic count per group) or by a second kernel. With
+one split the first kernel writes the output itself.
 
 The grid is (batch, kv_heads, num_splits) and each program finds its token range from the
 sequence length on the device, so nothing in a launch depends on context lengths read on
@@ -63,6 +64,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,  # [B, Hq, num_splits, D_PAD] fp32, normalized per split
     part_lse_ptr,  # [B, Hq, num_splits] fp32, base-2 log-sum-exp per split
+    counters_ptr,  # [>= B * Hkv] int32, zero between launches: splits done per (seq, KV head)
     qk_scale,
     v_scale,
     num_splits,
@@ -82,6 +84,8 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,  # the last split of each (seq, KV head) to finish merges them
+    SPLITS_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -153,6 +157,65 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + part[:, None] * D_PAD + dims[None, :], o, mask=row_mask[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_mask)
+        if FUSED_MERGE:
+            # every thread's partial stored before the count goes up (release); the program
+            # that counts last reads them all (acquire) and resets the count for the next launch
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel")
+            if done == num_splits - 1:
+                _merge_group(
+                    part_out_ptr, part_lse_ptr, out_ptr, seq, heads, row_mask, dims, dim_mask,
+                    num_splits, stride_ob, stride_oh, NUM_Q_HEADS, GROUP_PAD, D_PAD, SPLITS_PAD,
+                )  # fmt: skip
+                tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _merge_group(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    seq,
+    heads,
+    row_mask,
+    dims,
+    dim_mask,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    NUM_Q_HEADS: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Merge the splits of a group of query heads by their log-sum-exp (what
+    _decode_merge_kernel does for one head), reading the partials from L2."""
+    splits = tl.arange(0, SPLITS_PAD)
+    first = (seq.to(tl.int64) * NUM_Q_HEADS + heads) * num_splits  # [GROUP_PAD]
+    lse = tl.load(
+        part_lse_ptr + first[:, None] + splits[None, :],
+        mask=row_mask[:, None] & (splits < num_splits)[None, :],
+        other=float("-inf"),
+        cache_modifier=".cg",
+    )
+    top = tl.max(lse, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a zero-length sequence: all weights 0
+    weights = tl.exp2(lse - top[:, None])
+    total = tl.sum(weights, 1)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    for s in range(0, num_splits):
+        part = tl.load(
+            part_out_ptr + (first + s)[:, None] * D_PAD + dims[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        weight = tl.sum(tl.where(splits[None, :] == s, weights, 0.0), 1)
+        acc += part * weight[:, None]
+    o = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
 @triton.jit
@@ -187,6 +250,18 @@ def _decode_merge_kernel(
     tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+# zeroed once per device; each fused-merge launch leaves its counts at 0 again. A split count
+# above 1 is only chosen while (sequences x KV heads) programs leave SMs idle, far below this.
+_COUNTERS_SIZE = 4096
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _merge_counters(device: torch.device) -> torch.Tensor:
+    if device not in _counters:
+        _counters[device] = torch.zeros(_COUNTERS_SIZE, dtype=torch.int32, device=device)
+    return _counters[device]
+
+
 def choose_num_splits(batch_size: int, max_seq_len: int, num_kv_heads: int, sm_count: int) -> int:
     """Split the context until (sequence, KV head, split) programs fill the GPU about twice.
 
@@ -211,8 +286,12 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    fused_merge: bool = False,
 ) -> torch.Tensor:
-    """Attention of each sequence's single new token to its whole cached context."""
+    """Attention of each sequence's single new token to its whole cached context.
+
+    With several splits, `fused_merge` has the last split of each (sequence, KV head) merge
+    them inside the same launch, instead of a second kernel."""
     check_cache_layout(query, kv_cache, layer)
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[4]
@@ -232,6 +311,8 @@ def decode_attention(
     d_pad = next_power_of_2(head_dim)
     pdl = pdl_enabled(query.device)
     single = num_splits == 1
+    fused_merge = fused_merge and not single and batch * num_kv_heads <= _COUNTERS_SIZE
+    counters = _merge_counters(query.device) if fused_merge else metadata.seq_lens  # unused unless fused
     if single:
         part_out = part_lse = out  # unused by the kernel
     else:
@@ -248,6 +329,7 @@ def decode_attention(
         out,
         part_out,
         part_lse,
+        counters,
         float(scale * k_scale * LOG2E),
         float(v_scale),
         num_splits,
@@ -267,12 +349,14 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n,
         SINGLE_SPLIT=single,
+        FUSED_MERGE=fused_merge,
+        SPLITS_PAD=max(2, next_power_of_2(num_splits)),
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
-    if not single:
+    if not single and not fused_merge:
         _decode_merge_kernel[(batch, num_q_heads)](
             part_out,
             part_lse,

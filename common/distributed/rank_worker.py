@@ -133,6 +133,16 @@ def run_rank(args: RankArgs) -> None:
         socket.close(linger=0)
         context.term()
         group.close()
+        _remove_step_socket(args.folder, args.rank)
+
+
+def _remove_step_socket(folder: str, rank: int) -> None:
+    # rank 0 removes the folder; after a killed rank 0, the last rank to leave does
+    try:
+        os.unlink(step_address(folder, rank).removeprefix("ipc://"))
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def _serve(runner, socket: zmq.Socket, parent_pid: int) -> None:

@@ -60,6 +60,14 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 # Without chunked prefill a whole prompt must fit in one step.
 MIN_UNCHUNKED_BATCHED_TOKENS = 2048
 
+# Each rank would need its own connector moving its own KV heads; not built yet.
+_TP_KV_TRANSFER_REFUSED = (
+    "--tensor-parallel-size {tp} with --kv-transfer-config: KV transfer between tensor-parallel "
+    "workers is not supported yet; run disaggregated workers with --tensor-parallel-size 1, or "
+    "serve the model aggregated (pdserve run-batch / chat / complete)"
+)
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -104,6 +112,8 @@ def resolve_device(device: str) -> torch.device:
 def resolve_engine_config(config: EngineConfig, model_config, device: torch.device) -> EngineConfig:
     """A copy of `config` with every None filled from the model and the device, and checked."""
     plan_shards(model_config, config.tensor_parallel_size)  # ValueError when the model does not split so
+    if config.tensor_parallel_size > 1 and config.kv_transfer_config is not None:
+        raise ValueError(_TP_KV_TRANSFER_REFUSED.format(tp=config.tensor_parallel_size))
     model_len = model_config.max_position_embeddings
     max_model_len = config.max_model_len if config.max_model_len is not None else model_len
     if max_model_len < 1:
@@ -388,11 +398,7 @@ class LLMEngine:
         if self.kv_connector is not None:
             raise RuntimeError("a KV connector is already attached to this engine")
         if self.config.tensor_parallel_size > 1:
-            raise ValueError(
-                f"--tensor-parallel-size {self.config.tensor_parallel_size} with --kv-transfer-config: "
-                "KV transfer between tensor-parallel workers is not supported yet; run disaggregated "
-                "workers with --tensor-parallel-size 1, or serve the model aggregated"
-            )
+            raise ValueError(_TP_KV_TRANSFER_REFUSED.format(tp=self.config.tensor_parallel_size))
         connector.register_kv_cache(self.runner.kv_cache)
         self.kv_connector = connector
 
@@ -554,7 +560,9 @@ class LLMEngine:
 _generate_calls = itertools.count()
 
 
-def kv_cache_num_blocks(config: EngineConfig, model, model_config, device: torch.device, tp_group=None) -> int:
+def kv_cache_num_blocks(
+    config: EngineConfig, model, model_config, device: torch.device, tp_group=None
+) -> int:
     """Blocks of the KV cache for a resolved config (kv_cache_sizing.py decides). Every
     rank of `tp_group` calls it at once, sizing its own cache (its own KV heads, on CUDA its
     own profiling forward, run in step by all ranks); they agree on the smallest count."""

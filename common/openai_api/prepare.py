@@ -142,7 +142,9 @@ def _prepared(
         for sample in range(request.n):
             # n samples of one seeded request must differ, yet stay reproducible
             sample_params = (
-                replace(params, seed=params.seed + sample) if params.seed is not None and sample else params
+                replace(params, seed=_sample_seed(params.seed, sample))
+                if params.seed is not None and sample
+                else params
             )
             index = prompt_index * request.n + sample
             sequences.append(
@@ -160,6 +162,11 @@ def _prepared(
         priority=request.priority,
         cache_salt=request.cache_salt,
     )
+
+
+def _sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample `sample` of n; it stays in the wire's 64 bits (2**64 - 1 wraps to 0)."""
+    return seed + sample if seed < 0 else (seed + sample) % 2**64
 
 
 def _truncate(prompt: PromptInput, keep: int | None) -> PromptInput:

@@ -106,6 +106,10 @@ class EngineServer:
         # a frame past this drops the connection; up to it, decode_message answers an error
         self._socket.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_FRAME_BYTES)
         self._socket.setsockopt(zmq.SNDHWM, 0)  # never drop a token delta for a slow router
+        # ...but drop the connection (and what is queued on it) of a router that cannot be
+        # reached any more: ZMTP heartbeats, answered by the peers' I/O threads
+        self._socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         bind_address = bindable(address)
         if ":" in bind_address.removeprefix("tcp://").rsplit(":", 1)[0]:
             self._socket.setsockopt(zmq.IPV6, 1)

@@ -147,6 +147,7 @@ class WorkerProcess:
             "max_model_len": config.max_model_len,
             "block_size": config.block_size,
             "num_kv_blocks": self.engine.block_pool.num_usable_blocks,
+            "max_num_seqs": config.max_num_seqs,  # sizes the router's admission limit
             "enable_prefix_caching": bool(config.enable_prefix_caching),
             "prefix_caching_hash_algo": config.prefix_caching_hash_algo,
             "prefix_caching_hash_seed": os.environ.get("PYTHONHASHSEED"),

@@ -1,6 +1,6 @@
 """What /v1/completions and /v1/chat/completions share: validate and tokenize the body,
-refuse when no worker can take it or the router is full, then answer as a whole body or
-as server-sent events. Torch-free."""
+refuse when no worker can take it, wait for an admission slot (router/admission.py:
+bounded, 429 beyond), then answer as a whole body or as server-sent events. Torch-free."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from common.openai_api import ChatCompletionRequest, CompletionRequest, PreparedRequest, ServedModel
+from router.admission import ClientGone, Slot
 from router.completion_run import CompletionRun
 from router.context import RouterContext
-from router.errors import RetryLater, no_worker_available
+from router.errors import no_worker_available
 from router.request_id import incoming_request_id
 from router.worker_state import WorkerRole
 
@@ -30,6 +31,7 @@ async def answer(
     prepare: Callable[[Any, ServedModel], PreparedRequest],
 ) -> Response:
     parsed = request_type.parse(body)
+    ctx.admission.check_room()  # a full router refuses before tokenizing anything
     if parsed.request_id is None:
         parsed.request_id = incoming_request_id(request.scope.get("headers", []))
     # tokenizing and the chat template take a while on long prompts: off the event loop
@@ -37,45 +39,50 @@ async def answer(
     if not ctx.pool.routable(WorkerRole.DECODE):
         ctx.metrics.requests_rejected.labels("no_worker").inc()
         raise no_worker_available("decode")
-    if ctx.in_flight >= ctx.config.max_concurrent_requests:
-        ctx.metrics.requests_rejected.labels("overloaded").inc()
-        raise RetryLater(
-            f"the router is answering {ctx.in_flight} requests, its limit "
-            "(--max-concurrent-requests); retry shortly"
-        )
     run = CompletionRun(prepared, ctx.orchestrator, ctx.served, ctx.metrics, ctx.token_strings)
+    try:  # a slot now, or after a bounded wait in the queue; 429 beyond it
+        slot = await ctx.admission.admit(lambda: _client_left(request))
+    except ClientGone:
+        return Response(status_code=499)
     if parsed.stream:
-        return StreamingResponse(
-            _counted(ctx, run.events()), media_type="text/event-stream", headers=_SSE_HEADERS
-        )
-    _enter(ctx)
+        events = _released_at_end(slot, run.events())
+        return _SlotStreamingResponse(slot, events, media_type="text/event-stream", headers=_SSE_HEADERS)
     try:
         result = await _unless_disconnected(request, run.response)
     finally:
-        _leave(ctx)
+        slot.release()
     if result is None:
         return Response(status_code=499)  # nobody is listening any more
     return JSONResponse(result)
 
 
-def _enter(ctx: RouterContext) -> None:
-    ctx.in_flight += 1
-    ctx.metrics.requests_in_flight.labels(ctx.metrics.model_name).set(ctx.in_flight)
+class _SlotStreamingResponse(StreamingResponse):
+    """Gives the admission slot back however the response ends, even when the stream
+    never started (the client left before the first event)."""
+
+    def __init__(self, slot: Slot, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()
 
 
-def _leave(ctx: RouterContext) -> None:
-    ctx.in_flight -= 1
-    ctx.metrics.requests_in_flight.labels(ctx.metrics.model_name).set(ctx.in_flight)
-
-
-async def _counted(ctx: RouterContext, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    _enter(ctx)
+async def _released_at_end(slot: Slot, events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
     finally:
-        _leave(ctx)
+        slot.release()  # as soon as the last event is out
         await events.aclose()
+
+
+async def _client_left(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:

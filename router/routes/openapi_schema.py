@@ -196,11 +196,11 @@ _REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
 _ANSWERS: dict[str, dict[int, Any]] = {
     "/v1/completions": {
         200: {"application/json": CompletionResponse, "text/event-stream": _SSE_EVENT},
-        400: None, 404: None, 503: None,
+        400: None, 404: None, 429: None, 503: None,
     },
     "/v1/chat/completions": {
         200: {"application/json": ChatCompletionResponse, "text/event-stream": _SSE_EVENT},
-        400: None, 404: None, 503: None,
+        400: None, 404: None, 429: None, 503: None,
     },
     "/v1/models": {200: ModelList},
     "/v1/models/{model}": {200: ModelCard, 404: None},
@@ -220,9 +220,13 @@ _DESCRIPTIONS = {
     413: "The body is larger than --h11-max-incomplete-event-size",
     431: "More header lines than --h11-max-header-count, or a header block larger than "
     "--h11-max-incomplete-event-size",
-    503: "No healthy worker, or the router is at --max-concurrent-requests; retry after Retry-After",
+    429: "The router is at --max-concurrent-requests and its queue (--max-queued-requests) is full, or "
+    "the request waited --max-queue-wait in it; retry after Retry-After",
+    503: "No healthy worker; retry after Retry-After",
 }
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
+}
 
 
 def install_openapi(app: FastAPI, config: RouterConfig) -> None:
@@ -277,7 +281,9 @@ def build_openapi(app: FastAPI, config: RouterConfig) -> dict[str, Any]:
     return schema
 
 
-def _response(status: int, answer: Any, components: dict[str, Any], error_ref: dict[str, str]) -> dict[str, Any]:
+def _response(
+    status: int, answer: Any, components: dict[str, Any], error_ref: dict[str, str]
+) -> dict[str, Any]:
     if answer is None:
         content = {"application/json": {"schema": error_ref}}
     elif isinstance(answer, dict):
@@ -285,7 +291,7 @@ def _response(status: int, answer: Any, components: dict[str, Any], error_ref: d
     else:
         content = {"application/json": {"schema": _schema_of(answer, components)}}
     response: dict[str, Any] = {"description": _DESCRIPTIONS[status], "content": content}
-    if status == 503:
+    if status in (429, 503):
         response["headers"] = _RETRY_AFTER
     return response
 

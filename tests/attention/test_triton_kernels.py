@@ -123,15 +123,22 @@ def test_write_kv_fp8_divides_by_the_scale_and_saturates(device):
     ("group", "block_size", "head_dim", "num_splits"),
     [(1, 8, 32, 1), (4, 8, 32, 3), (8, 16, 16, 2), (3, 4, 24, 4)],
 )
-def test_decode_matches_reference(device, group, block_size, head_dim, num_splits):
+@pytest.mark.parametrize("fused_merge", [True, False])
+def test_decode_matches_reference(device, group, block_size, head_dim, num_splits, fused_merge):
     seq_lens = [1, 13, 40, 7]  # 13 and 7 end inside a block; 1 is a fresh sequence
     batch = _batch(
         [1] * 4, seq_lens, device, group=group, head_dim=head_dim, block_size=block_size, seed=group
     )
-    out = decode_attention(
-        batch.query, batch.kv_cache, batch.layer, batch.metadata, batch.scale, num_splits=num_splits
-    )
-    assert relative_error(out, _reference(batch)) < TOL
+    expected = _reference(batch)
+    for _ in range(2):  # a fused merge leaves its split counts at 0 for the next launch
+        out = decode_attention(
+            batch.query, batch.kv_cache, batch.layer, batch.metadata, batch.scale,
+            num_splits=num_splits, fused_merge=fused_merge,
+        )  # fmt: skip
+        assert relative_error(out, expected) < TOL
+    from common.attention import triton_decode
+
+    assert all(int(c.abs().sum()) == 0 for c in triton_decode._counters.values())
 
 
 def test_decode_fp8_cache_matches_reference(device):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from common.config.engine_config import EngineConfig
+from common.config.kv_transfer_config import KVTransferConfig
 from common.engine.llm_engine import LLMEngine, resolve_engine_config
 from common.sampling_params import SamplingParams
 
@@ -66,13 +67,13 @@ def test_tiny_llama_greedy_outputs_with_tp_ranks_equal_one_process(tiny_tp_folde
     assert [p.poll() for p in engine.executor.rank_processes] == [0] * (tp - 1)
 
 
-def test_tensor_parallel_engine_refuses_a_kv_connector_clearly(tiny_tp_folder, hang_guard):
-    engine = tp_engine(str(tiny_tp_folder.path), 2)
-    try:
-        with pytest.raises(ValueError, match="--tensor-parallel-size 2 with --kv-transfer-config"):
-            engine.attach_kv_connector(object())
-    finally:
-        engine.shutdown()
+def test_kv_transfer_with_tensor_parallelism_is_refused_before_loading(smollm2_model):
+    _, model_config = smollm2_model
+    config = EngineConfig(
+        tensor_parallel_size=2, kv_transfer_config=KVTransferConfig(kv_connector="TcpConnector")
+    )
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2 with --kv-transfer-config"):
+        resolve_engine_config(config, model_config, torch.device("cpu"))
 
 
 def test_a_size_that_does_not_split_the_model_is_refused_before_loading(smollm2_model):
@@ -84,7 +85,7 @@ def test_a_size_that_does_not_split_the_model_is_refused_before_loading(smollm2_
 def test_ranks_exit_when_the_engine_process_is_killed(tiny_tp_folder, tmp_path, hang_guard):
     script = textwrap.dedent(
         f"""
-        import os, sys, time
+        import time
         from common.config.engine_config import EngineConfig
         from common.engine.llm_engine import LLMEngine
         engine = LLMEngine.from_config(EngineConfig(model={str(tiny_tp_folder.path)!r}, tensor_parallel_size=2))

@@ -168,19 +168,21 @@ def test_no_healthy_worker_is_503_with_retry_after(tokenizer):
     assert_openai_error(bad, 400)
 
 
-def test_beyond_max_concurrent_requests_new_ones_get_503_with_retry_after(tokenizer):
+def test_beyond_max_concurrent_requests_and_the_queue_new_ones_get_429_with_retry_after(tokenizer):
     slow = FakeWorker(script=lambda prompt: list(range(1000, 1100)), token_interval_s=0.05)
-    with running_router(served_model(tokenizer), [slow], max_concurrent_requests=1) as live:
+    with running_router(
+        served_model(tokenizer), [slow], max_concurrent_requests=1, max_queued_requests=0
+    ) as live:
         body = {"prompt": "hi", "max_tokens": 100, "stream": True}
         with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=10) as first:
             lines = first.iter_lines()  # kept: dropping it would close the connection
             next(lines)  # the first request is being answered
             refused = httpx.post(live.url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
-        error = assert_openai_error(refused, 503)
+        error = assert_openai_error(refused, 429)
         assert "--max-concurrent-requests" in error["message"]
-        assert refused.headers["retry-after"] == "1"
+        assert int(refused.headers["retry-after"]) >= 1
         # once the first is gone, requests are taken again
-        assert slow.wait_for(lambda: live.context.in_flight == 0)
+        assert slow.wait_for(lambda: live.context.admission.in_flight == 0)
         assert (
             httpx.post(
                 live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10

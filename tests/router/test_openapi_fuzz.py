@@ -57,7 +57,9 @@ def _description() -> dict:
     description does not depend on the model; test_the_live_router_serves_this_description
     checks it is what the live router serves)."""
     config = RouterConfig(decode_workers=["tcp://127.0.0.1:9"], **ROUTER_SETTINGS)
-    served = ServedModel(names=list(SERVED_NAMES), max_model_len=MAX_MODEL_LEN, tokenizer=None, vocab_size=VOCAB_SIZE)
+    served = ServedModel(
+        names=list(SERVED_NAMES), max_model_len=MAX_MODEL_LEN, tokenizer=None, vocab_size=VOCAB_SIZE
+    )
     return create_app(config, served).openapi()
 
 
