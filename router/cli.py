@@ -83,19 +83,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _policy_weights(data: dict[str, Any]) -> PolicyWeights:
-    known = {f.name for f in fields(PolicyWeights)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown weights {unknown}; known: {sorted(known)}")
-    for name, value in data.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"{name} must be a number, 0 or more; got {value!r}")
-    weights = PolicyWeights(**{k: float(v) for k, v in data.items()})
-    weights.scorers()  # checks them
-    return weights
-
-
 def add_router_args(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument(
@@ -242,7 +229,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     workers.add_argument(
         "--routing-weights",
         action=JsonObjectAction,
-        from_dict=_policy_weights,
+        from_dict=PolicyWeights.from_dict,
         default=PolicyWeights(),
         help="Weights of the routing scorers, as JSON: "
         + ", ".join(f"{f.name} (default {f.default})" for f in fields(PolicyWeights))
