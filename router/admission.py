@@ -24,6 +24,7 @@ Torch-free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -34,6 +35,8 @@ from router.errors import RetryLater
 from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool
 from router.worker_state import WorkerRole
+
+logger = logging.getLogger(__name__)
 
 # a decode worker that does not report its --max-num-seqs runs vLLM's default
 DEFAULT_WORKER_MAX_NUM_SEQS = 256
@@ -135,6 +138,8 @@ class AdmissionControl:
                 waits, timeout=self.limits.max_queue_wait_s, return_when=asyncio.FIRST_COMPLETED
             )
             client_gone = watcher is not None and watcher.done() and not watcher.cancelled()
+            if client_gone and watcher.exception() is not None:  # type: ignore[union-attr]
+                logger.debug("watching the queued client failed: %r", watcher.exception())  # type: ignore[union-attr]
             if turn.done() and not turn.cancelled() and not client_gone:
                 granted = turn.result()
                 return granted
