@@ -73,9 +73,18 @@ class _Counters:
 
 class KVConsumer(ABC):
     def __init__(
-        self, *, engine_id: str, spec: KVCacheSpec, tp_size: int = 1, timeout_s: float = 30.0
+        self,
+        *,
+        engine_id: str,
+        spec: KVCacheSpec,
+        tp_size: int = 1,
+        timeout_s: float = 30.0,
+        release_producer: bool = True,
     ) -> None:
+        """release_producer=False: a pull's end does not tell the producer (a tensor-parallel
+        consumer releases the request once every rank's part has landed: tp_pull.py)."""
         self.engine_id = engine_id
+        self.release_producer = release_producer
         self.spec = spec
         self.tp_size = tp_size
         self.timeout_s = timeout_s
@@ -132,7 +141,7 @@ class KVConsumer(ABC):
                 f"request {request_id!r}'s kv_transfer_params"
             )
         pull = Pull(request_id, remote, local_ids, remote_ids, time.monotonic() + self.timeout_s)
-        self._link.submit(lambda: self._begin(pull))
+        self._dispatch(pull)
 
     def poll(self) -> PullResults:
         done: list[str] = []
@@ -317,7 +326,7 @@ class KVConsumer(ABC):
             pull.request_id, num_bytes, time.monotonic() - pull.started, len(pull.local_ids)
         )
         self._outcomes.put(_Outcome(pull.request_id, None, record if pull.remote_ids else None))
-        if notify:
+        if notify and self.release_producer:
             self._send_done(pull.remote)
 
     def _fail(self, pull: Pull, reason: str) -> None:
@@ -327,7 +336,8 @@ class KVConsumer(ABC):
         self._active.pop(pull.request_id, None)
         logger.warning("KV pull of request %s failed: %s", pull.request_id, reason)
         self._outcomes.put(_Outcome(pull.request_id, reason))
-        self._send_done(pull.remote)  # the producer may free its blocks at once
+        if self.release_producer:
+            self._send_done(pull.remote)  # the producer may free its blocks at once
 
     def _lease_expired(self, pull: Pull) -> str | None:
         expiry = pull.remote.expiry_time
@@ -351,6 +361,11 @@ class KVConsumer(ABC):
         )
 
     # -- what a data path provides ------------------------------------------------------------
+
+    def _dispatch(self, pull: Pull) -> None:
+        """Hand a checked pull to the I/O thread (caller's thread); a data path may start it
+        here instead."""
+        self._link.submit(lambda: self._begin(pull))
 
     def _on_register(self, region: KVRegion) -> None:  # noqa: B027 (optional hook)
         """Prepare local state for `region` (caller's thread)."""

@@ -105,6 +105,11 @@ class TensorParallelExecutor:
         for socket in self._sockets:
             socket.send(message, copy=False)
 
+    def start_rank_service(self, target: str, args: dict) -> None:
+        """Ask ranks 1..N-1 to start the helper `target` ("module:function") names, with
+        `args` (plain values); see step_message.encode_service and rank_worker.start_service."""
+        self.send_step(step_message.encode_service(target, args))
+
     def check_ranks_alive(self) -> None:
         """RuntimeError naming a rank that has exited."""
         for rank, process in enumerate(self._processes, start=1):

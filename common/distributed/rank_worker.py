@@ -10,6 +10,7 @@ raises). Arguments are JSON, steps msgpack (step_message.py); nothing is unpickl
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import torch
 import zmq
 
 from common.config.engine_config import EngineConfig
+from common.distributed import step_message
 from common.distributed.group import TensorParallelGroup, open_store, rank_device
 
 logger = logging.getLogger(__name__)
@@ -128,12 +130,30 @@ def run_rank(args: RankArgs) -> None:
             max_model_len=config.max_model_len,
             enforce_eager=True,
         )
-        _serve(runner, socket, args.parent_pid)
+        services: list[Any] = []
+        try:
+            _serve(runner, socket, args, services)
+        finally:
+            for service in reversed(services):
+                try:
+                    service.close()
+                except Exception:
+                    logger.exception("closing the rank's %s failed", type(service).__name__)
     finally:
         socket.close(linger=0)
         context.term()
         group.close()
         _remove_step_socket(args.folder, args.rank)
+
+
+def start_service(message: bytes, runner, args: RankArgs) -> Any:
+    """Start the helper a service message names: `function(rank=, size=, kv_cache=, args=)`
+    returns an object whose close() stops it. The helper reports its own errors to rank 0
+    (rank 0 waits for it, watching this process), so a failing one only logs here."""
+    target, service_args = step_message.decode_service(message)
+    module, _, name = target.partition(":")
+    function = getattr(importlib.import_module(module), name)
+    return function(rank=args.rank, size=args.size, kv_cache=runner.kv_cache, args=service_args)
 
 
 def _remove_step_socket(folder: str, rank: int) -> None:
@@ -145,12 +165,15 @@ def _remove_step_socket(folder: str, rank: int) -> None:
         pass
 
 
-def _serve(runner, socket: zmq.Socket, parent_pid: int) -> None:
+def _serve(runner, socket: zmq.Socket, args: RankArgs, services: list[Any]) -> None:
     while True:
         if socket.poll(_PARENT_CHECK_MS):
-            if not runner.run_step_message(socket.recv()):
+            message = socket.recv()
+            if step_message.is_service(message):
+                services.append(start_service(message, runner, args))
+            elif not runner.run_step_message(message):
                 return
-        elif os.getppid() != parent_pid:  # re-parented: the engine's process is gone
+        elif os.getppid() != args.parent_pid:  # re-parented: the engine's process is gone
             logger.warning("the engine's process is gone; exiting")
             return
 

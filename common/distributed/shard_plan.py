@@ -57,6 +57,14 @@ def even_range(n: int, parts: int, index: int) -> tuple[int, int]:
     return index * n // parts, (index + 1) * n // parts
 
 
+def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """The KV heads [start, stop) rank `rank` of `tp_size` holds (a size plan_shards accepts)."""
+    if tp_size <= num_kv_heads:
+        return even_range(num_kv_heads, tp_size, rank)
+    head = rank // (tp_size // num_kv_heads)
+    return head, head + 1
+
+
 def plan_shards(config: ModelConfig, tp_size: int) -> list[RankShard]:
     """One RankShard per rank, or ValueError saying which sizes would work."""
     if tp_size < 1:
@@ -80,13 +88,12 @@ def plan_shards(config: ModelConfig, tp_size: int) -> list[RankShard]:
     vocab_shard = -(-config.vocab_size // tp_size)
     shards = []
     for rank in range(tp_size):
+        kv = kv_head_range(num_kv, tp_size, rank)
         if tp_size <= num_kv:
-            kv = even_range(num_kv, tp_size, rank)
             q = (kv[0] * group, kv[1] * group)
         else:
             replicas = tp_size // num_kv
-            head = rank // replicas
-            kv = (head, head + 1)
+            head = kv[0]
             first, stop = even_range(group, replicas, rank % replicas)
             q = (head * group + first, head * group + stop)
         start = min(rank * vocab_shard, config.vocab_size)

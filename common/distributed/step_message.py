@@ -4,6 +4,10 @@ A step carries the packed inputs the model runner built (token ids, positions, c
 slots, lengths, block tables, the rows that sample) as raw little-endian integer arrays,
 and the few scalars attention needs; every rank then runs the same forward. "shutdown"
 ends a rank's loop.
+
+A service message (a msgpack array ["service", target, args], where a step is a map)
+asks every rank to start a helper that runs beside its steps, such as a KV connector of
+its own: `target` names "module:function", `args` is a map of plain values.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 
 STEP = "step"
 SHUTDOWN = "shutdown"
+SERVICE = "service"
 _DTYPES = {"int32": np.dtype("<i4"), "int64": np.dtype("<i8")}
 
 
@@ -29,6 +34,30 @@ def encode_step(arrays: dict[str, np.ndarray], scalars: dict[str, int]) -> bytes
             },
         }
     )
+
+
+def encode_service(target: str, args: dict[str, Any]) -> bytes:
+    return msgpack.packb([SERVICE, target, args])
+
+
+def is_service(message: bytes) -> bool:
+    """Whether `message` is a service message (a 3-element msgpack array), not a step."""
+    return message[:1] == b"\x93"
+
+
+def decode_service(message: bytes) -> tuple[str, dict[str, Any]]:
+    """(target, args) of a service message; ValueError naming what is malformed."""
+    body: Any = msgpack.unpackb(message)
+    if not (
+        isinstance(body, list)
+        and len(body) == 3
+        and body[0] == SERVICE
+        and isinstance(body[1], str)
+        and ":" in body[1]
+        and isinstance(body[2], dict)
+    ):
+        raise ValueError('a service message must be ["service", "module:function", {args}]')
+    return body[1], body[2]
 
 
 def encode_shutdown() -> bytes:
