@@ -3,8 +3,7 @@
 to the prefill worker (--local-prefill-threshold 0), the decode worker set to recompute
 a failed KV load. Each request in flight when the prefill worker dies completes
 (the router hands it to the decode worker, or the decode worker recomputes a pull that
-failed) with the aggregated engine's greedy tokens, or fails with a clear error; none
-hangs. Afterwards the router still serves, prefilling on the decode worker, and
+failed) with the aggregated engine's greedy tokens; none fails and none hangs. Afterwards the router still serves, prefilling on the decode worker, and
 /health says the prefill role is missing."""
 
 from __future__ import annotations
@@ -112,16 +111,10 @@ def test_requests_in_flight_survive_a_killed_prefill_worker_and_the_router_goes_
         done, not_done = wait(futures, timeout=BOUND_S)
     assert not not_done, "a request hung after the prefill worker was killed"
     assert time.monotonic() - started < BOUND_S
-    completed = 0
     for future, tokens in zip(futures, expected, strict=True):
-        response = future.result()
-        if response.status_code == 200:
-            assert response.json()["choices"][0]["token_ids"] == tokens
-            completed += 1
-        else:  # a clear error, never a hang or an empty answer
-            error = response.json()["error"]
-            assert error["code"] == response.status_code >= 500 and error["message"]
-    assert completed >= 1
+        response = future.result()  # every one completes: nothing accepted is lost
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["token_ids"] == tokens
     # the router noticed at once (the connection closed) and prefilled on the decode worker
     assert metric(router.url, "pdserve_router_prefill_decisions_total", decision="fallback") >= 1
 
