@@ -16,13 +16,9 @@ TcpConnector does, and logs why once. So one configuration serves a single-node
 deployment at device speed and still works elsewhere; for multi-node deployments that
 need speed across machines, use NixlConnector.
 
-Once a producer's mapping exists, start_pull() launches the copy in the caller's thread
-(filling a pinned index buffer and replaying a CUDA graph: tens of microseconds, no wait
-for the GPU), and poll() reports the pull when the copy's event has completed, so the
-worker's step loop never blocks and a pull costs no trip through the I/O thread; that
-thread only sends the "done" notice afterwards. The first pull from a producer (which
-needs the handshake) runs its copy in the I/O thread, which waits for its event. The
-producer's KV for a request is complete before its kv_transfer_params
+The copy runs in the consumer's I/O thread, which waits for its event (a few hundred
+microseconds for a 2k-token request of an 8B model), so the worker's step loop never
+blocks. The producer's KV for a request is complete before its kv_transfer_params
 exist (the prefill step read its sampled token back to the host), so the copy needs no
 cross-process stream ordering.
 
@@ -33,18 +29,17 @@ at close.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from common.config.kv_transfer_config import KVTransferConfig
-from kvtransfer.connector import PullResults, TransferRecord
-from kvtransfer.cuda_ipc_copy import BlockCopier
+from kvtransfer.cuda_ipc_copy import GraphedBlockCopy, copy_blocks, triton_available
 from kvtransfer.cuda_ipc_driver import CudaDriver, DeviceBytes, MappedAllocation, cuda_driver
 from kvtransfer.cuda_ipc_export import (
     ROUTE_IPC,
@@ -55,7 +50,7 @@ from kvtransfer.cuda_ipc_export import (
     this_host_id,
 )
 from kvtransfer.kv_cache_spec import KVCacheSpec
-from kvtransfer.kv_consumer import KVConsumer, Pull, RemoteEngine, _Outcome
+from kvtransfer.kv_consumer import KVConsumer, Pull, RemoteEngine
 from kvtransfer.kv_region import KVRegion
 from kvtransfer.peer_link import Peer
 from kvtransfer.side_channel import HandshakeReply, MessageError
@@ -89,20 +84,16 @@ class CudaIpcConsumer(TcpConsumer):
         self._driver = driver
         self._local: LocalEnd | None = None
         self._stream: torch.cuda.Stream | None = None
-        self._copier: BlockCopier | None = None
-        # the copier, the mappings and _direct are shared by the caller's thread (fast
-        # pulls) and the I/O thread (first pulls, unmapping): under this lock
-        self._copy_lock = threading.Lock()
-        self._sources: dict[str, DirectSource] = {}  # by producer instance id
-        self._direct: dict[Peer, tuple[HandshakeReply, DirectSource]] = {}  # for fast pulls
-        self._in_flight: list[tuple[Pull, torch.cuda.Event | None]] = []  # caller's thread
+        self._graphed: GraphedBlockCopy | None = None  # the CUDA copies (I/O thread)
+        self._sources: dict[str, DirectSource] = {}  # by producer instance id (I/O thread)
         self.num_direct_transfers = 0
 
     def _on_register(self, region: KVRegion) -> None:
         self._local = LocalEnd.here("cuda" if region.is_cuda else "cpu")
         if region.is_cuda:
             self._stream = torch.cuda.Stream(region.tensor.device)
-        self._copier = BlockCopier(region.blocks, self._stream, graphs=_graphs_wanted())
+            if triton_available() and _graphs_wanted():
+                self._graphed = GraphedBlockCopy(region.blocks, self._stream)
 
     # -- choosing the path, once per producer instance (I/O thread) ----------------------
 
@@ -132,9 +123,7 @@ class CudaIpcConsumer(TcpConsumer):
             logger.info("pulls from engine %s go over the side channel (TCP): %s", reply.engine_id, why)
             return None
         self._retire(lambda s: s.engine_id == reply.engine_id)  # an older instance of that engine
-        with self._copy_lock:
-            self._sources[reply.instance_id] = source
-            self._direct[engine.peer] = (reply, source)
+        self._sources[reply.instance_id] = source
         logger.info("pulls from engine %s copy device memory directly (%s)", reply.engine_id, source.route)
         return source
 
@@ -173,63 +162,6 @@ class CudaIpcConsumer(TcpConsumer):
         blocks = flat.view(reply.num_blocks, reply.block_len)
         return DirectSource(ROUTE_IPC, engine.peer, reply.engine_id, reply.instance_id, blocks, mapping)
 
-    # -- fast pulls (caller's thread) --------------------------------------------------------
-
-    def _dispatch(self, pull: Pull) -> None:
-        """Launch the copy here when this producer's mapping exists and the pull is its to
-        serve; anything else (no handshake yet, a restarted producer, a bad id, an expired
-        lease) takes the I/O thread's path, which says what was wrong."""
-        known = self._direct.get(pull.remote.peer)
-        if known is not None and pull.remote_ids:
-            reply, source = known
-            remote = pull.remote
-            same_engine = reply.engine_id == remote.engine_id and (
-                remote.instance_id is None or remote.instance_id == reply.instance_id
-            )
-            if same_engine and self._lease_expired(pull) is None:
-                pull.started = time.monotonic()
-                with self._copy_lock:
-                    event = self._launch(pull, source) if not source.closed else False
-                if event is not False:
-                    self._in_flight.append((pull, event))
-                    return
-        super()._dispatch(pull)
-
-    def _launch(self, pull: Pull, source: DirectSource) -> torch.cuda.Event | None | bool:
-        """Enqueue the copy (under _copy_lock); its event, None if it already ended, or
-        False if its ids are refused (the I/O thread's path then reports them)."""
-        try:
-            return self._copier.copy(source.blocks, pull.remote_ids, pull.local_ids)
-        except Exception as e:  # the I/O thread's path tries again and reports it
-            if not isinstance(e, ValueError):
-                logger.warning("launching the KV copy of request %s failed: %s", pull.request_id, e)
-            return False
-
-    def poll(self) -> PullResults:
-        if self._in_flight:
-            self._collect_fast_pulls()
-        return super().poll()
-
-    def _collect_fast_pulls(self) -> None:
-        waiting = []
-        for pull, event in self._in_flight:
-            if event is not None and not event.query():
-                waiting.append((pull, event))
-                continue
-            num_bytes = len(pull.local_ids) * self.region.block_len
-            expired = self._lease_expired(pull)
-            if expired:
-                self._outcomes.put(_Outcome(pull.request_id, expired))
-            else:
-                record = TransferRecord(
-                    pull.request_id, num_bytes, time.monotonic() - pull.started, len(pull.local_ids)
-                )
-                self._outcomes.put(_Outcome(pull.request_id, None, record))
-                self.num_direct_transfers += 1
-            if self.release_producer:
-                self._link.submit(lambda remote=pull.remote: self._send_done(remote))
-        self._in_flight = waiting
-
     # -- moving the bytes (I/O thread) ------------------------------------------------------
 
     def _transfer(self, pull: Pull, engine: RemoteEngine) -> None:
@@ -237,41 +169,36 @@ class CudaIpcConsumer(TcpConsumer):
         if source is None:
             super()._transfer(pull, engine)
             return
-        with self._copy_lock:
-            closed = source.closed
-            if not closed:
-                event = self._copier.copy(source.blocks, pull.remote_ids, pull.local_ids)
-        if closed:
+        if source.closed:
             self._fail(pull, "the mapping of the producer's cache was dropped (it restarted or went away)")
             return
-        num_bytes = len(pull.local_ids) * self.region.block_len
-        if event is not None:
-            event.synchronize()
+        stream = self._stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if self._graphed is not None:
+                self._graphed.copy(source.blocks, pull.remote_ids, pull.local_ids)
+            else:
+                copy_blocks(source.blocks, self.region.blocks, pull.remote_ids, pull.local_ids)
+            if stream is not None:
+                done = torch.cuda.Event()
+                done.record(stream)
+                done.synchronize()
         self.num_direct_transfers += 1
-        self._succeed(pull, num_bytes=num_bytes, notify=True)
+        self._succeed(pull, num_bytes=len(pull.local_ids) * self.region.block_len, notify=True)
 
     def _lost_peer(self, peer: Peer) -> None:
         # no copy is in flight (they finish inside _transfer); unmap, a new handshake remaps
         self._retire(lambda s: s.peer == peer)
 
     def _retire(self, matches) -> None:
-        with self._copy_lock:
-            retired = [s for s in self._sources.values() if matches(s)]
-            if not retired:
-                return
-            for source in retired:
-                del self._sources[source.instance_id]
-                if self._direct.get(source.peer, (None, None))[1] is source:
-                    del self._direct[source.peer]
-                source.closed = True  # no copy from it starts after this
-            if self._stream is not None:
-                self._stream.synchronize()  # nor is one still reading it
-            for source in retired:
+        for instance_id, source in list(self._sources.items()):
+            if matches(source):
+                del self._sources[instance_id]
                 self._unmap(source)
 
     def _unmap(self, source: DirectSource) -> None:
-        if self._copier is not None:
-            self._copier.forget(source.blocks)
+        source.closed = True
+        if self._graphed is not None:
+            self._graphed.forget(source.blocks)
         source.blocks = None
         if source.mapping is not None:
             try:

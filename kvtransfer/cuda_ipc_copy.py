@@ -16,7 +16,6 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 try:
@@ -58,28 +57,21 @@ def check_pairs(src_ids: Sequence[int], dst_ids: Sequence[int], num_src: int, nu
     (two sources written to one block would race)."""
     if len(src_ids) != len(dst_ids):
         raise ValueError(f"{len(src_ids)} source and {len(dst_ids)} destination blocks do not pair up")
-    _check_ids(np.asarray(src_ids, dtype=np.int64), np.asarray(dst_ids, dtype=np.int64), num_src, num_dst)
-
-
-def _check_ids(src: np.ndarray, dst: np.ndarray, num_src: int, num_dst: int) -> None:
-    """check_pairs over arrays of equal length, without a Python loop over the ids."""
-    if not len(src):
-        return
-    if src.min() < 0 or src.max() >= num_src:
-        bad = src[(src < 0) | (src >= num_src)]
-        raise ValueError(f"source block ids {bad[:8].tolist()} are outside 0..{num_src - 1}")
-    if dst.min() < 0 or dst.max() >= num_dst:
-        bad = dst[(dst < 0) | (dst >= num_dst)]
-        raise ValueError(f"destination block ids {bad[:8].tolist()} are outside 0..{num_dst - 1}")
-    if len(dst) > 1 and np.unique(dst).size != len(dst):
+    bad_src = [b for b in src_ids if not 0 <= b < num_src]
+    if bad_src:
+        raise ValueError(f"source block ids {bad_src[:8]} are outside 0..{num_src - 1}")
+    bad_dst = [b for b in dst_ids if not 0 <= b < num_dst]
+    if bad_dst:
+        raise ValueError(f"destination block ids {bad_dst[:8]} are outside 0..{num_dst - 1}")
+    if len(set(dst_ids)) != len(dst_ids):
         raise ValueError("destination block ids repeat; each copied block needs its own destination")
 
 
 class BlockIndex:
-    """A reusable buffer for a copy's block ids, laid out [count, src0, dst0, src1, dst1, ..]
-    in pinned host memory with a device twin, so that handing the ids to the GPU is one
-    asynchronous copy of the buffer's first 1 + 2 * n entries (which a CUDA graph can also
-    replay). Its user waits for a copy to have read the buffer before filling it again."""
+    """Reusable buffers for a copy's block ids, laid out [count, src ids.., dst ids..] in
+    pinned host memory with a device twin, so that handing the ids to the GPU is one
+    asynchronous copy of a fixed buffer (which a CUDA graph can also replay). One user
+    at a time, who waits for each copy before the next."""
 
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.device = device
@@ -88,170 +80,112 @@ class BlockIndex:
         self.host = torch.zeros(1 + 2 * capacity, dtype=torch.int64, pin_memory=on_gpu)
         self.on_device = torch.zeros_like(self.host, device=device) if on_gpu else self.host
         self._rows = self.host.numpy()
-        self._pairs = self._rows[1:].reshape(capacity, 2)
 
-    def fill(
-        self, src_ids: Sequence[int], dst_ids: Sequence[int], num_src: int | None = None, num_dst: int | None = None
-    ) -> int:
-        """Write the ids into the host buffer (not yet to the device) and return their count;
-        with `num_src` and `num_dst`, first refuse ids that check_pairs would."""
+    def fill(self, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
+        """Write the ids into the host buffer (not yet to the device)."""
         n = len(src_ids)
-        if n != len(dst_ids):
-            raise ValueError(f"{n} source and {len(dst_ids)} destination blocks do not pair up")
         if n > self.capacity:
             raise ValueError(f"{n} blocks in one copy, more than this index's {self.capacity}")
-        pairs = self._pairs[:n]
-        pairs[:, 0] = src_ids
-        pairs[:, 1] = dst_ids
-        if num_src is not None and num_dst is not None:
-            try:
-                _check_ids(pairs[:, 0], pairs[:, 1], num_src, num_dst)
-            except ValueError:
-                self._rows[0] = 0  # nothing of a refused copy may run
-                raise
         self._rows[0] = n
-        return n
+        self._rows[1 : 1 + n] = src_ids
+        self._rows[1 + self.capacity : 1 + self.capacity + n] = dst_ids
 
-    def send(self, count: int | None = None) -> None:
-        """Enqueue the copy of the host buffer's first `count` pairs (default: all) to the
-        device on the current stream."""
+    def send(self) -> None:
+        """Enqueue the host buffer's copy to the device on the current stream."""
         if self.on_device is not self.host:
-            end = 1 + 2 * (self.capacity if count is None else count)
-            self.on_device[:end].copy_(self.host[:end], non_blocking=True)
+            self.on_device.copy_(self.host, non_blocking=True)
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(count, source ids, destination ids) on the device, at fixed addresses."""
-        return self.on_device[0:1], self.on_device[1::2], self.on_device[2::2]
+        c = self.capacity
+        return self.on_device[0:1], self.on_device[1 : 1 + c], self.on_device[1 + c :]
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
     """dst[dst_ids[i]] = src[src_ids[i]] for uint8 tensors [num_blocks, block_len]. On CUDA
     it is enqueued on the current stream and returns before it ends; the source may sit on
-    another GPU that the destination's reaches by peer access. (A one-off: repeated copies
-    into one cache go through a BlockCopier, which reuses its buffers.)"""
+    another GPU that the destination's reaches by peer access."""
     _check_rows(src, dst)
-    if not len(src_ids):
-        check_pairs(src_ids, dst_ids, src.shape[0], dst.shape[0])
+    check_pairs(src_ids, dst_ids, src.shape[0], dst.shape[0])
+    if not src_ids:
         return
     index = BlockIndex(dst.device, len(src_ids))
-    n = index.fill(src_ids, dst_ids, src.shape[0], dst.shape[0])
-    _launch(src, dst, index, n)
-
-
-def _launch(src: torch.Tensor, dst: torch.Tensor, index: BlockIndex, n: int) -> None:
-    """The copy of `index`'s first `n` pairs, without a graph."""
-    index.send(n)
+    index.fill(src_ids, dst_ids)
+    index.send()
     if dst.is_cuda and triton_available():
-        launch_copy_kernel(src, dst, index, n)
+        launch_copy_kernel(src, dst, index, len(src_ids))
     else:
         _, s, d = index.views()
-        dst.index_copy_(0, d[:n], src.index_select(0, s[:n]))
+        dst.index_copy_(0, d, src.index_select(0, s))
 
 
 def launch_copy_kernel(src: torch.Tensor, dst: torch.Tensor, index: BlockIndex, grid_pairs: int) -> None:
-    """The Triton kernel over `index`'s device buffer, with programs for `grid_pairs` pairs
+    """The Triton kernel over `index`'s device buffers, with programs for `grid_pairs` pairs
     (those past the index's count do nothing). Also runs in Triton's interpreter on CPU."""
     _check_rows(src, dst)
     geometry = plan_copy(src.shape[1], src.data_ptr(), dst.data_ptr())
     word = WORD_DTYPES[geometry.word_bytes]
+    count, src_idx, dst_idx = index.views()
     # on the destination's GPU; a source on another GPU is read by peer access
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():
         _kernel()[(grid_pairs, geometry.chunks_per_block)](
             src.view(word),
             dst.view(word),
-            index.on_device,
+            count,
+            src_idx,
+            dst_idx,
             geometry.words_per_block,
             CHUNK=geometry.chunk_words,
             num_warps=8 if geometry.chunk_words >= 2048 else 4,
         )
 
 
-class BlockCopier:
-    """Repeated copy_blocks into one cache, with the host's share of a copy cut to filling
-    a pinned buffer and one launch: on CUDA with Triton (unless `graphs` is False) the
-    index upload and the kernel launch are captured once per source cache, power-of-two
-    bucket of block counts and buffer, as a CUDA graph, then replayed (a Triton launch
-    from Python costs as long as moving tens of MiB). A ring of `slots` index buffers lets
-    several copies be in flight at once: a buffer is refilled only after its last copy
-    ended. Not thread-safe: one thread at a time (its user's lock)."""
+class GraphedBlockCopy:
+    """copy_blocks into one CUDA cache with the host's share cut to a buffer fill and a
+    graph replay: per source cache and power-of-two bucket of block counts, the index
+    upload and the kernel launch are captured once as a CUDA graph, then replayed (a
+    Triton launch from Python costs as long as moving tens of MiB). Used from one
+    thread, which waits for each copy before the next."""
 
-    def __init__(
-        self, dst: torch.Tensor, stream: torch.cuda.Stream | None = None, *, graphs: bool = True, slots: int = 4
-    ) -> None:
-        _check_rows(dst, dst)
+    def __init__(self, dst: torch.Tensor, stream: torch.cuda.Stream) -> None:
         self.dst = dst
         self.stream = stream
-        on_gpu = dst.is_cuda
-        self.graphs = graphs and on_gpu and triton_available()
-        self._slots = [BlockIndex(dst.device, dst.shape[0]) for _ in range(slots)]
-        self._events = [torch.cuda.Event() if on_gpu else None for _ in range(slots)]
-        self._used = [False] * slots
-        self._next = 0
-        self._graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}
-        self._checked: set[tuple[int, int]] = set()  # sources whose layout was checked
+        self.index = BlockIndex(dst.device, dst.shape[0])
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
-    def copy(self, src: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]) -> torch.cuda.Event | None:
-        """Enqueue dst[dst_ids] = src[src_ids] on `stream` (the current one if None) and
-        return an event recorded after it (None when the copy already ended: on CPU, or
-        no blocks)."""
-        key = (src.data_ptr(), src.shape[0])
-        if key not in self._checked:
-            _check_rows(src, self.dst)
-            self._checked.add(key)
-        slot = self._next
-        index, event = self._slots[slot], self._events[slot]
-        if event is not None and self._used[slot]:
-            event.synchronize()  # the buffer's last copy read it (at once unless `slots` are in flight)
-        n = index.fill(src_ids, dst_ids, src.shape[0], self.dst.shape[0])
-        if not n:
-            return None
-        self._next = (slot + 1) % len(self._slots)
-        if event is None:
-            _launch(src, self.dst, index, n)
-            return None
-        stream = self.stream or torch.cuda.current_stream(self.dst.device)
-        with torch.cuda.stream(stream):
-            if self.graphs:
-                bucket = min(1 << (n - 1).bit_length(), index.capacity)
-                graph = self._graphs.get((*key, bucket, slot))
-                if graph is None:
-                    graph = self._capture(src, index, bucket, (*key, bucket, slot))
-                graph.replay()
-            else:
-                _launch(src, self.dst, index, n)
-            event.record(stream)
-        self._used[slot] = True
-        return event
+    def copy(self, src: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
+        """Enqueue the copy on `stream`; the caller waits for it (an event) before the next."""
+        _check_rows(src, self.dst)
+        check_pairs(src_ids, dst_ids, src.shape[0], self.dst.shape[0])
+        if not src_ids:
+            return
+        bucket = min(1 << (len(src_ids) - 1).bit_length(), self.index.capacity)
+        self.index.fill(src_ids, dst_ids)
+        graph = self._graphs.get((src.data_ptr(), bucket))
+        if graph is None:
+            graph = self._capture(src, bucket)
+        graph.replay()
 
     def forget(self, src: torch.Tensor) -> None:
         """Drop the graphs that read `src` (before its memory goes away)."""
-        ptr = src.data_ptr()
-        for key in [k for k in self._graphs if k[0] == ptr]:
+        for key in [k for k in self._graphs if k[0] == src.data_ptr()]:
             del self._graphs[key]
-        self._checked = {k for k in self._checked if k[0] != ptr}
 
-    def _capture(self, src: torch.Tensor, index: BlockIndex, bucket: int, key) -> torch.cuda.CUDAGraph:
-        stream = torch.cuda.current_stream(self.dst.device)
-        index.send(bucket)
-        launch_copy_kernel(src, self.dst, index, bucket)  # compiles outside the capture
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        # thread-local: the worker's own CUDA work in other threads goes on meanwhile
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            index.send(bucket)
-            launch_copy_kernel(src, self.dst, index, bucket)
-        finally:
-            graph.capture_end()
-        self._graphs[key] = graph
+    def _capture(self, src: torch.Tensor, bucket: int) -> torch.cuda.CUDAGraph:
+        with torch.cuda.stream(self.stream):
+            self.index.send()
+            launch_copy_kernel(src, self.dst, self.index, bucket)  # compiles outside the capture
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            # thread-local: the worker's own CUDA work in other threads goes on meanwhile
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.index.send()
+                launch_copy_kernel(src, self.dst, self.index, bucket)
+            finally:
+                graph.capture_end()
+        self._graphs[(src.data_ptr(), bucket)] = graph
         return graph
-
-
-class GraphedBlockCopy(BlockCopier):
-    """A BlockCopier with CUDA graphs on `stream` (the name the GPU tests know)."""
-
-    def __init__(self, dst: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        super().__init__(dst, stream, graphs=True)
 
 
 def _check_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -269,14 +203,15 @@ def triton_available() -> bool:
     return triton is not None
 
 
-def _copy_blocks_kernel(src_ptr, dst_ptr, index_ptr, words_per_block, CHUNK: tl.constexpr):
-    # index_ptr: [count, src0, dst0, src1, dst1, ..] (BlockIndex)
+def _copy_blocks_kernel(
+    src_ptr, dst_ptr, count_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, CHUNK: tl.constexpr
+):
     pair = tl.program_id(0)
     chunk = tl.program_id(1)
-    if pair >= tl.load(index_ptr):  # a graph's bucket may hold more programs than pairs
+    if pair >= tl.load(count_ptr):  # a graph's bucket may hold more programs than pairs
         return
-    src_block = tl.load(index_ptr + 1 + 2 * pair)  # int64, so the row offsets below are 64-bit
-    dst_block = tl.load(index_ptr + 2 + 2 * pair)
+    src_block = tl.load(src_idx_ptr + pair)  # int64, so the row offsets below are 64-bit
+    dst_block = tl.load(dst_idx_ptr + pair)
     offsets = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offsets < words_per_block
     words = tl.load(src_ptr + src_block * words_per_block + offsets, mask=mask)
