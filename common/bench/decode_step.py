@@ -96,6 +96,11 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a tiny eager check)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gemv-sweep",
+        action="store_true",
+        help="time every small-M matmul tile config on each weight shape with cold weights and print the best",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the figures here as JSON")
 
 
@@ -140,6 +145,8 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     extra = {}
     if args.gemv and device.type == "cuda":
         extra["gemv"] = bench.gemv_table(bandwidth)
+    if args.gemv_sweep and device.type == "cuda":
+        extra["gemv_sweep"] = bench.gemv_sweep()
     if args.profile and device.type == "cuda":
         extra["profile"] = bench.profile(batch_sizes[0])
     del bench, model
@@ -161,7 +168,7 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
             )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print()
-    for section in ("gemv", "profile"):
+    for section in ("gemv", "gemv_sweep", "profile"):
         if section in extra:
             print(extra[section]["text"])
             print()
@@ -407,6 +414,47 @@ class _StepBench:
         text = "\n".join(lines)
         print(text, flush=True)
         return {"data": rows, "text": text}
+
+    def gemv_sweep(self) -> dict:
+        """Each tile config of the small-M matmul on each weight shape at batch 1, over every
+        layer's copy of the weight (from HBM): µs per call, and the best config per shape."""
+        from common.models import triton_layers
+
+        model = self.model
+        kinds = {
+            "qkv_proj": [layer.self_attn.qkv_proj.weight for layer in model.layers],
+            "o_proj": [layer.self_attn.o_proj.weight for layer in model.layers],
+            "gate_up_proj": [layer.mlp.gate_up_proj.weight for layer in model.layers],
+            "down_proj": [layer.mlp.down_proj.weight for layer in model.layers],
+        }
+        best = {}
+        lines = ["small-M matmul tile sweep at batch 1, cold weights: best config per shape"]
+        with torch.inference_mode():
+            for name, weights in kinds.items():
+                xs = [torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+                times = []
+                for config in triton_layers.SWEEP_CONFIGS:
+
+                    def calls(ws=weights, xs=xs, config=config):
+                        for w, xi in zip(ws, xs, strict=True):
+                            triton_layers.small_m_matmul(xi, w, config=config)
+
+                    try:
+                        graph = _capture(calls)
+                        us = time_ms(graph.replay, self.device, self.args.rep_ms / 4) / len(weights) * 1e3
+                    except Exception as exc:  # a config that does not compile is left out
+                        print(f"{name} {config}: {exc!r}", flush=True)
+                        continue
+                    times.append((us, config))
+                times.sort(key=lambda t: t[0])
+                shape = tuple(weights[0].shape)
+                best[str(shape)] = {"us": times[0][0], "config": times[0][1], "worst_us": times[-1][0]}
+                lines.append(
+                    f"{name} {shape}: best {times[0][0]:.1f} µs {times[0][1]}; worst {times[-1][0]:.1f} µs"
+                )
+        text = "\n".join(lines)
+        print(text, flush=True)
+        return {"data": best, "text": text}
 
     def profile(self, batch_size: int) -> dict:
         """Kernels of one graph replay at `batch_size`: time per kind, and the part of the

@@ -381,6 +381,25 @@ _MATMUL_CONFIGS = [
         (16, 128, 2, 6),
     ]
 ]
+# More shapes for the cold-weight sweep (`python -m common.bench.decode_step --gemv-sweep`).
+SWEEP_CONFIGS = [
+    {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+    for n, k, w, st in [
+        (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4),
+        (16, 128, 2, 6), (16, 1024, 8, 3), (32, 512, 8, 3), (16, 512, 8, 4), (64, 256, 8, 4),
+        (16, 256, 8, 6), (16, 256, 4, 8), (32, 256, 8, 4), (16, 128, 4, 8),
+    ]
+]  # fmt: skip
+# (N, K) -> config by device name, to pin tiles chosen by that sweep (every layer's own weight,
+# so from HBM as a decode step reads them) instead of the autotuner's (one weight timed over and
+# over, from L2 where it fits). Empty: on the H100 the sweep's tiles were faster alone (qkv
+# 18.9 against 20.3 µs) but not in the whole step (5.87 against 5.82-5.84 ms; docs/benchmarks.md).
+COLD_TUNED: dict[str, dict[tuple[int, int], dict]] = {}
+
+
+def _cold_tuned_config(x: torch.Tensor, n: int, k: int) -> dict | None:
+    table = COLD_TUNED.get(torch.cuda.get_device_name(x.device)) if x.is_cuda else None
+    return table.get((n, k)) if table else None
 
 
 @triton.jit
@@ -529,6 +548,8 @@ def small_m_matmul(
     flags = {"NORM": norm_weight is not None, "SILU_MUL": silu_mul, "ADD_TO_Y": out is not None}
     flags.update(_launch_options(x.device))
     flags["PREFETCH_LINES"] = PREFETCH_LINES if flags["PDL"] else 0
+    if config is None:
+        config = _cold_tuned_config(x, n, k)
     if config is not None:
         meta = dict(config)
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
