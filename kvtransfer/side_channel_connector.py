@@ -25,6 +25,7 @@ from kvtransfer.kv_consumer import KVConsumer
 from kvtransfer.kv_producer import KVProducer
 from kvtransfer.kv_region import KVRegion
 from kvtransfer.side_channel import NixlAgentInfo
+from kvtransfer.tp_plan import is_multi_rank_pull
 
 DEFAULT_LEASE_DURATION_S = 30.0
 DEFAULT_TRANSFER_TIMEOUT_S = 30.0
@@ -64,6 +65,9 @@ class SideChannelConnector(KVConnector):
         advertise_host = extra_str(extra, "side_channel_host")
         self._producer: KVProducer | None = None
         self._consumer: KVConsumer | None = None
+        self._kv_cache: torch.Tensor | None = None
+        self._rank_puller: Any = None  # tp_pull.RankPuller, built for the first multi-rank producer
+        self._rank_pulls: dict[str, dict[str, Any]] = {}  # its pulls in flight: request id -> params
         if self.is_producer:
             self._producer = KVProducer(
                 connector_name=self.name,
@@ -99,8 +103,14 @@ class SideChannelConnector(KVConnector):
         """(host, port) of a producer's side channel, once its KV cache is registered."""
         return self._need_producer("side_channel_address").address
 
+    @property
+    def side_channel_instance_id(self) -> str:
+        """The producer's instance id (it tells this run's blocks from a restarted producer's)."""
+        return self._need_producer("side_channel_instance_id").instance_id
+
     def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
         region = KVRegion(kv_cache, self.kv_spec)
+        self._kv_cache = kv_cache
         announced = self._register_memory(region)
         if self._producer is not None:
             self._producer.start(region, announced, self._notification_source())
@@ -120,13 +130,39 @@ class SideChannelConnector(KVConnector):
         local_block_ids: list[int],
         remote_block_ids: list[int],
     ) -> None:
-        self._need_consumer("start_pull").start_pull(request_id, params, local_block_ids, remote_block_ids)
+        consumer = self._need_consumer("start_pull")
+        if is_multi_rank_pull(params, self.tp_size):  # a tensor-parallel producer: its ranks' heads
+            self._multi_rank_puller().start_pull(request_id, params, local_block_ids, remote_block_ids)
+            self._rank_pulls[request_id] = params
+            return
+        consumer.start_pull(request_id, params, local_block_ids, remote_block_ids)
 
     def poll(self) -> PullResults:
-        return self._need_consumer("poll").poll()
+        results = self._need_consumer("poll").poll()
+        if self._rank_puller is not None:
+            for request_id, error in self._rank_puller.poll():
+                self._rank_puller.release(request_id, self._rank_pulls.pop(request_id, {}))
+                if error is None:
+                    results.done.append(request_id)
+                else:
+                    results.failed.append((request_id, error))
+        return results
 
     def notify_done(self, request_id: str, params: dict[str, Any]) -> None:
-        self._need_consumer("notify_done").notify_done(request_id, params)
+        consumer = self._need_consumer("notify_done")
+        if is_multi_rank_pull(params, self.tp_size):
+            self._multi_rank_puller().release(request_id, params)
+            return
+        consumer.notify_done(request_id, params)
+
+    def _multi_rank_puller(self) -> Any:
+        if self._rank_puller is None:
+            if self._kv_cache is None:
+                raise RuntimeError("register_kv_cache() must come before start_pull()")
+            from kvtransfer.tp_pull import RankPuller  # it builds on this module
+
+            self._rank_puller = RankPuller(self.config, self.kv_spec, 0, 1, self._kv_cache)
+        return self._rank_puller
 
     def stats(self) -> dict[str, float]:
         stats: dict[str, float] = {}
@@ -134,12 +170,21 @@ class SideChannelConnector(KVConnector):
             stats.update(self._producer.stats())
         if self._consumer is not None:
             stats.update(self._consumer.stats())
+        if self._rank_puller is not None:
+            for key, value in self._rank_puller.stats().items():
+                stats[key] = stats.get(key, 0) + value
         return stats
 
     def take_transfer_records(self) -> list[TransferRecord]:
-        return [] if self._consumer is None else self._consumer.take_transfer_records()
+        records = [] if self._consumer is None else self._consumer.take_transfer_records()
+        if self._rank_puller is not None:
+            records += self._rank_puller.take_transfer_records()
+        return records
 
     def close(self) -> None:
+        if self._rank_puller is not None:
+            self._rank_puller.close()
+            self._rank_puller = None
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None

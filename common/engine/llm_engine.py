@@ -60,14 +60,6 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 # Without chunked prefill a whole prompt must fit in one step.
 MIN_UNCHUNKED_BATCHED_TOKENS = 2048
 
-# Each rank would need its own connector moving its own KV heads; not built yet.
-_TP_KV_TRANSFER_REFUSED = (
-    "--tensor-parallel-size {tp} with --kv-transfer-config: KV transfer between tensor-parallel "
-    "workers is not supported yet; run disaggregated workers with --tensor-parallel-size 1, or "
-    "serve the model aggregated (pdserve run-batch / chat / complete)"
-)
-
-
 @dataclass
 class EngineStats:
     num_running: int
@@ -112,8 +104,6 @@ def resolve_device(device: str) -> torch.device:
 def resolve_engine_config(config: EngineConfig, model_config, device: torch.device) -> EngineConfig:
     """A copy of `config` with every None filled from the model and the device, and checked."""
     plan_shards(model_config, config.tensor_parallel_size)  # ValueError when the model does not split so
-    if config.tensor_parallel_size > 1 and config.kv_transfer_config is not None:
-        raise ValueError(_TP_KV_TRANSFER_REFUSED.format(tp=config.tensor_parallel_size))
     model_len = model_config.max_position_embeddings
     max_model_len = config.max_model_len if config.max_model_len is not None else model_len
     if max_model_len < 1:
@@ -391,14 +381,30 @@ class LLMEngine:
         """Pulls in flight or blocks held for consumers: process_kv_transfers() has work."""
         return self.scheduler.has_kv_transfers() or bool(self._failed_transfers)
 
+    @property
+    def num_steps(self) -> int:
+        """Steps that ran a batch so far (stats().num_steps without building the stats)."""
+        return self._num_steps
+
     # -- KV transfer -------------------------------------------------------------------
 
     def attach_kv_connector(self, connector: KVConnectorLike) -> None:
-        """Register this engine's KV cache with `connector` and drive it from now on."""
+        """Register this engine's KV cache with `connector` and drive it from now on.
+
+        With tensor parallelism the connector must run one part per rank
+        (kvtransfer.tp_connector.TensorParallelConnector): it starts the other ranks' parts
+        through the executor, then registers rank 0's cache here."""
         if self.kv_connector is not None:
             raise RuntimeError("a KV connector is already attached to this engine")
         if self.config.tensor_parallel_size > 1:
-            raise ValueError(_TP_KV_TRANSFER_REFUSED.format(tp=self.config.tensor_parallel_size))
+            attach_ranks = getattr(connector, "attach_ranks", None)
+            if attach_ranks is None:
+                raise ValueError(
+                    f"--tensor-parallel-size {self.config.tensor_parallel_size}: the KV connector "
+                    f"{type(connector).__name__} serves one cache; build it with "
+                    "kvtransfer.tp_connector.create_engine_connector(..., tp_size=N), which runs one per rank"
+                )
+            attach_ranks(self.executor)
         connector.register_kv_cache(self.runner.kv_cache)
         self.kv_connector = connector
 

@@ -86,7 +86,9 @@ class WorkerProcess:
             self.engine = engine = LLMEngine.from_config(config)
             config = engine.config
             self.connector = role.build_connector(
-                config.kv_transfer_config, kv_cache_spec_fields(engine, model_name)
+                config.kv_transfer_config,
+                kv_cache_spec_fields(engine, model_name),
+                config.tensor_parallel_size,
             )
             engine.attach_kv_connector(self.connector)
             self.publisher = make_kv_event_publisher(config.kv_events_config)

@@ -21,8 +21,8 @@ class WorkerRole:
     kv_roles: tuple[str, ...]  # the kv_role values this worker accepts; the first is its default
     # the name of the connector to use when --kv-transfer-config names none
     default_connector: Callable[[], str]
-    # (the resolved KVTransferConfig, KVCacheSpec fields) -> a kvtransfer connector
-    build_connector: Callable[[KVTransferConfig, dict[str, Any]], Any]
+    # (the resolved KVTransferConfig, KVCacheSpec fields, tensor-parallel size) -> a kvtransfer connector
+    build_connector: Callable[[KVTransferConfig, dict[str, Any], int], Any]
 
 
 def kv_transfer_config_for(config: KVTransferConfig | None, role: WorkerRole) -> KVTransferConfig:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from common.config.engine_config import EngineConfig
-from common.config.kv_transfer_config import KVTransferConfig
 from common.engine.llm_engine import LLMEngine, resolve_engine_config
 from common.sampling_params import SamplingParams
 
@@ -65,15 +64,6 @@ def test_tiny_llama_greedy_outputs_with_tp_ranks_equal_one_process(tiny_tp_folde
     finally:
         engine.shutdown()
     assert [p.poll() for p in engine.executor.rank_processes] == [0] * (tp - 1)
-
-
-def test_kv_transfer_with_tensor_parallelism_is_refused_before_loading(smollm2_model):
-    _, model_config = smollm2_model
-    config = EngineConfig(
-        tensor_parallel_size=2, kv_transfer_config=KVTransferConfig(kv_connector="TcpConnector")
-    )
-    with pytest.raises(ValueError, match="--tensor-parallel-size 2 with --kv-transfer-config"):
-        resolve_engine_config(config, model_config, torch.device("cpu"))
 
 
 def test_a_size_that_does_not_split_the_model_is_refused_before_loading(smollm2_model):
