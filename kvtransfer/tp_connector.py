@@ -31,7 +31,7 @@ import torch
 import zmq
 
 from common.config.kv_transfer_config import KVTransferConfig
-from kvtransfer.connector import KVConnector, PullResults, TransferRecord
+from kvtransfer.connector import ConnectorUnavailableError, KVConnector, PullResults, TransferRecord
 from kvtransfer.factory import create_connector
 from kvtransfer.kv_cache_spec import KVCacheSpec
 from kvtransfer.tp_plan import ENDPOINTS_KEY, rank_spec
@@ -410,3 +410,12 @@ def create_engine_connector(
     role = role or config.kv_role
     create_connector(config, role, kv_spec).close()  # fails here, naming the fix, if it cannot run
     return TensorParallelConnector(config, role, kv_spec, tp_size=tp_size)
+
+
+def build_worker_connector(config: KVTransferConfig, spec_fields: dict, tp_size: int = 1) -> KVConnector:
+    """A prefill or decode worker's connector from --kv-transfer-config and its cache's spec fields
+    (one per rank above 1); a connector that cannot run here is a ValueError naming the fix."""
+    try:
+        return create_engine_connector(config, config.kv_role, KVCacheSpec(**spec_fields), tp_size=tp_size)
+    except ConnectorUnavailableError as e:
+        raise ValueError(f"{e}; or name another kv_connector in --kv-transfer-config") from None

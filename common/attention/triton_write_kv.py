@@ -17,6 +17,13 @@ from common.attention.triton_paged_tiles import next_power_of_2
 
 
 @triton.jit
+def fp8_scaled(x, scale, FP8_MAX: tl.constexpr):
+    """x / scale saturated to the e4m3 range, in fp32, ready to store in an fp8 cache: a
+    correctly rounded division, so the stored bits equal the reference's x.float() / scale."""
+    return tl.clamp(tl.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX)
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
@@ -53,9 +60,8 @@ def _write_kv_kernel(
     k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
     if FP8:
-        # correctly rounded division, so the stored bits equal the reference's x.float() / scale
-        k = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
+        k = fp8_scaled(k, k_scale, FP8_MAX)
+        v = fp8_scaled(v, v_scale, FP8_MAX)
     dest = block.to(tl.int64) * stride_block + offset * stride_token
     dest += heads[:, None] * stride_head + dims[None, :]
     tl.store(k_cache_ptr + dest, k.to(k_cache_ptr.dtype.element_ty), mask=mask)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from common.attention.reference import FP8_DTYPES, FP8_E4M3_MAX
 from common.attention.triton_paged_tiles import pdl_enabled, pdl_wait
+from common.attention.triton_write_kv import fp8_scaled
 
 SMALL_M = 16  # rows of x one small_m_matmul program holds (tl.dot needs at least 16)
 # Under programmatic dependent launch, each small_m_matmul program asks L2 for the first this
@@ -264,11 +265,8 @@ def _rotary_write_kv_kernel(
         v1 = tl.load(v_ptrs, mask=mask, other=0.0)
         v2 = tl.load(v_ptrs + HALF, mask=mask, other=0.0)
         if FP8:
-            # correctly rounded division, as the reference's x.float() / scale
-            k1 = tl.clamp(tl.div_rn(k1.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-            k2 = tl.clamp(tl.div_rn(k2.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-            v1 = tl.clamp(tl.div_rn(v1.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
-            v2 = tl.clamp(tl.div_rn(v2.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
+            k1, k2 = fp8_scaled(k1, k_scale, FP8_MAX), fp8_scaled(k2, k_scale, FP8_MAX)
+            v1, v2 = fp8_scaled(v1, v_scale, FP8_MAX), fp8_scaled(v2, v_scale, FP8_MAX)
         dest = (slot // BLOCK_SIZE).to(tl.int64) * stride_block + (slot % BLOCK_SIZE) * stride_token
         dest += heads[:, None] * stride_head + dims[None, :]
         dtype = k_cache_ptr.dtype.element_ty

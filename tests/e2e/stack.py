@@ -168,6 +168,21 @@ def alive(pid: int) -> bool:
         return False
 
 
+def read_ready_file(process, ready_file: Path, timeout_s: float = START_TIMEOUT_S) -> dict:
+    """The JSON a worker writes to --ready-file once it serves; the worker is stopped and the
+    error carries its output if it exits or takes longer than timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not ready_file.exists():
+        process.check_running()
+        if time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(
+                f"the {process.name} worker was not ready within {timeout_s:.0f} s:\n{process.tail()}"
+            )
+        time.sleep(0.1)
+    return json.loads(ready_file.read_text())
+
+
 class WorkerProcess(_Process):
     """`pdserve prefill|decode ARGS` on free ports, ready once it writes its ready file."""
 
@@ -181,16 +196,7 @@ class WorkerProcess(_Process):
         self.info: dict = {}
 
     def ready(self, timeout_s: float = START_TIMEOUT_S) -> WorkerProcess:
-        deadline = time.monotonic() + timeout_s
-        while not self.ready_file.exists():
-            self.check_running()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"the {self.name} worker was not ready within {timeout_s:.0f} s:\n{self.tail()}"
-                )
-            time.sleep(0.1)
-        self.info = json.loads(self.ready_file.read_text())
+        self.info = read_ready_file(self, self.ready_file, timeout_s)
         return self
 
     @property

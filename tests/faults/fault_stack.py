@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.stack import REPO, free_port, metric
+from tests.e2e.stack import REPO, free_port, metric, read_ready_file
 
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
@@ -101,16 +101,7 @@ class Worker(Proc):
         return self
 
     def ready(self, timeout_s: float = START_TIMEOUT_S) -> Worker:
-        deadline = time.monotonic() + timeout_s
-        while not self.ready_file.exists():
-            self.check_running()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"the {self.name} worker was not ready within {timeout_s:.0f} s:\n{self.tail()}"
-                )
-            time.sleep(0.1)
-        self.info = json.loads(self.ready_file.read_text())
+        self.info = read_ready_file(self, self.ready_file, timeout_s)
         return self
 
 
