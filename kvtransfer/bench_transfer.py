@@ -20,12 +20,17 @@ NixlConnector under several UCX_TLS settings and with NIXL's progress thread, an
 NIXL transfers with one descriptor per block or one per layer of a block, READ and
 WRITE. "xfer" is the connector's own transfer time (TransferRecord: from the start of
 the data movement to its end); "wall" adds the caller's view (start_pull() until poll()
-reports it, handshake excluded). Logs of every row go under --out.
+reports it, handshake excluded). Two like-for-like ratios sit beside them: "kernel" is
+CudaIpcConnector's copy on CUDA events (ids upload and kernel) against copy_ on CUDA
+events, and "copyh" is copy_ timed as xfer is, on host clocks (launch, then wait for its
+event). A second table gives the median microseconds of each phase of a CudaIpcConnector
+pull (TransferRecord.phases_ns). Logs of every row go under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -57,6 +62,9 @@ class TransferBenchResult:
     block_bytes: int
     seconds: list[float]  # one per timed pull, start_pull() to poll() reporting it
     xfer_seconds: list[float] = field(default_factory=list)  # the connector's own transfer times
+    # per timed pull, the connector's phase stamps (TransferRecord.phases_ns) plus "polled":
+    # when the caller's poll() reported it; empty where the connector records none
+    phases: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def num_bytes(self) -> int:
@@ -134,8 +142,10 @@ def bench_transfer(
     pulls: int = 5,
     device: str = "cpu",
     extra: dict[str, Any] | None = None,
+    poll_sleep_s: float = 0.0,
 ) -> TransferBenchResult:
-    """Time `pulls` pulls of about `mib` MiB each from a producer process through `connector`."""
+    """Time `pulls` pulls of about `mib` MiB each from a producer process through `connector`;
+    between polls the caller sleeps `poll_sleep_s` (0: it only yields, a busy poll)."""
     spec = spec or default_spec()
     extra = extra or {}
     block_bytes = block_bytes_of(spec)
@@ -164,7 +174,7 @@ def bench_transfer(
         _expect(pipe, "ready", process)
         remote_ids = list(range(1, cache_blocks))
         local_ids = remote_ids[::-1]  # a different block for each, to catch misplaced copies
-        seconds, xfer_seconds = [], []
+        seconds, xfer_seconds, phases = [], [], []
         for i in range(pulls + 1):
             pipe.send((f"bench-{i}", remote_ids))
             params = _expect(pipe, process=process)
@@ -177,10 +187,13 @@ def bench_transfer(
                     raise RuntimeError(f"{connector} pull failed: {failed[0][1]}")
                 if done:
                     break
-                time.sleep(0)
+                time.sleep(poll_sleep_s)
+            polled = time.perf_counter_ns()
             if i > 0:  # the first pull includes the handshake
                 seconds.append(time.perf_counter() - start)
-                xfer_seconds.extend(r.seconds for r in consumer.take_transfer_records())
+                records = consumer.take_transfer_records()
+                xfer_seconds.extend(r.seconds for r in records)
+                phases.extend({**r.phases_ns, "polled": polled} for r in records if r.phases_ns)
         _check(cache, local_ids, remote_ids)
     finally:
         consumer.close()
@@ -188,7 +201,7 @@ def bench_transfer(
         process.join(timeout=30)
         if process.is_alive():
             process.kill()
-    return TransferBenchResult(connector, device, num_blocks, block_bytes, seconds, xfer_seconds)
+    return TransferBenchResult(connector, device, num_blocks, block_bytes, seconds, xfer_seconds, phases)
 
 
 def _expect(pipe: Any, wanted: Any = ..., process: Any = None) -> Any:
@@ -232,6 +245,97 @@ def device_copy_gb_per_s(num_bytes: int, repeats: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return num_bytes / statistics.median(times) / 1e9
+
+
+def device_copy_host_gb_per_s(num_bytes: int, repeats: int = 20) -> float:
+    """The same copy timed as a pull's "xfer" is, on host clocks: launch plus a wait for it
+    (an event synchronize on the current stream), median of `repeats`."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    done = torch.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        done.record()
+        done.synchronize()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return num_bytes / statistics.median(times) / 1e9
+
+
+# the phases of a CudaIpcConnector pull, as (name, from stamp, to stamp), in order
+PHASES = [
+    ("handoff", "dispatched", "dequeued"),  # start_pull() to the I/O thread running the pull
+    ("begin", "dequeued", "started"),  # lease and id checks, engine lookup
+    ("pack", "started", "packed"),  # ids checked and written to the pinned buffer
+    ("launch", "packed", "launched"),  # graph replay (ids H2D + kernel) enqueued
+    ("wait", "launched", "gpu_done"),  # until the I/O thread sees the copy's event complete
+    ("finish", "gpu_done", "recorded"),  # bookkeeping before the record is written
+    ("poll", "recorded", "polled"),  # until the caller's poll() reports it
+]
+
+
+def phase_medians_us(phases: list[dict[str, int]]) -> dict[str, float]:
+    """Median microseconds of each phase over the pulls that stamped both its ends, plus
+    "gpu" (the copy's CUDA-event time) and "xfer" (started to recorded)."""
+    spans = {name: (a, b) for name, a, b in PHASES}
+    spans["xfer"] = ("started", "recorded")
+    medians = {}
+    for name, (a, b) in spans.items():
+        values = [(p[b] - p[a]) / 1e3 for p in phases if a in p and b in p]
+        if values:
+            medians[name] = statistics.median(values)
+    gpu = [p["gpu_ns"] / 1e3 for p in phases if "gpu_ns" in p]
+    if gpu:
+        medians["gpu"] = statistics.median(gpu)
+    return medians
+
+
+def kernel_sweep(tokens: list[int], repeats: int = 20) -> None:
+    """Time the gather-scatter kernel alone (CUDA events, in this process, with the GPU kept
+    busy while the host launches it) at Llama-3-8B block shapes for several tilings, against
+    copy_ of the same bytes."""
+    from kvtransfer.cuda_ipc_copy import BlockIndex, launch_copy_kernel
+
+    spec = KVCacheSpec("bench-llama3-8b", "bfloat16", **LLAMA3_8B)
+    block_len = block_bytes_of(spec)
+    print(
+        f"{'tokens':>6s} {'chunk words':>11s} {'warps':>5s} {'kernel GB/s':>11s} {'copy GB/s':>9s} {'k/copy':>6s}"
+    )
+    for n in tokens:
+        num_blocks = n // spec.block_size
+        copy = device_copy_gb_per_s(num_blocks * block_len)
+        src = torch.zeros(num_blocks + 1, block_len, dtype=torch.uint8, device="cuda")
+        dst = torch.zeros_like(src)
+        index = BlockIndex(dst.device, num_blocks + 1)
+        ids = list(range(1, num_blocks + 1))
+        index.fill(ids, ids[::-1])
+        index.send()
+        for chunk in (2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                launch = functools.partial(
+                    launch_copy_kernel, src, dst, index, num_blocks, max_chunk_words=chunk, num_warps=warps
+                )
+                launch()
+                times = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda._sleep(1_000_000)  # the GPU waits ~0.5 ms, so the launch's host time is hidden
+                    start.record()
+                    launch()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3)
+                gb_s = num_blocks * block_len / statistics.median(times) / 1e9
+                print(
+                    f"{n:6d} {chunk:11d} {warps:5d} {gb_s:11.1f} {copy:9.1f} {gb_s / copy:6.1%}", flush=True
+                )
+        del src, dst
+        torch.cuda.empty_cache()
 
 
 # -- raw NIXL: descriptor granularity and direction -------------------------------------------
@@ -351,6 +455,7 @@ class Row:
     progress_thread: bool = False  # nixl-raw only
     max_tokens: int | None = None  # slow paths skip the largest requests
     pulls: int = 5
+    poll_sleep_s: float = 0.0  # the caller's sleep between polls (0: a busy poll)
 
 
 def gpu_rows() -> list[Row]:
@@ -362,6 +467,21 @@ def gpu_rows() -> list[Row]:
             "CudaIpcConnector, launch without CUDA graph",
             "CudaIpcConnector",
             {"PDSERVE_KV_COPY_GRAPHS": "0"},
+            pulls=10,
+        ),
+        Row(
+            "CudaIpcConnector, caller sleeps 50 us per poll", "CudaIpcConnector", pulls=10, poll_sleep_s=50e-6
+        ),
+        Row(
+            "CudaIpcConnector, graph launch and events through torch",
+            "CudaIpcConnector",
+            {"PDSERVE_KV_COPY_DRIVER": "0"},
+            pulls=10,
+        ),
+        Row(
+            "CudaIpcConnector, blocking event wait",
+            "CudaIpcConnector",
+            {"PDSERVE_KV_COPY_WAIT": "block"},
             pulls=10,
         ),
         Row("NixlConnector, UCX defaults", "NixlConnector", max_tokens=slow, pulls=3),
@@ -400,6 +520,7 @@ def run_row(row: Row, tokens: list[int]) -> list[dict[str, Any]]:
         num_blocks = n // spec.block_size
         num_bytes = num_blocks * block_bytes_of(spec)
         copy = device_copy_gb_per_s(num_bytes)
+        copy_host = device_copy_host_gb_per_s(num_bytes)
         if row.kind == "nixl-raw":
             result = bench_nixl_raw(
                 spec,
@@ -411,15 +532,25 @@ def run_row(row: Row, tokens: list[int]) -> list[dict[str, Any]]:
             )
         else:
             result = bench_transfer(
-                row.kind, mib=num_bytes / 2**20, spec=spec, pulls=row.pulls, device="cuda", extra=row.extra
+                row.kind,
+                mib=num_bytes / 2**20,
+                spec=spec,
+                pulls=row.pulls,
+                device="cuda",
+                extra=row.extra,
+                poll_sleep_s=row.poll_sleep_s,
             )
+        phases_us = phase_medians_us(result.phases)
         results.append(
             {
                 "tokens": n,
                 "mib": num_bytes / 2**20,
                 "copy_gb_s": copy,
+                "copy_host_gb_s": copy_host,
+                "kernel_gb_s": num_bytes / phases_us["gpu"] / 1e3 if "gpu" in phases_us else None,
                 "xfer_gb_s": result.median_xfer_gb_per_s,
                 "wall_gb_s": result.median_gb_per_s,
+                "phases_us": phases_us,
             }
         )
         print(json.dumps({"row": row.label, **results[-1]}), flush=True)
@@ -468,19 +599,39 @@ def gpu_table(tokens: list[int], out: Path, only: list[str] | None = None) -> No
 
 
 def print_table(table: list[tuple[str, dict[str, Any] | None, str]]) -> None:
+    """Today's columns (copy_ on CUDA events against the connector's host-timed xfer and the
+    caller's wall time), then two like-for-like ratios: the copy kernel on CUDA events against
+    copy_ on CUDA events (k/copy), and xfer against copy_ timed on host clocks as a pull is,
+    launch plus wait (x/copyh); then each CudaIpcConnector pull's phases."""
     print()
     print(
         f"{'path':52s} {'tokens':>6s} {'MiB':>6s} {'copy GB/s':>9s} {'xfer GB/s':>9s} {'x/copy':>6s} "
-        f"{'wall GB/s':>9s} {'w/copy':>6s}"
+        f"{'wall GB/s':>9s} {'w/copy':>6s} {'kernel GB/s':>11s} {'k/copy':>6s} {'copyh GB/s':>10s} "
+        f"{'x/copyh':>7s}"
     )
     for label, m, status in table:
         if m is None:
             print(f"{label:52s} failed: {status} (see its log)")
             continue
+        kernel = m.get("kernel_gb_s")
+        copy_host = m.get("copy_host_gb_s")
         print(
             f"{label:52s} {m['tokens']:6d} {m['mib']:6.0f} {m['copy_gb_s']:9.1f} {m['xfer_gb_s']:9.1f} "
-            f"{m['xfer_gb_s'] / m['copy_gb_s']:6.1%} {m['wall_gb_s']:9.1f} {m['wall_gb_s'] / m['copy_gb_s']:6.1%}"
+            f"{m['xfer_gb_s'] / m['copy_gb_s']:6.1%} {m['wall_gb_s']:9.1f} {m['wall_gb_s'] / m['copy_gb_s']:6.1%} "
+            + (f"{kernel:11.1f} {kernel / m['copy_gb_s']:6.1%} " if kernel else f"{'':11s} {'':6s} ")
+            + (f"{copy_host:10.1f} {m['xfer_gb_s'] / copy_host:7.1%}" if copy_host else "")
         )
+    phased = [(label, m) for label, m, _ in table if m is not None and m.get("phases_us")]
+    if not phased:
+        return
+    names = [name for name, _, _ in PHASES] + ["gpu", "xfer"]
+    print()
+    print("median microseconds per phase of a pull (host perf_counter; gpu: CUDA events around the copy)")
+    print(f"{'path':52s} {'tokens':>6s} " + " ".join(f"{name:>8s}" for name in names))
+    for label, m in phased:
+        phases = m["phases_us"]
+        cells = " ".join(f"{phases[name]:8.1f}" if name in phases else f"{'':8s}" for name in names)
+        print(f"{label:52s} {m['tokens']:6d} {cells}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -519,10 +670,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only", nargs="+", help="with --gpu-table: only rows whose label contains one of these"
     )
+    parser.add_argument(
+        "--kernel-sweep",
+        action="store_true",
+        help="time the block-copy kernel alone for several tilings at --tokens (CUDA events)",
+    )
     parser.add_argument("--one-row", help=argparse.SUPPRESS)  # a row of --gpu-table, run by it
     args = parser.parse_args(argv)
     if args.one_row:
         run_row(Row(**json.loads(args.one_row)), args.tokens)
+        return
+    if args.kernel_sweep:
+        kernel_sweep(args.tokens)
         return
     if args.gpu_table:
         gpu_table(args.tokens, args.out, args.only)

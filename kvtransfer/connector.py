@@ -48,6 +48,10 @@ class TransferRecord:
     num_bytes: int
     seconds: float  # from the start of the data movement (after the handshake) to its end
     num_descriptors: int  # one per block
+    # host time.perf_counter_ns() at each phase of the pull, where the data path records
+    # them (CudaIpcConnector: dispatched, dequeued, started, packed, launched, gpu_done,
+    # recorded; plus gpu_ns, the copy's CUDA-event time); None elsewhere
+    phases_ns: dict[str, int] | None = None
 
 
 class KVConnector(ABC):

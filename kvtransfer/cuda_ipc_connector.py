@@ -29,10 +29,10 @@ at close.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,7 @@ class CudaIpcConsumer(TcpConsumer):
         if region.is_cuda:
             self._stream = torch.cuda.Stream(region.tensor.device)
             if triton_available() and _graphs_wanted():
-                self._graphed = GraphedBlockCopy(region.blocks, self._stream)
+                self._graphed = GraphedBlockCopy(region.blocks, self._stream, blocking_wait=_blocking_wait())
 
     # -- choosing the path, once per producer instance (I/O thread) ----------------------
 
@@ -164,26 +164,51 @@ class CudaIpcConsumer(TcpConsumer):
 
     # -- moving the bytes (I/O thread) ------------------------------------------------------
 
+    def _dispatch(self, pull: Pull) -> None:
+        pull.phases_ns = {"dispatched": time.perf_counter_ns()}
+        self._link.submit(lambda: self._dequeued(pull))
+
+    def _dequeued(self, pull: Pull) -> None:
+        pull.phases_ns["dequeued"] = time.perf_counter_ns()
+        self._begin(pull)
+
     def _transfer(self, pull: Pull, engine: RemoteEngine) -> None:
         source: DirectSource | None = engine.transfer
         if source is None:
             super()._transfer(pull, engine)
             return
+        phases = pull.phases_ns if pull.phases_ns is not None else {}
+        phases["started"] = time.perf_counter_ns()
         if source.closed:
             self._fail(pull, "the mapping of the producer's cache was dropped (it restarted or went away)")
             return
-        stream = self._stream
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            if self._graphed is not None:
-                self._graphed.copy(source.blocks, pull.remote_ids, pull.local_ids)
-            else:
-                copy_blocks(source.blocks, self.region.blocks, pull.remote_ids, pull.local_ids)
-            if stream is not None:
-                done = torch.cuda.Event()
-                done.record(stream)
-                done.synchronize()
+        if self._graphed is not None:
+            self._graphed.copy(source.blocks, pull.remote_ids, pull.local_ids, phases)
+            gpu_s = self._graphed.wait()
+            phases["gpu_done"] = time.perf_counter_ns()
+            phases["gpu_ns"] = round(gpu_s * 1e9)
+        else:
+            self._copy_without_graph(source, pull, phases)
         self.num_direct_transfers += 1
+        phases["recorded"] = time.perf_counter_ns()
         self._succeed(pull, num_bytes=len(pull.local_ids) * self.region.block_len, notify=True)
+
+    def _copy_without_graph(self, source: DirectSource, pull: Pull, phases: dict[str, int]) -> None:
+        """One Triton launch from Python (or torch's gather on CPU), then a wait on an event."""
+        stream = self._stream
+        if stream is None:
+            copy_blocks(source.blocks, self.region.blocks, pull.remote_ids, pull.local_ids)
+            return
+        with torch.cuda.stream(stream):
+            begin = torch.cuda.Event(enable_timing=True)
+            done = torch.cuda.Event(enable_timing=True, blocking=_blocking_wait())
+            begin.record(stream)
+            copy_blocks(source.blocks, self.region.blocks, pull.remote_ids, pull.local_ids)
+            phases["launched"] = time.perf_counter_ns()
+            done.record(stream)
+            done.synchronize()
+        phases["gpu_done"] = time.perf_counter_ns()
+        phases["gpu_ns"] = round(begin.elapsed_time(done) * 1e6)
 
     def _lost_peer(self, peer: Peer) -> None:
         # no copy is in flight (they finish inside _transfer); unmap, a new handshake remaps
@@ -287,6 +312,11 @@ class CudaIpcConnector(TcpConnector):
                 _local_producers.pop(self._instance_id, None)
             self._instance_id = None
         super().close()
+
+
+def _blocking_wait() -> bool:
+    """Wait for a copy's event asleep (PDSERVE_KV_COPY_WAIT=block) instead of spinning."""
+    return os.environ.get("PDSERVE_KV_COPY_WAIT", "spin") == "block"
 
 
 def _graphs_wanted() -> bool:

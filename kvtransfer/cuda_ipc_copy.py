@@ -12,9 +12,13 @@ an index_copy_.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,14 +42,17 @@ class CopyGeometry:
     chunks_per_block: int
 
 
-def plan_copy(block_len: int, src_addr: int, dst_addr: int) -> CopyGeometry:
+def plan_copy(
+    block_len: int, src_addr: int, dst_addr: int, max_chunk_words: int = MAX_CHUNK_WORDS
+) -> CopyGeometry:
     """How the kernel tiles a block of `block_len` bytes between caches whose block 0 sits at
-    `src_addr` and `dst_addr` (every block starts a multiple of block_len further on)."""
+    `src_addr` and `dst_addr` (every block starts a multiple of block_len further on), at most
+    `max_chunk_words` words (a power of two) per program."""
     if block_len < 1:
         raise ValueError(f"a block must hold at least one byte, got block_len {block_len}")
     word = next(w for w in (8, 4, 2, 1) if block_len % w == 0 and src_addr % w == 0 and dst_addr % w == 0)
     words = block_len // word
-    chunk = min(MAX_CHUNK_WORDS, 1 << (words - 1).bit_length())
+    chunk = min(max_chunk_words, 1 << (words - 1).bit_length())
     chunks = -(-words // chunk)
     if chunks > MAX_GRID_Y:
         raise ValueError(f"blocks of {block_len} bytes are too large for one copy launch")
@@ -70,8 +77,10 @@ def check_pairs(src_ids: Sequence[int], dst_ids: Sequence[int], num_src: int, nu
 class BlockIndex:
     """Reusable buffers for a copy's block ids, laid out [count, src ids.., dst ids..] in
     pinned host memory with a device twin, so that handing the ids to the GPU is one
-    asynchronous copy of a fixed buffer (which a CUDA graph can also replay). One user
-    at a time, who waits for each copy before the next."""
+    asynchronous copy of a fixed buffer (which a CUDA graph can also replay). The source
+    ids start at 1 and the destination ids `stride` further on (the capacity unless a copy
+    says otherwise: a graph for a bucket of n pairs uses stride n, and uploads 1 + 2n ids).
+    One user at a time, who waits for each copy before the next."""
 
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.device = device
@@ -81,24 +90,28 @@ class BlockIndex:
         self.on_device = torch.zeros_like(self.host, device=device) if on_gpu else self.host
         self._rows = self.host.numpy()
 
-    def fill(self, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
+    def fill(self, src_ids: Sequence[int], dst_ids: Sequence[int], stride: int | None = None) -> None:
         """Write the ids into the host buffer (not yet to the device)."""
         n = len(src_ids)
-        if n > self.capacity:
-            raise ValueError(f"{n} blocks in one copy, more than this index's {self.capacity}")
-        self._rows[0] = n
-        self._rows[1 : 1 + n] = src_ids
-        self._rows[1 + self.capacity : 1 + self.capacity + n] = dst_ids
+        stride = self.capacity if stride is None else stride
+        if n > stride or stride > self.capacity:
+            raise ValueError(f"{n} blocks in one copy, more than this index's {min(stride, self.capacity)}")
+        rows = self._rows
+        rows[0] = n
+        rows[1 : 1 + n] = src_ids
+        rows[1 + stride : 1 + stride + n] = dst_ids
 
-    def send(self) -> None:
-        """Enqueue the host buffer's copy to the device on the current stream."""
+    def send(self, stride: int | None = None) -> None:
+        """Enqueue the copy of the host buffer's first 1 + 2 * stride ids to the device on
+        the current stream."""
         if self.on_device is not self.host:
-            self.on_device.copy_(self.host, non_blocking=True)
+            used = 1 + 2 * (self.capacity if stride is None else stride)
+            self.on_device[:used].copy_(self.host[:used], non_blocking=True)
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def views(self, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(count, source ids, destination ids) on the device, at fixed addresses."""
-        c = self.capacity
-        return self.on_device[0:1], self.on_device[1 : 1 + c], self.on_device[1 + c :]
+        c = self.capacity if stride is None else stride
+        return self.on_device[0:1], self.on_device[1 : 1 + c], self.on_device[1 + c : 1 + 2 * c]
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
@@ -119,13 +132,23 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: Sequence[int], ds
         dst.index_copy_(0, d, src.index_select(0, s))
 
 
-def launch_copy_kernel(src: torch.Tensor, dst: torch.Tensor, index: BlockIndex, grid_pairs: int) -> None:
+def launch_copy_kernel(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: BlockIndex,
+    grid_pairs: int,
+    *,
+    max_chunk_words: int = MAX_CHUNK_WORDS,
+    num_warps: int | None = None,
+    stride: int | None = None,
+) -> None:
     """The Triton kernel over `index`'s device buffers, with programs for `grid_pairs` pairs
-    (those past the index's count do nothing). Also runs in Triton's interpreter on CPU."""
+    (those past the index's count do nothing), reading the ids as `index.fill` wrote them
+    with `stride`. Also runs in Triton's interpreter on CPU. The tiling may be overridden (kvtransfer.bench_transfer --kernel-sweep compares them)."""
     _check_rows(src, dst)
-    geometry = plan_copy(src.shape[1], src.data_ptr(), dst.data_ptr())
+    geometry = plan_copy(src.shape[1], src.data_ptr(), dst.data_ptr(), max_chunk_words)
     word = WORD_DTYPES[geometry.word_bytes]
-    count, src_idx, dst_idx = index.views()
+    count, src_idx, dst_idx = index.views(stride)
     # on the destination's GPU; a source on another GPU is read by peer access
     with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():
         _kernel()[(grid_pairs, geometry.chunks_per_block)](
@@ -136,56 +159,186 @@ def launch_copy_kernel(src: torch.Tensor, dst: torch.Tensor, index: BlockIndex, 
             dst_idx,
             geometry.words_per_block,
             CHUNK=geometry.chunk_words,
-            num_warps=8 if geometry.chunk_words >= 2048 else 4,
+            num_warps=num_warps or (8 if geometry.chunk_words >= 2048 else 4),
         )
 
 
 class GraphedBlockCopy:
     """copy_blocks into one CUDA cache with the host's share cut to a buffer fill and a
-    graph replay: per source cache and power-of-two bucket of block counts, the index
+    graph launch: per source cache and power-of-two bucket of block counts, the index
     upload and the kernel launch are captured once as a CUDA graph, then replayed (a
-    Triton launch from Python costs as long as moving tens of MiB). Used from one
-    thread, which waits for each copy before the next."""
+    Triton launch from Python costs as long as moving tens of MiB). CUDA events around
+    each launch time it on the GPU. Where the driver library allows, the events and the
+    graph launch go to it directly, holding the GIL (a few microseconds), so the only
+    call that lets other Python threads in is the wait at the end; a thread that loses the
+    GIL waits for it to come back, for tens of microseconds when another thread is busy.
+    Used from one thread, which calls wait() after each copy before the next."""
 
-    def __init__(self, dst: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    def __init__(self, dst: torch.Tensor, stream: torch.cuda.Stream, *, blocking_wait: bool = False) -> None:
+        """blocking_wait: wait() sleeps until the copy ends instead of spinning."""
         self.dst = dst
         self.stream = stream
         self.index = BlockIndex(dst.device, dst.shape[0])
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, int | None]] = {}
+        self._begin = torch.cuda.Event(enable_timing=True, blocking=blocking_wait)
+        self._end = torch.cuda.Event(enable_timing=True, blocking=blocking_wait)
+        self._driver: _DriverCalls | None = None  # set once the events exist (first capture)
+        self._pending = False
 
-    def copy(self, src: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
-        """Enqueue the copy on `stream`; the caller waits for it (an event) before the next."""
-        _check_rows(src, self.dst)
-        check_pairs(src_ids, dst_ids, src.shape[0], self.dst.shape[0])
-        if not src_ids:
+    def copy(
+        self,
+        src: torch.Tensor,
+        src_ids: Sequence[int],
+        dst_ids: Sequence[int],
+        phases_ns: dict[str, int] | None = None,
+    ) -> None:
+        """Enqueue the copy on `stream`; wait() for it before the next. `phases_ns` gets the
+        times the ids were checked and packed ("packed") and the graph launched ("launched")."""
+        if self._pending:
+            raise RuntimeError("the previous copy was not waited for; call wait() after each copy")
+        n = len(src_ids)
+        if not _pairs_fit(src_ids, dst_ids, src.shape[0], self.dst.shape[0]):
+            check_pairs(src_ids, dst_ids, src.shape[0], self.dst.shape[0])  # raises, saying why
+        if n == 0:
             return
-        bucket = min(1 << (len(src_ids) - 1).bit_length(), self.index.capacity)
-        self.index.fill(src_ids, dst_ids)
-        graph = self._graphs.get((src.data_ptr(), bucket))
+        bucket = min(1 << (n - 1).bit_length(), self.index.capacity)
+        self.index.fill(src_ids, dst_ids, bucket)
+        key = (src.data_ptr(), src.shape, bucket)
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(src, bucket)
-        graph.replay()
+            graph = self._capture(src, bucket, key)
+        if phases_ns is not None:
+            phases_ns["packed"] = time.perf_counter_ns()
+        driver = self._driver
+        if driver is not None and graph[1] is not None:
+            stream = self.stream.cuda_stream
+            driver.record(self._begin.cuda_event, stream)
+            driver.launch(graph[1], stream)
+            driver.record(self._end.cuda_event, stream)
+        else:
+            with torch.cuda.stream(self.stream):
+                self._begin.record(self.stream)
+                graph[0].replay()
+                self._end.record(self.stream)
+        self._pending = True
+        if phases_ns is not None:
+            phases_ns["launched"] = time.perf_counter_ns()
+
+    def wait(self) -> float:
+        """Wait for the last copy to end; its time on the GPU in seconds (CUDA events around
+        the graph: the ids' upload and the kernel), 0.0 if there was nothing to copy."""
+        if not self._pending:
+            return 0.0
+        self._pending = False
+        driver = self._driver
+        if driver is not None:
+            driver.synchronize(self._end.cuda_event)
+            return driver.elapsed_ms(self._begin.cuda_event, self._end.cuda_event) / 1e3
+        self._end.synchronize()
+        return self._begin.elapsed_time(self._end) / 1e3
 
     def forget(self, src: torch.Tensor) -> None:
         """Drop the graphs that read `src` (before its memory goes away)."""
         for key in [k for k in self._graphs if k[0] == src.data_ptr()]:
             del self._graphs[key]
 
-    def _capture(self, src: torch.Tensor, bucket: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, src: torch.Tensor, bucket: int, key: tuple) -> tuple[torch.cuda.CUDAGraph, int | None]:
+        _check_rows(src, self.dst)
         with torch.cuda.stream(self.stream):
-            self.index.send()
-            launch_copy_kernel(src, self.dst, self.index, bucket)  # compiles outside the capture
+            self.index.send(bucket)
+            # compiles outside the capture
+            launch_copy_kernel(src, self.dst, self.index, bucket, stride=bucket)
+            self._begin.record(self.stream)  # creates the events, in this thread's context
+            self._end.record(self.stream)
             self.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             # thread-local: the worker's own CUDA work in other threads goes on meanwhile
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                self.index.send()
-                launch_copy_kernel(src, self.dst, self.index, bucket)
+                self.index.send(bucket)
+                launch_copy_kernel(src, self.dst, self.index, bucket, stride=bucket)
             finally:
                 graph.capture_end()
-        self._graphs[(src.data_ptr(), bucket)] = graph
-        return graph
+        try:
+            graph_exec = graph.raw_cuda_graph_exec()  # torch 2.6 and later
+        except (AttributeError, RuntimeError):
+            graph_exec = None  # replayed through torch
+        entry = (graph, graph_exec)
+        self._driver = _driver_calls()
+        self._graphs[key] = entry
+        return entry
+
+
+def _pairs_fit(src_ids: Sequence[int], dst_ids: Sequence[int], num_src: int, num_dst: int) -> bool:
+    """check_pairs' conditions, in a few builtin calls (check_pairs says what is wrong)."""
+    n = len(src_ids)
+    if n != len(dst_ids):
+        return False
+    if n == 0:
+        return True
+    return (
+        min(src_ids) >= 0
+        and max(src_ids) < num_src
+        and min(dst_ids) >= 0
+        and max(dst_ids) < num_dst
+        and len(set(dst_ids)) == n
+    )
+
+
+class _DriverCalls:
+    """cuEventRecord, cuGraphLaunch and cuEventElapsedTime from the driver library with the
+    GIL held (ctypes.PyDLL: each is a few microseconds of host time), cuEventSynchronize
+    with it released (ctypes.CDLL). The calling thread must have used CUDA through torch
+    already (its context is then current)."""
+
+    def __init__(self, library: str = "libcuda.so.1") -> None:
+        holding = ctypes.PyDLL(library)
+        releasing = ctypes.CDLL(library)
+        handle = ctypes.c_void_p
+        self._record = _declare(holding, "cuEventRecord", [handle, handle])
+        self._launch = _declare(holding, "cuGraphLaunch", [handle, handle])
+        self._elapsed = _declare(
+            holding, "cuEventElapsedTime", [ctypes.POINTER(ctypes.c_float), handle, handle]
+        )
+        self._synchronize = _declare(releasing, "cuEventSynchronize", [handle])
+        self._ms = ctypes.c_float()
+        self._ms_ref = ctypes.byref(self._ms)
+
+    def record(self, event: int, stream: int) -> None:
+        _status("cuEventRecord", self._record(event, stream))
+
+    def launch(self, graph_exec: int, stream: int) -> None:
+        _status("cuGraphLaunch", self._launch(graph_exec, stream))
+
+    def synchronize(self, event: int) -> None:
+        _status("cuEventSynchronize", self._synchronize(event))
+
+    def elapsed_ms(self, begin: int, end: int) -> float:
+        _status("cuEventElapsedTime", self._elapsed(self._ms_ref, begin, end))
+        return self._ms.value
+
+
+def _declare(library: ctypes.CDLL, name: str, argtypes: list) -> Any:
+    function = getattr(library, name)
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
+def _status(name: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"{name} failed with CUDA driver error {status}; the KV copy did not run")
+
+
+@functools.cache
+def _driver_calls() -> _DriverCalls | None:
+    """The driver's entry points, or None where they cannot be loaded (torch's own calls then)."""
+    if os.environ.get("PDSERVE_KV_COPY_DRIVER", "1") == "0":
+        return None
+    try:
+        return _DriverCalls()
+    except (OSError, AttributeError):
+        return None
 
 
 def _check_rows(src: torch.Tensor, dst: torch.Tensor) -> None:

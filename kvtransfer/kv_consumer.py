@@ -43,6 +43,7 @@ class Pull:
     started: float = 0.0  # when the data movement began
     finished: bool = False
     transfer: Any = None  # the data path's own state
+    phases_ns: dict[str, int] | None = None  # where the data path times its phases
 
 
 @dataclass(eq=False)
@@ -323,7 +324,7 @@ class KVConsumer(ABC):
         pull.finished = True
         self._active.pop(pull.request_id, None)
         record = TransferRecord(
-            pull.request_id, num_bytes, time.monotonic() - pull.started, len(pull.local_ids)
+            pull.request_id, num_bytes, time.monotonic() - pull.started, len(pull.local_ids), pull.phases_ns
         )
         self._outcomes.put(_Outcome(pull.request_id, None, record if pull.remote_ids else None))
         if notify and self.release_producer:

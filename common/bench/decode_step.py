@@ -59,6 +59,8 @@ class StepRow:
     prefetch_0_graph_ms: float | None = None  # PDL, no weight prefetch before the wait
     prefetch_16_graph_ms: float | None = None  # PDL, 16 lines of each weight row prefetched
     prefetch_32_graph_ms: float | None = None  # PDL, 32 lines
+    silu_gate_up_graph_ms: float | None = None  # SiLU-and-mul in the gate_up matmul's epilogue
+    fused_add_silu_gate_up_graph_ms: float | None = None  # residual adds folded, SiLU in gate_up
     hf_decode_tok_s: float | None = None
     hf_total_tok_s: float | None = None
 
@@ -90,7 +92,9 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-new-tokens", type=int, default=128)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
-        "--variants", action="store_true", help="also time graphs with cuBLAS matmuls and with torch layers"
+        "--variants",
+        action="store_true",
+        help="also time graphs with cuBLAS matmuls, with torch layers and with each fusion switch flipped",
     )
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one replay")
     parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
@@ -289,7 +293,18 @@ class _StepBench:
             self.time_variant(rows, "no_pdl_graph_ms", {"tiles.USE_PDL": False})
             for lines in (0, 16, 32):
                 self.time_variant(rows, f"prefetch_{lines}_graph_ms", {"kernels.PREFETCH_LINES": lines})
-            fused = {"layers.USE_FUSED_SMALL_BATCH": True}
+            self.time_variant(rows, "silu_gate_up_graph_ms", {"layers.FUSE_SILU_INTO_GATE_UP": True})
+            self.time_variant(
+                rows,
+                "fused_add_silu_gate_up_graph_ms",
+                {
+                    "layers.USE_FUSED_SMALL_BATCH": True,
+                    "layers.FUSE_NORM_INTO_MATMUL": False,
+                    "layers.FUSE_SILU_INTO_GATE_UP": True,
+                },
+            )
+            # the earlier folds, each with SiLU where that variant puts it (not in gate_up's epilogue)
+            fused = {"layers.USE_FUSED_SMALL_BATCH": True, "layers.FUSE_SILU_INTO_GATE_UP": False}
             self.time_variant(rows, "fused_graph_ms", fused)
             self.time_variant(rows, "fused_norm_graph_ms", fused | {"layers.FUSE_SILU_INTO_MATMUL": False})
             self.time_variant(rows, "fused_silu_graph_ms", fused | {"layers.FUSE_NORM_INTO_MATMUL": False})
@@ -584,8 +599,9 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
         "| engine step ms | tok/s (engine) | eager step ms | graph ms, cuBLAS matmuls | graph ms, torch layers "
         "| graph ms, fused norm+SiLU | fused norm | fused SiLU | fused adds only "
         "| graph ms, no PDL | PDL, prefetch 0 | prefetch 16 | prefetch 32 "
+        "| SiLU in gate_up epilogue | fused adds + SiLU in gate_up "
         "| HF generate tok/s | engine vs HF |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|" + "---:|" * 24,
     ]
     lines = []
 
@@ -596,7 +612,8 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
         graph, plain, cublas = ms(r.graph_ms), ms(r.plain_layers_graph_ms), ms(r.cublas_graph_ms)
         fused = (r.fused_graph_ms, r.fused_norm_graph_ms, r.fused_silu_graph_ms, r.fused_add_graph_ms)
         pdl = (r.no_pdl_graph_ms, r.prefetch_0_graph_ms, r.prefetch_16_graph_ms, r.prefetch_32_graph_ms)
-        variants = " | ".join(ms(v) for v in (*fused, *pdl))
+        silu = (r.silu_gate_up_graph_ms, r.fused_add_silu_gate_up_graph_ms)
+        variants = " | ".join(ms(v) for v in (*fused, *pdl, *silu))
         hf = f"{r.hf_decode_tok_s:.0f}" if r.hf_decode_tok_s is not None else "-"
         engine_tok_s = r.batch / (r.engine_ms * 1e-3)
         vs_hf = f"{engine_tok_s / r.hf_decode_tok_s:.1f}x" if r.hf_decode_tok_s else "-"

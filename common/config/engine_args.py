@@ -311,6 +311,17 @@ def _add_scheduler_args(group: Any) -> None:
         "context.",
     )
     group.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Schedule and launch the next decode step before the current step's tokens are read "
+        "back, so the host's work (outputs, scheduling, input packing) overlaps the GPU's. The "
+        "next step's input tokens go from the GPU's sampled tokens straight to its inputs; a "
+        "request that stops wastes one step. Steps that admit or prefill requests, and requests "
+        "with penalties, min_tokens, a seed or logprobs, still run one at a time. Default: on "
+        "where decode steps replay CUDA graphs, off on CPU (no overlap to gain there).",
+    )
+    group.add_argument(
         "--max-num-partial-prefills",
         type=int_at_least(1),
         default=1,

@@ -48,6 +48,7 @@ class EngineConfig:
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     scheduling_policy: str = "fcfs"  # fcfs | priority
+    async_scheduling: bool | None = None  # None -> on for CUDA graphs, off on CPU
     enforce_eager: bool = False
     # parallelism and disaggregation
     tensor_parallel_size: int = 1

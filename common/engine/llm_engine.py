@@ -39,12 +39,15 @@ from common.engine.kv_cache_manager import KVCacheManager
 from common.engine.kv_cache_sizing import determine_num_blocks
 from common.engine.model_runner import (
     ModelRunner,
+    StepHandle,
     cache_model_config,
     profile_forward,
     resolve_kv_cache_dtype,
 )
-from common.engine.outputs import RequestOutput
+from common.engine.outputs import RequestOutput, SampledToken
 from common.engine.request import Request
+from common.engine.sampler import can_sample_ahead
+from common.engine.scheduled_batch import ScheduledBatch
 from common.engine.scheduler import Scheduler
 from common.generation_config import read_generation_config, sampling_defaults
 from common.kv_events import KVEvent
@@ -191,6 +194,9 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
             step_sender=executor,
         )
+        self.async_scheduling = _resolve_async_scheduling(config, self.runner)
+        self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, tokens not read yet
+        self.num_steps_ahead = 0  # steps launched before the step feeding them was read
         self.kv_connector: KVConnectorLike | None = None
         self._failed_transfers: list[RequestOutput] = []  # failed outputs not handed out yet
         self._live: set[str] = set()
@@ -371,11 +377,12 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._ahead is not None
 
     def has_schedulable_requests(self) -> bool:
-        """Whether a step may compute something (not only wait for pulls)."""
-        return self.scheduler.has_schedulable_requests()
+        """Whether a step may compute something (not only wait for pulls), or has a launched
+        step's tokens to hand out."""
+        return self.scheduler.has_schedulable_requests() or self._ahead is not None
 
     def has_kv_transfers(self) -> bool:
         """Pulls in flight or blocks held for consumers: process_kv_transfers() has work."""
@@ -472,29 +479,62 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one step; the outputs of the requests that progressed."""
+        """Schedule, run and sample one step; the outputs of the requests that progressed.
+
+        With async scheduling, a pure-decode step is launched and the step after it
+        scheduled and launched too, before the first one's tokens are read: each call then
+        hands out one step's outputs while the next step already runs on the GPU."""
         transfer_outputs = self.process_kv_transfers()
-        batch = self.scheduler.schedule()
-        # pulls admitted by this schedule start now and run while the model does
-        self._run_kv_orders()
-        transfer_outputs += self._take_failed_transfers()
-        sampled = self.runner.execute(batch)
+        if self._ahead is not None:
+            batch, handle = self._ahead
+            self._ahead = None
+        else:
+            batch = self.scheduler.schedule()
+            # pulls admitted by this schedule start now and run while the model does
+            self._run_kv_orders()
+            transfer_outputs += self._take_failed_transfers()
+            if not (self.async_scheduling and self._may_launch(batch)):
+                return transfer_outputs + self._end_step(batch, self.runner.execute(batch))
+            handle = self.runner.launch(batch)
+        following = self.scheduler.schedule_ahead(batch, self._may_run_ahead)
+        if following is not None:
+            self._ahead = (following, self.runner.launch(following, feed=handle))
+            self.num_steps_ahead += 1
+        return transfer_outputs + self._end_step(batch, handle.result())
+
+    def _may_launch(self, batch: ScheduledBatch) -> bool:
+        """Whether a scheduled batch may run without waiting for its tokens: pure decode,
+        every request sampling, none reading logprobs or its own history."""
+        return bool(batch.requests) and all(
+            n == 1 and r.num_computed_tokens + 1 == r.num_tokens and self._may_run_ahead(r, 0)
+            for r, n in zip(batch.requests, batch.num_scheduled_tokens, strict=True)
+        )
+
+    @staticmethod
+    def _may_run_ahead(request: Request, num_unknown: int = 1) -> bool:
+        """Whether the request's next token may be sampled while `num_unknown` of its
+        tokens are still on their way from the GPU."""
+        return can_sample_ahead(request.sampling_params, request.num_output_tokens, num_unknown)
+
+    def _end_step(self, batch: ScheduledBatch, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
+        """Count the step and hand its tokens to the scheduler: the outputs of the requests
+        that progressed."""
         for request, n in zip(batch.requests, batch.num_scheduled_tokens, strict=True):
             # prefill work: every scheduled token but a sampled one fed back (a decode)
-            feeds_back_output = (
+            feeds_back_output = batch.ahead or (
                 request.num_output_tokens > 0 and request.num_computed_tokens + n == request.num_tokens
             )
             self._num_prompt_tokens += n - feeds_back_output
-        self._num_generation_tokens += len(sampled)
         if batch.requests:
             self._num_steps += 1
         outputs = self.scheduler.update_from_output(batch, sampled)
+        self._num_generation_tokens += sum(len(o.new_token_ids) for o in outputs)
         for output in outputs:
             if output.finished:
                 self._live.discard(output.request_id)
                 if output.finish_reason is None and output.request_id in self.scheduler.held:
                     self._export_held(output)
-        return transfer_outputs + outputs
+        return outputs
 
     def generate(
         self,
@@ -618,6 +658,20 @@ def kv_cache_num_blocks(
             "lower --max-model-len or give the cache more room"
         )
     return agreed
+
+
+def _resolve_async_scheduling(config: EngineConfig, runner: ModelRunner) -> bool:
+    """--async-scheduling, by default on where decode steps replay CUDA graphs."""
+    if config.tensor_parallel_size > 1:
+        if config.async_scheduling:
+            raise ValueError(
+                "--async-scheduling does not run with --tensor-parallel-size > 1 yet; "
+                "pass --no-async-scheduling or leave it unset"
+            )
+        return False
+    if config.async_scheduling is None:
+        return runner.cuda_graphs is not None
+    return config.async_scheduling
 
 
 def _generation_config(config: EngineConfig, source) -> dict[str, Any]:

@@ -72,6 +72,29 @@ class StepInputs:
     graph_size: int | None = None  # the captured batch size this step replays, if any
 
 
+class StepHandle:
+    """A launched step (ModelRunner.launch) whose sampled tokens are on their way to the host."""
+
+    def __init__(
+        self,
+        row_of: dict[str, int],
+        token_ids: torch.Tensor,
+        host: torch.Tensor,
+        ready: torch.cuda.Event | None,
+    ) -> None:
+        self.row_of = row_of  # request id -> its row in token_ids
+        self.token_ids = token_ids  # [n] int64 where the step ran
+        self._host = host
+        self._ready = ready
+
+    def result(self) -> dict[str, SampledToken]:
+        """The sampled token of every request, by id; waits for the step to end."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens = self._host.tolist()
+        return {rid: SampledToken(tokens[row]) for rid, row in self.row_of.items()}
+
+
 # name -> dtype of each flat step buffer
 _BUFFERS = {
     "input_ids": torch.int64,
@@ -81,6 +104,8 @@ _BUFFERS = {
     "query_start_loc": torch.int32,
     "block_tables": torch.int32,  # [rows, width] row-major in the first rows * width entries
     "sample_rows": torch.int64,
+    "token_ids_a": torch.int64,  # a launched step's sampled tokens, read back (two in turn)
+    "token_ids_b": torch.int64,
 }
 
 
@@ -141,6 +166,7 @@ class ModelRunner:
         self._host = _StepBuffers(torch.device("cpu"), pin=on_cuda)
         self._eager = _StepBuffers(self.device, pin=False) if on_cuda else self._host
         self._copies_done: torch.cuda.Event | None = None
+        self._token_buffer_turn = 0
         self.cuda_graphs: graphs_module.DecodeCudaGraphs | None = None
         tensor_parallel = hasattr(model, "rank_config")
         if on_cuda and not enforce_eager and not tensor_parallel and _backend_supports_cuda_graphs(model):
@@ -172,6 +198,8 @@ class ModelRunner:
         """Run one step; the sampled token of every request that reached its end, by id."""
         if not batch.requests or batch.total_num_scheduled_tokens == 0:
             return {}
+        if batch.ahead:
+            raise ValueError("a step scheduled ahead of its input tokens runs with launch(batch, feed)")
         inputs = self.prepare_inputs(batch, pad_to=self.graph_size_for(batch))
         if inputs.graph_size is not None:
             logits = self.cuda_graphs.replay(inputs.graph_size)
@@ -187,6 +215,58 @@ class ModelRunner:
             return {}
         sampled = self.sampler(logits, inputs.sample_requests)
         return {r.request_id: s for r, s in zip(inputs.sample_requests, sampled, strict=True)}
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, feed: StepHandle | None = None) -> StepHandle:
+        """Start a pure-decode step in which every request samples, without waiting for its
+        tokens (--async-scheduling): they stay on the device for the next step, and a copy
+        to the host is under way; StepHandle.result() waits for it.
+
+        `feed`: the launched step before this one, when `batch` was scheduled ahead of its
+        tokens; each request's input token is then the one `feed` sampled for it, copied on
+        the device."""
+        if batch.ahead != (feed is not None):
+            raise ValueError("a step scheduled ahead needs the step that feeds it, and only such a step")
+        if self.step_sender is not None:
+            raise ValueError("--async-scheduling does not run with tensor parallelism; the ranks step in lockstep")
+        inputs = self.prepare_inputs(batch, pad_to=self.graph_size_for(batch))
+        n = inputs.num_reqs
+        if len(inputs.sample_requests) != n or inputs.input_ids.shape[0] < n or n == 0:
+            raise ValueError("launch() runs pure-decode steps in which every request samples; use execute()")
+        if feed is not None:
+            rows = [feed.row_of.get(r.request_id) for r in batch.requests]
+            if None in rows:
+                missing = batch.requests[rows.index(None)].request_id
+                raise ValueError(f"request {missing} is in a step scheduled ahead but not in the step feeding it")
+            if rows == list(range(n)):  # the same requests in the same order (or the first n of them)
+                tokens = feed.token_ids[:n]
+            else:
+                tokens = feed.token_ids[self._to_device_index(rows)]
+            inputs.input_ids[:n].copy_(tokens)
+        if inputs.graph_size is not None:
+            logits = self.cuda_graphs.replay(inputs.graph_size)[:n]
+        else:
+            logits = self.forward(inputs)
+        token_ids = self.sampler.sample_token_ids(logits, inputs.sample_requests)
+        return self._read_back_later(batch, token_ids)
+
+    def _to_device_index(self, rows: list[int]) -> torch.Tensor:
+        index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return index.to(self.device, non_blocking=True)
+
+    def _read_back_later(self, batch: ScheduledBatch, token_ids: torch.Tensor) -> StepHandle:
+        """A handle on `token_ids`, copied to pinned host memory behind the step on its stream."""
+        row_of = {r.request_id: i for i, r in enumerate(batch.requests)}
+        if self.device.type != "cuda":
+            return StepHandle(row_of, token_ids, token_ids, None)
+        # two host buffers in turn: the step launched before this one may not be read yet
+        self._token_buffer_turn ^= 1
+        name = ("token_ids_a", "token_ids_b")[self._token_buffer_turn]
+        host = self._host.get(name, token_ids.shape[0])
+        host.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepHandle(row_of, token_ids, host, ready)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """The model on an eager step; the logits of its sampling rows (None when no row
@@ -269,7 +349,10 @@ class ModelRunner:
         requests = batch.requests
         num_reqs = len(requests)
         query_lens = list(batch.num_scheduled_tokens)
-        starts = [r.num_computed_tokens for r in requests]
+        ahead = batch.ahead  # each request's token is the previous step's, not known here yet
+        if ahead and any(n != 1 for n in query_lens):
+            raise ValueError("a step scheduled ahead is pure decode: one token a request")
+        starts = [r.num_computed_tokens + ahead for r in requests]
         seq_lens = [s + n for s, n in zip(starts, query_lens, strict=True)]
         total = sum(query_lens)
         if pad_to is not None:
@@ -295,7 +378,11 @@ class ModelRunner:
         qsl = host.get("query_start_loc", rows + 1).numpy()
         tables = host.get("block_tables", rows * width).numpy().reshape(rows, width)
 
-        if total == num_reqs:  # one token a request: decode (the common case), kept cheap
+        if ahead:  # launch() puts the previous step's sampled tokens here, on the device
+            ids[:num_reqs] = 0
+            positions[:num_reqs] = starts
+            qsl[:] = np.arange(rows + 1)
+        elif total == num_reqs:  # one token a request: decode (the common case), kept cheap
             ids[:num_reqs] = [r.all_token_ids[s] for r, s in zip(requests, starts, strict=True)]
             positions[:num_reqs] = starts
             qsl[:] = np.arange(rows + 1)
@@ -327,7 +414,10 @@ class ModelRunner:
             slots[num_reqs:] = -1
             lens[num_reqs:] = 0
 
-        sampling = [i for i, r in enumerate(requests) if seq_lens[i] == len(r.all_token_ids)]
+        if ahead:
+            sampling = list(range(num_reqs))
+        else:
+            sampling = [i for i, r in enumerate(requests) if seq_lens[i] == len(r.all_token_ids)]
         sample_rows = host.get("sample_rows", len(sampling)).numpy()
         sample_rows[:] = qsl[1:][sampling] - 1
 

@@ -59,8 +59,7 @@ class Sampler:
         want_rows = _to_device(want_logprobs, logits.device) if want_logprobs else None
         raw_logprobs = torch.log_softmax(logits[want_rows], dim=-1) if want_logprobs else None
 
-        logits = process_logits(logits, requests)
-        token_ids = self._choose(logits, requests, params)
+        token_ids = self.sample_token_ids(logits, requests)
 
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -69,6 +68,11 @@ class Sampler:
             for i, entry in zip(want_logprobs, entries, strict=True):
                 logprobs[i] = entry
         return [SampledToken(t, lp) for t, lp in zip(token_ids.tolist(), logprobs, strict=True)]
+
+    def sample_token_ids(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
+        """The chosen token of each row ([n] int64), left where the logits are: the host does
+        not wait for it (no logprobs here)."""
+        return self._choose(process_logits(logits, requests), requests, [r.sampling_params for r in requests])
 
     # -- choosing --------------------------------------------------------------------
 
@@ -112,6 +116,18 @@ class Sampler:
             generator.manual_seed(self._seed)
             self._generators[device] = generator
         return generator
+
+
+def can_sample_ahead(params: SamplingParams, num_output_tokens: int, num_unknown: int) -> bool:
+    """Whether a request's next token may be chosen on the GPU without the host waiting for
+    it, while `num_unknown` of its latest tokens are not known to the host yet (the host
+    knows `num_output_tokens` outputs). Logprobs are read back at once; penalties, a seeded
+    draw and min_tokens below its count read the request's own outputs."""
+    if params.logprobs is not None:
+        return False
+    if num_unknown == 0:
+        return True
+    return params.seed is None and not _has_penalty(params) and num_output_tokens >= params.min_tokens
 
 
 def process_logits(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:

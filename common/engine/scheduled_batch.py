@@ -20,6 +20,10 @@ class ScheduledBatch:
     # requests finished (stopped, aborted) since the previous step: the runner drops
     # whatever it keeps per request for them
     finished_request_ids: list[str] = field(default_factory=list)
+    # scheduled ahead (Scheduler.schedule_ahead), before the previous step's tokens were
+    # known: request i computes the token at num_computed_tokens + 1, which that step
+    # samples, and samples the one after it
+    ahead: bool = False
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -7,7 +7,7 @@ On CUDA, RMSNorm (with the residual add), RoPE and SiLU-and-mul run as one Trito
 each (common/models/triton_layers.py) instead of a chain of small torch launches, and the
 matmuls of a batch of at most 16 rows (decode) run the Triton small-M matmul, which streams
 the smaller weights faster than cuBLAS does at M = 1 (docs/benchmarks.md, "Whole-model
-decode step").
+decode step"); for such a batch SiLU-and-mul runs in the gate_up matmul's epilogue.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ USE_TRITON_SMALL_MATMUL = True
 USE_FUSED_SMALL_BATCH = False
 FUSE_NORM_INTO_MATMUL = True
 FUSE_SILU_INTO_MATMUL = True
+# True applies SiLU-and-mul in the epilogue of a small batch's gate_up matmul (the Triton
+# small-M matmul streams the gate and up rows of each band together), one launch fewer per
+# layer; it takes precedence over FUSE_SILU_INTO_MATMUL in forward_small_batch. Off: on the
+# H100 the two-band stream made the batch-1 step slower (5.97 against 5.86 ms, docs/benchmarks.md).
+FUSE_SILU_INTO_GATE_UP = False
 _triton_layers = None  # common.models.triton_layers once imported; False without triton
 
 
@@ -181,9 +186,25 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = _cuda_kernels(x)
+        if kernels is not None and self._silu_in_gate_up(kernels, x):
+            return self.down_proj(kernels.small_m_matmul(x, self.gate_up_proj.weight, gate_up_silu=True))
         gate_up = self.gate_up_proj(x)
-        kernels = _cuda_kernels(gate_up)
         if kernels is not None and gate_up.dim() == 2:
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def _silu_in_gate_up(self, kernels, x: torch.Tensor) -> bool:
+        """Whether the gate_up matmul of x can apply SiLU-and-mul in its epilogue: the
+        switches on, a plain bias-free Linear, and a batch the small-M matmul takes. A
+        tensor-parallel rank's gate_up weight is [its gate rows; its up rows] as well
+        (LlamaForCausalLM.weight_targets), so ranks take it too."""
+        gate_up = self.gate_up_proj
+        return (
+            FUSE_SILU_INTO_GATE_UP
+            and USE_TRITON_SMALL_MATMUL
+            and type(gate_up) is Linear
+            and gate_up.bias is None
+            and kernels.small_m_matmul_fits(x, gate_up.weight)
+        )

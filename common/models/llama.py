@@ -111,7 +111,8 @@ class DecoderLayer(nn.Module):
 
         The residual add folded into the matmul before it, RoPE into the K/V write, and (per
         common.models.layers' switches) each RMSNorm into the matmul after it and SiLU-and-mul
-        into the down projection's operand: five launches and the attention when all are on."""
+        into the gate_up matmul's epilogue or else the down projection's operand: five
+        launches and the attention when all are on."""
         attn, mlp = self.self_attn, self.mlp
         qkv = self._normed_matmul(kernels, stream, self.input_layernorm, attn.qkv_proj.weight)
         tokens = stream.shape[0]
@@ -125,6 +126,12 @@ class DecoderLayer(nn.Module):
         )
         out = attn.backend.attention(q, kv_cache, attn.layer_idx, meta, attn.scale)
         kernels.small_m_matmul(out.reshape(tokens, attn.q_size), attn.o_proj.weight, out=stream)
+        if layers.FUSE_SILU_INTO_GATE_UP:  # SiLU-and-mul in the gate_up matmul's epilogue
+            act = self._normed_matmul(
+                kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj.weight, gate_up_silu=True
+            )
+            kernels.small_m_matmul(act, mlp.down_proj.weight, out=stream)
+            return
         gate_up = self._normed_matmul(kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj.weight)
         if layers.FUSE_SILU_INTO_MATMUL:
             kernels.small_m_matmul(gate_up, mlp.down_proj.weight, silu_mul=True, out=stream)
@@ -132,10 +139,16 @@ class DecoderLayer(nn.Module):
             kernels.small_m_matmul(kernels.silu_and_mul(gate_up), mlp.down_proj.weight, out=stream)
 
     @staticmethod
-    def _normed_matmul(kernels, x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor) -> torch.Tensor:
+    def _normed_matmul(
+        kernels, x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor, gate_up_silu: bool = False
+    ) -> torch.Tensor:
         if layers.FUSE_NORM_INTO_MATMUL:
-            return kernels.small_m_matmul(x, weight, norm_weight=norm.weight, eps=norm.eps)
-        return kernels.small_m_matmul(kernels.rms_norm(x, norm.weight, norm.eps), weight)
+            return kernels.small_m_matmul(
+                x, weight, norm_weight=norm.weight, eps=norm.eps, gate_up_silu=gate_up_silu
+            )
+        return kernels.small_m_matmul(
+            kernels.rms_norm(x, norm.weight, norm.eps), weight, gate_up_silu=gate_up_silu
+        )
 
 
 class LlamaForCausalLM(nn.Module):

@@ -8,7 +8,10 @@ kernel: RMSNorm with the residual add folded in, RoPE on q and k in place, SiLU-
 
 small_m_matmul serves x [M <= 16, K] @ W[N, K]^T, where the step only streams W: every
 program reads a band of W's rows through a pipelined loop (tile shapes tuned on the device
-per weight shape), with x padded to the 16 rows tl.dot needs.
+per weight shape), with x padded to the 16 rows tl.dot needs. With `gate_up_silu` each
+program streams a band of the gate rows and the matching band of the up rows and applies
+SiLU-and-mul to the two results before storing them: a decode step's MLP launches no
+SiLU-and-mul kernel.
 
 Rounding follows the torch modules in common/models/layers.py step by step (the residual
 sum and the normalized value are rounded to the model's dtype where torch rounds them;
@@ -379,6 +382,18 @@ _MATMUL_CONFIGS = [
         (16, 128, 2, 6),
     ]
 ]
+# gate_up with SiLU-and-mul in the epilogue: each program streams two bands of BLOCK_N rows
+# (gate and up), so the narrower bands, and shared-memory stages for both tiles
+_GATE_UP_SILU_CONFIGS = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+    for n, k, w, st in [
+        (16, 256, 4, 4),
+        (16, 512, 4, 3),
+        (32, 256, 4, 4),
+        (32, 128, 4, 6),
+        (16, 128, 4, 6),
+    ]
+]
 # More shapes for the cold-weight sweep (`python -m common.bench.decode_step --gemv-sweep`).
 SWEEP_CONFIGS = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
@@ -401,9 +416,17 @@ def _cold_tuned_config(x: torch.Tensor, n: int, k: int) -> dict | None:
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
 def _small_m_matmul_kernel(
     x_ptr,
     w_ptr,
+    w_up_ptr,  # GATE_UP_SILU: W's row N, where the up band starts (else unused)
     y_ptr,
     norm_w_ptr,
     M,
@@ -419,6 +442,7 @@ def _small_m_matmul_kernel(
     NORM: tl.constexpr,  # y = RMSNorm(x) W^T: x * norm weight into the dot, 1/rms after it
     SILU_MUL: tl.constexpr,  # x is [M, 2K] gate | up: y = (silu(gate) * up) W^T
     ADD_TO_Y: tl.constexpr,  # y += x W^T (the residual stream updated in place)
+    GATE_UP_SILU: tl.constexpr,  # W is [2N, K] gate | up: y = silu(x gate^T) * (x up^T), [M, N]
     PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
 ):
@@ -427,18 +451,21 @@ def _small_m_matmul_kernel(
         # the first lines of this program's weight rows into L2, before the wait: W is no
         # output of the previous kernel (64 16-bit values to a 128-byte line)
         lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * 64, K - 1)
-        first = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64)[:, None] * stride_wn + lines[None, :]
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; // $0", "=r,l", [first], dtype=tl.int32, is_pure=False, pack=1
-        )
+        first = tl.minimum(rows_n, N - 1).to(tl.int64)[:, None] * stride_wn + lines[None, :]
+        _prefetch_l2(w_ptr + first)
+        if GATE_UP_SILU:
+            _prefetch_l2(w_up_ptr + first)
     pdl_wait(PDL)
     rows_m = tl.arange(0, BLOCK_M)
     m_mask = rows_m < M
     n_mask = rows_n < N
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + ks[None, :]
-    w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    w_offsets = rows_n.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    w_ptrs = w_ptr + w_offsets
+    w_up_ptrs = w_up_ptr + w_offsets
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # GATE_UP_SILU only
     sum_sq = tl.zeros([BLOCK_M], tl.float32)
     for k in range(0, K, BLOCK_K):
         k_mask = (k + ks) < K
@@ -454,13 +481,27 @@ def _small_m_matmul_kernel(
             sum_sq += tl.sum(xf * xf, axis=1)
             norm_w = tl.load(norm_w_ptr + k + ks, mask=k_mask, other=0.0)
             x = (xf * norm_w.to(tl.float32)[None, :]).to(x.dtype)
-        w = tl.load(w_ptrs + k, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptrs + k, mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+        if GATE_UP_SILU:  # the up band in the same loop, against the same x tile
+            w_up = tl.load(w_up_ptrs + k, mask=w_mask, other=0.0)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
     if NORM:
-        acc = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
+        inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
+        acc = acc * inv_rms
+        if GATE_UP_SILU:
+            acc_up = acc_up * inv_rms
     y_ptrs = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]
     y = acc.to(y_ptr.dtype.element_ty)
+    if GATE_UP_SILU:
+        # gate and up rounded to the model's dtype as the unfused matmul stores them, then
+        # _silu_and_mul_kernel's arithmetic: silu rounded, the product in fp32, rounded
+        up = acc_up.to(y.dtype)
+        g = y.to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(y.dtype)
+        y = (silu.to(tl.float32) * up.to(tl.float32)).to(y.dtype)
     if ADD_TO_Y:
         # the projection rounded to the model's dtype, then the sum: as torch's matmul and add round
         y = (y.to(tl.float32) + tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)).to(y.dtype)
@@ -476,17 +517,18 @@ def _quick_bench(fn, quantiles):
 _tuned_kwargs = (
     {"do_bench": _quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
 )
-_small_m_matmul_tuned: dict[tuple[bool, bool, bool], object] = {}
+_small_m_matmul_tuned: dict[tuple[bool, bool, bool, bool], object] = {}
 
 
-def _tuned_kernel(norm: bool, silu_mul: bool, add_to_y: bool):
-    variant = (norm, silu_mul, add_to_y)
+def _tuned_kernel(norm: bool, silu_mul: bool, add_to_y: bool, gate_up_silu: bool):
+    variant = (norm, silu_mul, add_to_y, gate_up_silu)
     if variant not in _small_m_matmul_tuned:
         # a kernel that adds into y must find y as it was before each timed try
         restore = {"restore_value": ["y_ptr"]} if add_to_y else {}
-        _small_m_matmul_tuned[variant] = triton.autotune(
-            _MATMUL_CONFIGS, key=["N", "K"], **_tuned_kwargs, **restore
-        )(_small_m_matmul_kernel)
+        configs = _GATE_UP_SILU_CONFIGS if gate_up_silu else _MATMUL_CONFIGS
+        _small_m_matmul_tuned[variant] = triton.autotune(configs, key=["N", "K"], **_tuned_kwargs, **restore)(
+            _small_m_matmul_kernel
+        )
     return _small_m_matmul_tuned[variant]
 
 
@@ -510,6 +552,7 @@ def small_m_matmul(
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
     silu_mul: bool = False,
+    gate_up_silu: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T for M <= SMALL_M, with what comes just before or after it
@@ -517,6 +560,9 @@ def small_m_matmul(
 
     - `norm_weight`: RMSNorm(x) (weight `norm_weight`, `eps`) @ weight^T;
     - `silu_mul`: x is [M, 2K], gate | up, and the product is (silu(gate) * up) @ weight^T;
+    - `gate_up_silu`: weight is the fused [2I, K] gate | up weight (gate rows first) and the
+      result is silu(x gate^T) * (x up^T), [M, I]: the same bits as silu_and_mul of the
+      plain product under the same tile config;
     - `out`: the product is added into `out` [M, N] in place (a residual stream) and returned.
 
     `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) skips the tuning, as the interpreter
@@ -529,6 +575,19 @@ def small_m_matmul(
             f"got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}"
         )
     m, n = x.shape[0], weight.shape[0]
+    w_up = weight
+    if gate_up_silu:
+        if silu_mul or out is not None:
+            raise ValueError(
+                "gate_up_silu folds SiLU-and-mul after the matmul: pass neither silu_mul nor out"
+            )
+        if n % 2:
+            raise ValueError(
+                f"gate_up_silu takes the fused gate | up weight [2 * I, K], gate rows first; "
+                f"got {tuple(weight.shape)}: an odd number of rows"
+            )
+        n //= 2
+        w_up = weight[n:]
     if out is None:
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1:
@@ -540,19 +599,24 @@ def small_m_matmul(
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"norm_weight must be [{k}]; got {tuple(norm_weight.shape)}")
     args = (
-        x, weight, y, norm_weight if norm_weight is not None else weight, m, n, k,
+        x, weight, w_up, y, norm_weight if norm_weight is not None else weight, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), float(eps),
     )  # fmt: skip
-    flags = {"NORM": norm_weight is not None, "SILU_MUL": silu_mul, "ADD_TO_Y": out is not None}
+    flags = {
+        "NORM": norm_weight is not None,
+        "SILU_MUL": silu_mul,
+        "ADD_TO_Y": out is not None,
+        "GATE_UP_SILU": gate_up_silu,
+    }
     flags.update(_launch_options(x.device))
     flags["PREFETCH_LINES"] = PREFETCH_LINES if flags["PDL"] else 0
-    if config is None:
+    if config is None and not gate_up_silu:  # the cold table holds the plain kernel's tiles
         config = _cold_tuned_config(x, n, k)
     if config is not None:
         meta = dict(config)
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
         _small_m_matmul_kernel[grid](*args, BLOCK_M=SMALL_M, **flags, **meta)
     else:
-        kernel = _tuned_kernel(flags["NORM"], silu_mul, flags["ADD_TO_Y"])
+        kernel = _tuned_kernel(flags["NORM"], silu_mul, flags["ADD_TO_Y"], gate_up_silu)
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=SMALL_M, **flags)
     return y

@@ -18,7 +18,14 @@ from kv_transfer_harness import block_content, local_cache, make_consumer, wait_
 
 from common.config.kv_transfer_config import KVTransferConfig
 from kvtransfer.cuda_ipc_connector import CudaIpcConnector
-from kvtransfer.cuda_ipc_copy import BlockIndex, check_pairs, copy_blocks, launch_copy_kernel, plan_copy
+from kvtransfer.cuda_ipc_copy import (
+    BlockIndex,
+    _pairs_fit,
+    check_pairs,
+    copy_blocks,
+    launch_copy_kernel,
+    plan_copy,
+)
 from kvtransfer.cuda_ipc_driver import CudaIpcError, handle_bytes, handle_struct
 from kvtransfer.cuda_ipc_export import (
     HANDLE_BYTES,
@@ -240,6 +247,34 @@ def test_kernel_programs_past_the_count_copy_nothing(triton_interpreter):
 def test_an_index_refuses_more_blocks_than_its_capacity():
     with pytest.raises(ValueError, match="more than"):
         BlockIndex(torch.device("cpu"), capacity=2).fill([1, 2, 3], [1, 2, 3])
+    with pytest.raises(ValueError, match="more than"):
+        BlockIndex(torch.device("cpu"), capacity=8).fill([1, 2, 3], [1, 2, 3], stride=2)
+
+
+def test_an_index_with_a_bucket_stride_packs_the_ids_at_its_front(triton_interpreter):
+    index = BlockIndex(torch.device("cpu"), capacity=16)
+    index.fill([5, 6, 7], [1, 2, 3], stride=4)
+    count, src_ids, dst_ids = index.views(stride=4)
+    assert index.host[:9].tolist() == [3, 5, 6, 7, 0, 1, 2, 3, 0]  # 1 + 2 * 4 ids to upload
+    assert (count.item(), src_ids[:3].tolist(), dst_ids[:3].tolist()) == (3, [5, 6, 7], [1, 2, 3])
+    src, dst = rows(8, 24, 5), torch.zeros(4, 24, dtype=torch.uint8)
+    launch_copy_kernel(src, dst, index, grid_pairs=4, stride=4)
+    assert torch.equal(dst[[1, 2, 3]], src[[5, 6, 7]])
+    assert not dst[0].any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(-2, 9), max_size=6),
+    st.lists(st.integers(-2, 9), max_size=6),
+)
+def test_the_quick_pair_check_accepts_exactly_what_check_pairs_accepts(src_ids, dst_ids):
+    try:
+        check_pairs(src_ids, dst_ids, 8, 7)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert _pairs_fit(src_ids, dst_ids, 8, 7) == accepted
 
 
 # -- the connector -----------------------------------------------------------------------

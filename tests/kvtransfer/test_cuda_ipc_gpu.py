@@ -64,8 +64,30 @@ def test_graphed_copies_replay_correctly_for_several_sizes_and_sources():
             src_ids = torch.randperm(20)[:n].tolist()
             dst_ids = torch.randperm(23)[:n].add(1).tolist()
             dst.zero_()
-            graphed.copy(src, src_ids, dst_ids)
-            stream.synchronize()
+            torch.cuda.synchronize()  # the zeroing ran on the default stream
+            phases = {}
+            graphed.copy(src, src_ids, dst_ids, phases)
+            assert graphed.wait() > 0  # the copy's time on the GPU, from its events
+            assert phases["packed"] <= phases["launched"]
             assert torch.equal(dst[dst_ids], src[src_ids])
             untouched = sorted(set(range(24)) - set(dst_ids))
             assert not dst[untouched].any()
+
+
+def test_a_graphed_copy_refuses_ids_outside_either_cache_and_a_copy_not_waited_for():
+    block_len = 4096
+    src = torch.randint(0, 256, (8, block_len), dtype=torch.uint8, device="cuda")
+    dst = torch.zeros((6, block_len), dtype=torch.uint8, device="cuda")
+    graphed = GraphedBlockCopy(dst, torch.cuda.Stream())
+    with pytest.raises(ValueError, match="source block ids \\[8\\]"):
+        graphed.copy(src, [1, 8], [1, 2])
+    with pytest.raises(ValueError, match="destination block ids \\[6\\]"):
+        graphed.copy(src, [1, 2], [1, 6])
+    with pytest.raises(ValueError, match="repeat"):
+        graphed.copy(src, [1, 2], [3, 3])
+    graphed.copy(src, [1, 2], [3, 4])
+    with pytest.raises(RuntimeError, match="wait"):
+        graphed.copy(src, [1, 2], [3, 4])
+    graphed.wait()
+    assert torch.equal(dst[[3, 4]], src[[1, 2]])
+    assert not dst[[0, 1, 2, 5]].any()

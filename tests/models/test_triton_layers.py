@@ -143,6 +143,102 @@ def test_small_m_matmul_into_out_adds_to_the_residual_in_place(dtype):
         kernels.small_m_matmul(x, w, config=MATMUL_CONFIG, out=residual[:, :40])
 
 
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_silu_in_the_gate_up_epilogue_gives_the_bits_of_matmul_then_silu_and_mul(dtype, m):
+    # I = 37 is no multiple of BLOCK_N (16), K = 100 none of BLOCK_K (32)
+    inter, k = 37, 100
+    x = _randn(m, k, dtype=dtype, seed=20) * 2
+    w = _randn(2 * inter, k, dtype=dtype, seed=21) * 0.3
+    config = MATMUL_CONFIG or {"BLOCK_N": 16, "BLOCK_K": 32}  # the same tiles for both paths
+    fused = kernels.small_m_matmul(x, w, config=config, gate_up_silu=True)
+    unfused = kernels.silu_and_mul(kernels.small_m_matmul(x, w, config=config))
+    assert fused.shape == (m, inter) and fused.dtype == dtype
+    assert torch.equal(fused, unfused)
+    gate, up = (x.float() @ w.float().T).to(dtype).split(inter, dim=-1)
+    _close(fused, F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+def test_silu_in_the_gate_up_epilogue_with_the_norm_folded_in_gives_the_bits_of_the_unfused_pair(dtype):
+    inter, k = 24, 80
+    norm = RMSNorm(k, 1e-5).to(DEVICE, dtype)
+    norm.weight.copy_(_randn(k, dtype=dtype, seed=22).abs() + 0.5)
+    x = _randn(5, k, dtype=dtype, seed=23) * 3
+    w = _randn(2 * inter, k, dtype=dtype, seed=24) * 0.2
+    config = MATMUL_CONFIG or {"BLOCK_N": 16, "BLOCK_K": 32}
+    folded = {"norm_weight": norm.weight, "eps": norm.eps}
+    fused = kernels.small_m_matmul(x, w, config=config, gate_up_silu=True, **folded)
+    unfused = kernels.silu_and_mul(kernels.small_m_matmul(x, w, config=config, **folded))
+    assert torch.equal(fused, unfused)
+
+
+def test_silu_in_the_gate_up_epilogue_refuses_what_it_would_misread():
+    x = torch.zeros(2, 32, device=DEVICE, dtype=torch.float16)
+    config = MATMUL_CONFIG or {"BLOCK_N": 16, "BLOCK_K": 32}
+    with pytest.raises(ValueError, match="odd number of rows"):
+        kernels.small_m_matmul(
+            x, torch.zeros(9, 32, device=DEVICE, dtype=torch.float16), config, gate_up_silu=True
+        )
+    w = torch.zeros(8, 32, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="neither silu_mul nor out"):
+        kernels.small_m_matmul(
+            x, w, config, gate_up_silu=True, out=torch.zeros(2, 4, device=DEVICE, dtype=x.dtype)
+        )
+    with pytest.raises(ValueError, match="neither silu_mul nor out"):
+        kernels.small_m_matmul(
+            torch.zeros(2, 64, device=DEVICE, dtype=x.dtype), w, config, gate_up_silu=True, silu_mul=True
+        )
+    with pytest.raises(ValueError, match="M <= 16"):
+        kernels.small_m_matmul(
+            torch.zeros(17, 32, device=DEVICE, dtype=x.dtype), w, config, gate_up_silu=True
+        )
+    with pytest.raises(ValueError, match="weight \\[N, 32\\]"):
+        kernels.small_m_matmul(torch.zeros(2, 48, device=DEVICE, dtype=x.dtype), w, config, gate_up_silu=True)
+
+
+@pytest.mark.parametrize("rows, folds", [(3, True), (16, True), (17, False)])
+def test_the_mlp_folds_silu_into_gate_up_for_a_small_batch_and_keeps_the_bits(monkeypatch, rows, folds):
+    """GatedMLP with the CUDA kernels (here interpreted on CPU): a batch of at most 16 rows
+    runs the gate_up matmul with SiLU-and-mul in its epilogue, a larger one the matmul and the
+    SiLU-and-mul kernel; the switch off gives the same bits."""
+    import types
+
+    from common.models import layers
+
+    dtype = torch.float16
+    config = MATMUL_CONFIG or {"BLOCK_N": 16, "BLOCK_K": 32}
+    calls = []
+
+    def small_m_matmul(x, weight, **kw):
+        calls.append(kw.get("gate_up_silu", False))
+        return kernels.small_m_matmul(x, weight, config=config, **kw)
+
+    def silu_and_mul(x):
+        calls.append("silu_and_mul")
+        return kernels.silu_and_mul(x)
+
+    interpreted = types.SimpleNamespace(
+        small_m_matmul=small_m_matmul,
+        small_m_matmul_fits=kernels.small_m_matmul_fits,
+        silu_and_mul=silu_and_mul,
+    )
+    monkeypatch.setattr(layers, "_cuda_kernels", lambda x: interpreted)
+    monkeypatch.setattr(layers, "FUSE_SILU_INTO_GATE_UP", True)
+    mlp = layers.GatedMLP(48, 40).to(DEVICE, dtype)
+    with torch.no_grad():
+        mlp.gate_up_proj.weight.copy_(_randn(80, 48, dtype=dtype, seed=25) * 0.3)
+        mlp.down_proj.weight.copy_(_randn(48, 40, dtype=dtype, seed=26) * 0.3)
+    x = _randn(rows, 48, dtype=dtype, seed=27)
+    fused = mlp(x)
+    assert calls == ([True, False] if folds else ["silu_and_mul"])
+    monkeypatch.setattr(layers, "FUSE_SILU_INTO_GATE_UP", False)
+    calls.clear()
+    unfused = mlp(x)
+    assert calls == ([False, "silu_and_mul", False] if folds else ["silu_and_mul"])
+    assert torch.equal(fused, unfused)
+
+
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
 @pytest.mark.parametrize("heads", [(4, 2, 32), (9, 3, 64)])
 def test_rotary_write_kv_equals_rotary_then_write_kv(heads, cache_dtype):
@@ -250,11 +346,11 @@ def _tiny_logits(model, device: str, dtype: torch.dtype, lengths: tuple[int, int
 
 
 @pytest.mark.parametrize("fuse_norm", [True, False])
-@pytest.mark.parametrize("fuse_silu", [True, False])
-def test_the_fused_small_batch_layer_matches_the_general_path(monkeypatch, fuse_norm, fuse_silu):
-    """Norms folded into the matmuls, RoPE into the K/V write, SiLU into the down projection,
-    residual adds into the projections: same logits as the layer-by-layer path (fp16, the
-    kernels interpreted on CPU, compiled on CUDA)."""
+@pytest.mark.parametrize("silu_in", ["gate_up_epilogue", "down_operand", "own_kernel"])
+def test_the_fused_small_batch_layer_matches_the_general_path(monkeypatch, fuse_norm, silu_in):
+    """Norms folded into the matmuls, RoPE into the K/V write, SiLU into the gate_up matmul's
+    epilogue or the down projection's operand, residual adds into the projections: same
+    logits as the layer-by-layer path (fp16, the kernels interpreted on CPU, compiled on CUDA)."""
     import functools
     import types
 
@@ -262,7 +358,8 @@ def test_the_fused_small_batch_layer_matches_the_general_path(monkeypatch, fuse_
     from common.models.llama import LlamaForCausalLM
 
     monkeypatch.setattr(layers, "FUSE_NORM_INTO_MATMUL", fuse_norm)
-    monkeypatch.setattr(layers, "FUSE_SILU_INTO_MATMUL", fuse_silu)
+    monkeypatch.setattr(layers, "FUSE_SILU_INTO_GATE_UP", silu_in == "gate_up_epilogue")
+    monkeypatch.setattr(layers, "FUSE_SILU_INTO_MATMUL", silu_in == "down_operand")
     device = DEVICE.type
     model = _tiny_model(device, torch.float16)
     plain = _tiny_logits(model, device, torch.float16, (3, 2))
@@ -300,3 +397,28 @@ def test_a_model_with_the_kernels_matches_it_with_plain_torch_ops(dtype, lengths
     plain = _tiny_logits(model, "cuda", dtype, lengths)
     _close(unfused, plain, torch.bfloat16)
     _close(fused, plain, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16])
+def test_silu_in_the_gate_up_epilogue_at_llama_3_8b_shapes_equals_the_unfused_pair(dtype, m):
+    """Llama-3-8B's gate_up weight [2 x 14336, 4096]: under a pinned tile config the fused
+    kernel gives the unfused pair's bits; autotuned (each its own tiles) both stay close to
+    torch's matmul then SiLU-and-mul."""
+    inter, k = 14336, 4096
+    x = _randn(m, k, dtype=dtype, seed=30)
+    w = _randn(2 * inter, k, dtype=dtype, seed=31) * 0.02
+    pinned = [
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 6},
+    ]
+    for config in pinned:
+        fused = kernels.small_m_matmul(x, w, config=config, gate_up_silu=True)
+        unfused = kernels.silu_and_mul(kernels.small_m_matmul(x, w, config=config))
+        assert torch.equal(fused, unfused), config
+    gate, up = F.linear(x, w).split(inter, dim=-1)
+    expected = F.silu(gate) * up
+    _close(kernels.small_m_matmul(x, w, gate_up_silu=True), expected, dtype)
+    _close(kernels.silu_and_mul(kernels.small_m_matmul(x, w)), expected, dtype)
