@@ -37,6 +37,10 @@ from common.attention.triton_paged_tiles import (
 # 512 tokens ran 19.9 µs in 1 split, 12.3 in 4, 10.8 in 8; docs/benchmarks.md "Kernels").
 MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
+# Context tokens a split takes at least, applied on the device to the actual context: with
+# the split count captured for the longest context, a short one then runs fewer, longer
+# splits (the rest find nothing to do). 0: the context is spread over every split.
+MIN_SPLIT_TOKENS = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     FUSED_MERGE: tl.constexpr,  # the last split of each (seq, KV head) to finish merges them
     SPLITS_PAD: tl.constexpr,
+    MIN_SPLIT_TOKENS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -95,6 +100,8 @@ def _decode_split_kernel(
 
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    if MIN_SPLIT_TOKENS > 0:
+        split_len = tl.maximum(split_len, MIN_SPLIT_TOKENS)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -351,6 +358,7 @@ def decode_attention(
         SINGLE_SPLIT=single,
         FUSED_MERGE=fused_merge,
         SPLITS_PAD=max(2, next_power_of_2(num_splits)),
+        MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

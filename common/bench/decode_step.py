@@ -96,6 +96,15 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time graphs with cuBLAS matmuls, with torch layers and with each fusion switch flipped",
     )
+    parser.add_argument(
+        "--try",
+        dest="try_switches",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE[,...]",
+        help="also time graphs recaptured with these module switches (modules: layers, kernels, tiles, "
+        "decode; values are Python literals), e.g. --try decode.MIN_SPLIT_TOKENS=256; repeatable",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one replay")
     parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a tiny eager check)")
@@ -287,6 +296,9 @@ class _StepBench:
                 f"floor {r.floor_ms:.3f} ms -> {r.ratio:.3f}x",
                 flush=True,
             )
+        if self.runner.cuda_graphs is not None:
+            for text in self.args.try_switches:
+                self.time_variant(rows, None, parse_switches(text))
         if self.args.variants and self.runner.cuda_graphs is not None:
             self.time_variant(rows, "cublas_graph_ms", {"layers.USE_TRITON_SMALL_MATMUL": False})
             self.time_variant(rows, "plain_layers_graph_ms", {"layers.USE_TRITON_KERNELS": False})
@@ -315,14 +327,19 @@ class _StepBench:
             )
         return rows
 
-    def time_variant(self, rows: list[StepRow], field: str, switches: dict[str, object]) -> None:
+    def time_variant(self, rows: list[StepRow], field: str | None, switches: dict[str, object]) -> None:
         """Recapture the graphs with module switches set ("layers." common.models.layers,
         "kernels." common.models.triton_layers, "tiles." common.attention.triton_paged_tiles)
         and time every batch; a variant that fails is reported and left out."""
-        from common.attention import triton_paged_tiles
+        from common.attention import triton_decode, triton_paged_tiles
         from common.models import layers, triton_layers
 
-        modules = {"layers": layers, "kernels": triton_layers, "tiles": triton_paged_tiles}
+        modules = {
+            "layers": layers,
+            "kernels": triton_layers,
+            "tiles": triton_paged_tiles,
+            "decode": triton_decode,
+        }
         targets = {key: (modules[key.split(".")[0]], key.split(".")[1]) for key in switches}
         saved = {key: getattr(module, name) for key, (module, name) in targets.items()}
         for key, (module, name) in targets.items():
@@ -334,7 +351,8 @@ class _StepBench:
                 ms = time_ms(
                     lambda b=row.batch: self.runner.cuda_graphs.replay(b), self.device, self.args.rep_ms
                 )
-                setattr(row, field, ms)
+                if field is not None:
+                    setattr(row, field, ms)
                 print(f"B={row.batch}: {ms:.3f} ms graph replay with {switches}", flush=True)
         except Exception as exc:  # a variant is a diagnostic: report it, keep the bench going
             print(f"variant {switches} failed: {exc!r}", flush=True)
@@ -623,6 +641,21 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
             f"| {r.eager_ms:.3f} | {cublas} | {plain} | {variants} | {hf} | {vs_hf} |"
         )
     return "\n".join(head + lines)
+
+
+def parse_switches(text: str) -> dict[str, object]:
+    """ "decode.MIN_SPLIT_TOKENS=256,tiles.USE_PDL=False" as {"decode.MIN_SPLIT_TOKENS": 256, ...}."""
+    import ast
+
+    switches: dict[str, object] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.count(".") != 1:
+            raise SystemExit(
+                f"--try {text!r}: each switch is MODULE.NAME=VALUE, e.g. decode.MIN_SPLIT_TOKENS=256"
+            )
+        switches[key.strip()] = ast.literal_eval(value.strip())
+    return switches
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,6 +167,7 @@ class ModelRunner:
         self._eager = _StepBuffers(self.device, pin=False) if on_cuda else self._host
         self._copies_done: torch.cuda.Event | None = None
         self._token_buffer_turn = 0
+        self._rows: torch.Tensor | None = None
         self.cuda_graphs: graphs_module.DecodeCudaGraphs | None = None
         tensor_parallel = hasattr(model, "rank_config")
         if on_cuda and not enforce_eager and not tensor_parallel and _backend_supports_cuda_graphs(model):
@@ -424,7 +425,8 @@ class ModelRunner:
         graphs = self.cuda_graphs if pad_to is not None else None
         if graphs is not None:
             dest = graphs.inputs
-            self._copy(dest.input_ids[:tokens], "input_ids", tokens)
+            if not ahead:  # else launch() copies the feeding step's tokens in on the device
+                self._copy(dest.input_ids[:tokens], "input_ids", tokens)
             self._copy(dest.positions[:tokens], "positions", tokens)
             self._copy(dest.slot_mapping[:tokens], "slot_mapping", tokens)
             self._copy(dest.seq_lens[:rows], "seq_lens", rows)
@@ -432,7 +434,7 @@ class ModelRunner:
             metadata = dest.metadata(rows, self.max_model_len)
             input_ids, device_positions = dest.input_ids[:tokens], dest.positions[:tokens]
         else:
-            input_ids = self._to_device("input_ids", tokens)
+            input_ids = self._eager.get("input_ids", tokens) if ahead else self._to_device("input_ids", tokens)
             device_positions = self._to_device("positions", tokens)
             metadata = AttentionMetadata(
                 query_start_loc=self._to_device("query_start_loc", rows + 1),
@@ -444,7 +446,10 @@ class ModelRunner:
                 query_lens_cpu=query_lens + [1] * (rows - num_reqs),
                 seq_lens_cpu=seq_lens + [0] * (rows - num_reqs),
             )
-        device_sample_rows = self._to_device("sample_rows", len(sampling))
+        if graphs is not None and len(sampling) == num_reqs:
+            device_sample_rows = self._row_numbers(num_reqs)  # decode rows 0..n-1: no copy
+        else:
+            device_sample_rows = self._to_device("sample_rows", len(sampling))
         if self.device.type == "cuda":
             if self._copies_done is None:
                 self._copies_done = torch.cuda.Event()
@@ -458,6 +463,12 @@ class ModelRunner:
             num_reqs=num_reqs,
             graph_size=pad_to if graphs is not None else None,
         )
+
+    def _row_numbers(self, n: int) -> torch.Tensor:
+        """0..n-1 as int64 on the device, from one tensor kept there."""
+        if self._rows is None or self._rows.shape[0] < n:
+            self._rows = torch.arange(max(n, 256), dtype=torch.int64, device=self.device)
+        return self._rows[:n]
 
     def _to_device(self, name: str, size: int) -> torch.Tensor:
         """The first `size` entries of host buffer `name` in the eager device buffer."""
