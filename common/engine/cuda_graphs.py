@@ -49,7 +49,12 @@ def padded_batch_size(num_reqs: int, sizes: Sequence[int]) -> int | None:
 
 @dataclass
 class DecodeInputs:
-    """The static device tensors every captured decode graph reads, rows [0, max_batch)."""
+    """The static device tensors every captured decode graph reads, rows [0, max_batch).
+
+    All but query_start_loc are views of one int64 buffer, `packed` (input ids, positions and
+    slots, then seq_lens and the block tables as int32), so a step's inputs travel to the
+    device in one copy (`packed_span`); `host_twin()` gives pinned host tensors of the same
+    layout to fill."""
 
     input_ids: torch.Tensor  # [max_batch] int64
     positions: torch.Tensor  # [max_batch] int64
@@ -57,20 +62,40 @@ class DecodeInputs:
     seq_lens: torch.Tensor  # [max_batch] int32
     query_start_loc: torch.Tensor  # [max_batch + 1] int32: 0, 1, 2, ... (one token a row)
     block_tables: torch.Tensor  # [max_batch, max_blocks_per_seq] int32
+    packed: torch.Tensor | None = None  # [3 * max_batch + int32 words / 2] int64
 
     @classmethod
-    def allocate(cls, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> DecodeInputs:
-        def zeros(*shape, dtype):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        return cls(
-            input_ids=zeros(max_batch, dtype=torch.int64),
-            positions=zeros(max_batch, dtype=torch.int64),
-            slot_mapping=torch.full((max_batch,), -1, dtype=torch.int64, device=device),
-            seq_lens=zeros(max_batch, dtype=torch.int32),
-            query_start_loc=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
-            block_tables=zeros(max_batch, max_blocks_per_seq, dtype=torch.int32),
+    def allocate(
+        cls, max_batch: int, max_blocks_per_seq: int, device: torch.device, pin_memory: bool = False
+    ) -> DecodeInputs:
+        words32 = max_batch + max_batch * max_blocks_per_seq
+        packed = torch.zeros(
+            3 * max_batch + -(-words32 // 2), dtype=torch.int64, device=device, pin_memory=pin_memory
         )
+        int32 = packed[3 * max_batch :].view(torch.int32)
+        inputs = cls(
+            input_ids=packed[:max_batch],
+            positions=packed[max_batch : 2 * max_batch],
+            slot_mapping=packed[2 * max_batch : 3 * max_batch],
+            seq_lens=int32[:max_batch],
+            query_start_loc=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            block_tables=int32[max_batch : max_batch + max_batch * max_blocks_per_seq].view(
+                max_batch, max_blocks_per_seq
+            ),
+            packed=packed,
+        )
+        inputs.slot_mapping.fill_(-1)
+        return inputs
+
+    def host_twin(self) -> DecodeInputs:
+        """Pinned host tensors in the same packed layout."""
+        return DecodeInputs.allocate(
+            self.max_batch, self.max_blocks_per_seq, torch.device("cpu"), pin_memory=True
+        )
+
+    def packed_span(self, rows: int) -> int:
+        """Words of `packed` that hold every input of the first `rows` rows (a prefix)."""
+        return 3 * self.max_batch + -(-(self.max_batch + rows * self.max_blocks_per_seq) // 2)
 
     @property
     def max_batch(self) -> int:
@@ -116,6 +141,7 @@ class DecodeCudaGraphs:
         self.max_model_len = max_model_len
         self.device = kv_cache.device
         self.inputs = DecodeInputs.allocate(self.sizes[-1], max_blocks_per_seq, self.device)
+        self.host_inputs = self.inputs.host_twin()  # a step's inputs, packed on the host
         self.logits = torch.empty(self.sizes[-1], vocab_size, dtype=torch.float32, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 

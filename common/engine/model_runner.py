@@ -229,7 +229,9 @@ class ModelRunner:
         if batch.ahead != (feed is not None):
             raise ValueError("a step scheduled ahead needs the step that feeds it, and only such a step")
         if self.step_sender is not None:
-            raise ValueError("--async-scheduling does not run with tensor parallelism; the ranks step in lockstep")
+            raise ValueError(
+                "--async-scheduling does not run with tensor parallelism; the ranks step in lockstep"
+            )
         inputs = self.prepare_inputs(batch, pad_to=self.graph_size_for(batch))
         n = inputs.num_reqs
         if len(inputs.sample_requests) != n or inputs.input_ids.shape[0] < n or n == 0:
@@ -238,7 +240,9 @@ class ModelRunner:
             rows = [feed.row_of.get(r.request_id) for r in batch.requests]
             if None in rows:
                 missing = batch.requests[rows.index(None)].request_id
-                raise ValueError(f"request {missing} is in a step scheduled ahead but not in the step feeding it")
+                raise ValueError(
+                    f"request {missing} is in a step scheduled ahead but not in the step feeding it"
+                )
             if rows == list(range(n)):  # the same requests in the same order (or the first n of them)
                 tokens = feed.token_ids[:n]
             else:
@@ -424,17 +428,22 @@ class ModelRunner:
 
         graphs = self.cuda_graphs if pad_to is not None else None
         if graphs is not None:
-            dest = graphs.inputs
-            if not ahead:  # else launch() copies the feeding step's tokens in on the device
-                self._copy(dest.input_ids[:tokens], "input_ids", tokens)
-            self._copy(dest.positions[:tokens], "positions", tokens)
-            self._copy(dest.slot_mapping[:tokens], "slot_mapping", tokens)
-            self._copy(dest.seq_lens[:rows], "seq_lens", rows)
-            self._copy(dest.block_tables.view(-1)[: rows * width], "block_tables", rows * width)
+            # into the graphs' pinned twin of their inputs, then one copy for all (ahead, the
+            # ids are placeholders that launch() overwrites on the device)
+            dest, twin = graphs.inputs, graphs.host_inputs
+            twin.input_ids[:tokens].numpy()[:] = ids
+            twin.positions[:tokens].numpy()[:] = positions
+            twin.slot_mapping[:tokens].numpy()[:] = slots
+            twin.seq_lens[:rows].numpy()[:] = lens
+            twin.block_tables.view(-1)[: rows * width].numpy()[:] = tables.reshape(-1)
+            span = dest.packed_span(rows)
+            dest.packed[:span].copy_(twin.packed[:span], non_blocking=True)
             metadata = dest.metadata(rows, self.max_model_len)
             input_ids, device_positions = dest.input_ids[:tokens], dest.positions[:tokens]
         else:
-            input_ids = self._eager.get("input_ids", tokens) if ahead else self._to_device("input_ids", tokens)
+            input_ids = (
+                self._eager.get("input_ids", tokens) if ahead else self._to_device("input_ids", tokens)
+            )
             device_positions = self._to_device("positions", tokens)
             metadata = AttentionMetadata(
                 query_start_loc=self._to_device("query_start_loc", rows + 1),
@@ -477,9 +486,6 @@ class ModelRunner:
         dest = self._eager.get(name, size)
         dest.copy_(self._host.get(name, size), non_blocking=True)
         return dest
-
-    def _copy(self, dest: torch.Tensor, name: str, size: int) -> None:
-        dest.copy_(self._host.get(name, size), non_blocking=True)
 
 
 def _backend_supports_cuda_graphs(model) -> bool:
