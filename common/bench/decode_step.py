@@ -654,7 +654,12 @@ def parse_switches(text: str) -> dict[str, object]:
             raise SystemExit(
                 f"--try {text!r}: each switch is MODULE.NAME=VALUE, e.g. decode.MIN_SPLIT_TOKENS=256"
             )
-        switches[key.strip()] = ast.literal_eval(value.strip())
+        try:
+            switches[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise SystemExit(
+                f"--try {text!r}: {value.strip()!r} is not a Python literal (a number, True, ...)"
+            ) from None
     return switches
 
 

@@ -141,6 +141,20 @@ def test_decode_matches_reference(device, group, block_size, head_dim, num_split
     assert all(int(c.abs().sum()) == 0 for c in triton_decode._counters.values())
 
 
+@pytest.mark.parametrize("min_split_tokens", [128, 192])  # past the 64-token tile: fewer splits work
+def test_decode_with_a_minimum_split_length_still_matches_reference(device, monkeypatch, min_split_tokens):
+    from common.attention import triton_decode
+
+    monkeypatch.setattr(triton_decode, "MIN_SPLIT_TOKENS", min_split_tokens)
+    batch = _batch([1] * 3, [5, 40, 200], device, group=4, seed=11)  # 200: two splits work
+    for fused_merge in (False, True):  # later splits find nothing to do and must weigh nothing
+        out = decode_attention(
+            batch.query, batch.kv_cache, batch.layer, batch.metadata, batch.scale,
+            num_splits=8, fused_merge=fused_merge,
+        )  # fmt: skip
+        assert relative_error(out, _reference(batch)) < TOL
+
+
 def test_decode_fp8_cache_matches_reference(device):
     batch = _batch([1] * 3, [29, 3, 50], device, group=4, cache_dtype=FP8, seed=5)
     for splits in (1, 3):
