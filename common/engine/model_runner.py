@@ -376,19 +376,25 @@ class ModelRunner:
             # the previous step's copies may still read the pinned buffers refilled below
             self._copies_done.synchronize()
         host = self._host
-        ids = host.get("input_ids", tokens).numpy()
-        positions = host.get("positions", tokens).numpy()
-        slots = host.get("slot_mapping", tokens).numpy()
-        lens = host.get("seq_lens", rows).numpy()
+        graphs = self.cuda_graphs if pad_to is not None else None
+        if graphs is not None:  # packed straight into the graphs' pinned twin of their inputs
+            twin = graphs.host_inputs
+            ids, positions = twin.input_ids[:tokens].numpy(), twin.positions[:tokens].numpy()
+            slots, lens = twin.slot_mapping[:tokens].numpy(), twin.seq_lens[:rows].numpy()
+            tables = twin.block_tables[:rows].numpy()  # [rows, width]: the graphs' width
+        else:
+            ids = host.get("input_ids", tokens).numpy()
+            positions = host.get("positions", tokens).numpy()
+            slots = host.get("slot_mapping", tokens).numpy()
+            lens = host.get("seq_lens", rows).numpy()
+            tables = host.get("block_tables", rows * width).numpy().reshape(rows, width)
         qsl = host.get("query_start_loc", rows + 1).numpy()
-        tables = host.get("block_tables", rows * width).numpy().reshape(rows, width)
 
-        if ahead:  # launch() puts the previous step's sampled tokens here, on the device
-            ids[:num_reqs] = 0
-            positions[:num_reqs] = starts
-            qsl[:] = np.arange(rows + 1)
-        elif total == num_reqs:  # one token a request: decode (the common case), kept cheap
-            ids[:num_reqs] = [r.all_token_ids[s] for r, s in zip(requests, starts, strict=True)]
+        if total == num_reqs:  # one token a request: decode (the common case), kept cheap
+            if ahead:  # launch() puts the previous step's sampled tokens here, on the device
+                ids[:num_reqs] = 0
+            else:
+                ids[:num_reqs] = [r.all_token_ids[s] for r, s in zip(requests, starts, strict=True)]
             positions[:num_reqs] = starts
             qsl[:] = np.arange(rows + 1)
         else:
@@ -426,16 +432,9 @@ class ModelRunner:
         sample_rows = host.get("sample_rows", len(sampling)).numpy()
         sample_rows[:] = qsl[1:][sampling] - 1
 
-        graphs = self.cuda_graphs if pad_to is not None else None
         if graphs is not None:
-            # into the graphs' pinned twin of their inputs, then one copy for all (ahead, the
-            # ids are placeholders that launch() overwrites on the device)
-            dest, twin = graphs.inputs, graphs.host_inputs
-            twin.input_ids[:tokens].numpy()[:] = ids
-            twin.positions[:tokens].numpy()[:] = positions
-            twin.slot_mapping[:tokens].numpy()[:] = slots
-            twin.seq_lens[:rows].numpy()[:] = lens
-            twin.block_tables.view(-1)[: rows * width].numpy()[:] = tables.reshape(-1)
+            # one copy for every input (ahead, the ids are placeholders launch() overwrites)
+            dest = graphs.inputs
             span = dest.packed_span(rows)
             dest.packed[:span].copy_(twin.packed[:span], non_blocking=True)
             metadata = dest.metadata(rows, self.max_model_len)

@@ -371,29 +371,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_MATMUL_CONFIGS = [
-    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-    for n, k, w, st in [
-        (16, 256, 4, 4),
-        (16, 512, 4, 3),
-        (32, 256, 4, 4),
-        (32, 128, 4, 6),
-        (64, 128, 4, 4),
-        (16, 128, 2, 6),
-    ]
-]
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) tuples as autotuner configs."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in tiles]
+
+
+_MATMUL_CONFIGS = _configs(
+    [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (16, 128, 2, 6)]
+)
 # gate_up with SiLU-and-mul in the epilogue: each program streams two bands of BLOCK_N rows
 # (gate and up), so the narrower bands, and shared-memory stages for both tiles
-_GATE_UP_SILU_CONFIGS = [
-    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-    for n, k, w, st in [
-        (16, 256, 4, 4),
-        (16, 512, 4, 3),
-        (32, 256, 4, 4),
-        (32, 128, 4, 6),
-        (16, 128, 4, 6),
-    ]
-]
+_GATE_UP_SILU_CONFIGS = _configs(
+    [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (16, 128, 4, 6)]
+)
 # More shapes for the cold-weight sweep (`python -m common.bench.decode_step --gemv-sweep`).
 SWEEP_CONFIGS = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
