@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # How long the loop sleeps between checks of a connector while it waits for pulls to land,
 # and while it only holds blocks for consumers (their leases end on the consumer's notice).
-PULL_POLL_S = 0.002
+PULL_POLL_S = 0.001  # whole milliseconds: the poller counts in them
 HELD_POLL_S = 0.05
 # The loop's nap when the engine has requests but could not schedule any (no free blocks).
 STALLED_POLL_S = 0.01
@@ -186,7 +186,10 @@ class EngineServer:
                 self._progressing = bool(outputs) or engine.num_steps != steps_before
                 return outputs
             if engine.has_kv_transfers():
-                return engine.process_kv_transfers()
+                outputs = engine.process_kv_transfers()
+                # a landed pull makes its request schedulable: step at once, no stalled nap
+                self._progressing = True
+                return outputs
         except Exception as e:
             logger.exception("engine step failed; failing the requests in flight")
             self._fail_all(500, f"the engine failed while running the request: {type(e).__name__}: {e}")
