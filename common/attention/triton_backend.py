@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from common.attention.metadata import AttentionMetadata
-from common.attention.triton_decode import choose_num_splits, decode_attention
+from common.attention.triton_decode import NewTokenKV, choose_num_splits, decode_attention
 from common.attention.triton_paged_tiles import num_sms
 from common.attention.triton_prefill import prefill_attention
 from common.attention.triton_write_kv import write_kv
@@ -59,6 +59,26 @@ class TritonAttentionBackend:
                 num_splits=self.decode_splits(query.shape[0], kv_cache.shape[3], query.device),
             )
         return prefill_attention(query, kv_cache, layer, metadata, scale, k_scale, v_scale)
+
+    def decode_with_new_token(
+        self, query, key, value, positions, cos, sin, kv_cache, layer, metadata, scale, k_scale=1.0, v_scale=1.0
+    ) -> torch.Tensor:
+        """A pure-decode step's attention with the new token's RoPE (on q and k) and K/V write
+        folded into the decode kernel: query/key before RoPE, rotate_write_kv's arguments."""
+        if not metadata.is_pure_decode:
+            raise ValueError("decode_with_new_token serves a pure-decode step: one new token a sequence")
+        new_kv = NewTokenKV(key, value, positions, cos, sin, metadata.slot_mapping, k_scale, v_scale)
+        return decode_attention(
+            query,
+            kv_cache,
+            layer,
+            metadata,
+            scale,
+            k_scale,
+            v_scale,
+            num_splits=self.decode_splits(query.shape[0], kv_cache.shape[3], query.device),
+            new_kv=new_kv,
+        )
 
     def decode_splits(self, batch_size: int, num_kv_heads: int, device: torch.device) -> int | None:
         """The split count a decode step of this batch size uses; None: chosen per step."""

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from common.attention.metadata import AttentionMetadata
-from common.attention.reference import FP8_DTYPES
+from common.attention.reference import FP8_DTYPES, FP8_E4M3_MAX
 from common.attention.triton_paged_tiles import (
     LOG2E,
     check_cache_layout,
@@ -32,6 +32,7 @@ from common.attention.triton_paged_tiles import (
     pdl_wait,
     softmax_step,
 )
+from common.attention.triton_write_kv import fp8_scaled
 
 # A split shorter than this spends more on its merge than it saves (H100: at batch 1,
 # 512 tokens ran 19.9 µs in 1 split, 12.3 in 4, 10.8 in 8; docs/benchmarks.md "Kernels").
@@ -41,6 +42,21 @@ MAX_SPLITS = 32
 # the split count captured for the longest context, a short one then runs fewer, longer
 # splits (the rest find nothing to do). 0: the context is spread over every split.
 MIN_SPLIT_TOKENS = 0
+
+
+@dataclass(frozen=True)
+class NewTokenKV:
+    """This step's K/V of each sequence's new token, for decode_attention to apply RoPE (to q as
+    well) and write into the cache itself: what rotary_write_kv would do in a launch of its own."""
+
+    key: torch.Tensor  # [B, Hkv, D], before RoPE
+    value: torch.Tensor  # [B, Hkv, D]
+    positions: torch.Tensor  # [B] int64
+    cos: torch.Tensor  # [P, D/2] fp32
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor  # [B] int64, -1: keep nothing
+    k_scale: float = 1.0  # the fp8 cache's scales (ignored for a 16-bit cache)
+    v_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,16 @@ def _decode_split_kernel(
     part_out_ptr,  # [B, Hq, num_splits, D_PAD] fp32, normalized per split
     part_lse_ptr,  # [B, Hq, num_splits] fp32, base-2 log-sum-exp per split
     counters_ptr,  # [>= B * Hkv] int32, zero between launches: splits done per (seq, KV head)
+    k_new_ptr,  # NEW_TOKEN: this step's k [B, Hkv, D], before RoPE
+    v_new_ptr,  # NEW_TOKEN: this step's v [B, Hkv, D]
+    positions_ptr,  # NEW_TOKEN: [B] int64, the token's RoPE position
+    cos_ptr,  # NEW_TOKEN: [P, D/2] fp32
+    sin_ptr,
+    slot_mapping_ptr,  # NEW_TOKEN: [B] int64 cache slot of the new token, -1: keep nothing
     qk_scale,
     v_scale,
+    k_write_scale,  # NEW_TOKEN into an fp8 cache: the stored value is x / scale
+    v_write_scale,
     num_splits,
     stride_qb,
     stride_qh,
@@ -80,6 +104,11 @@ def _decode_split_kernel(
     stride_block,
     stride_head,
     stride_token,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_cos,
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -91,6 +120,9 @@ def _decode_split_kernel(
     FUSED_MERGE: tl.constexpr,  # the last split of each (seq, KV head) to finish merges them
     SPLITS_PAD: tl.constexpr,
     MIN_SPLIT_TOKENS: tl.constexpr,
+    NEW_TOKEN: tl.constexpr,  # q arrives before RoPE; the new token's K/V is written here
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -110,11 +142,42 @@ def _decode_split_kernel(
     row_mask = rows < GROUP
     dims = tl.arange(0, D_PAD)
     dim_mask = dims < HEAD_DIM
-    q = tl.load(
-        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-        mask=row_mask[:, None] & dim_mask[None, :],
-        other=0.0,
-    )
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    q_mask = row_mask[:, None] & dim_mask[None, :]
+    q = tl.load(q_ptrs + dims[None, :], mask=q_mask, other=0.0)
+    if NEW_TOKEN:
+        # RoPE on q here (no kernel of its own), as rotary_write_kv rounds it
+        half: tl.constexpr = HEAD_DIM // 2
+        position = tl.load(positions_ptr + seq)
+        partner = tl.where(dims < half, dims + half, dims - half)
+        sign = tl.where(dims < half, -1.0, 1.0)
+        pair = dims % half
+        cos = tl.load(cos_ptr + position * stride_cos + pair, mask=dim_mask, other=0.0).to(q.dtype)
+        sin = tl.load(sin_ptr + position * stride_cos + pair, mask=dim_mask, other=0.0).to(q.dtype)
+        cos = cos.to(tl.float32)
+        sin = sin.to(tl.float32)
+        q_partner = tl.load(q_ptrs + partner[None, :], mask=q_mask, other=0.0)
+        q = _rope_rows(q, q_partner, cos[None, :], sin[None, :], sign[None, :])
+        # the split that holds the new token's position writes its K/V first, then reads
+        # them back with the rest of its tiles (visible to the whole program after the barrier)
+        new_pos = seq_len - 1
+        if (new_pos >= start) & (new_pos < end):
+            slot = tl.load(slot_mapping_ptr + seq)
+            if slot >= 0:
+                k_row = k_new_ptr + seq.to(tl.int64) * stride_knb + kv_head * stride_knh
+                v_row = v_new_ptr + seq.to(tl.int64) * stride_vnb + kv_head * stride_vnh
+                k1 = tl.load(k_row + dims, mask=dim_mask, other=0.0)
+                k2 = tl.load(k_row + partner, mask=dim_mask, other=0.0)
+                k = _rope_rows(k1, k2, cos, sin, sign)
+                v = tl.load(v_row + dims, mask=dim_mask, other=0.0)
+                if FP8:
+                    k = fp8_scaled(k, k_write_scale, FP8_MAX)
+                    v = fp8_scaled(v, v_write_scale, FP8_MAX)
+                dest = (slot // BLOCK_SIZE).to(tl.int64) * stride_block + (slot % BLOCK_SIZE) * stride_token
+                dest += kv_head * stride_head + dims
+                tl.store(k_cache_ptr + dest, k.to(k_cache_ptr.dtype.element_ty), mask=dim_mask)
+                tl.store(v_cache_ptr + dest, v.to(v_cache_ptr.dtype.element_ty), mask=dim_mask)
+            tl.debug_barrier()
 
     k_base = k_cache_ptr + kv_head * stride_head
     v_base = v_cache_ptr + kv_head * stride_head
@@ -176,6 +239,17 @@ def _decode_split_kernel(
                     num_splits, stride_ob, stride_oh, NUM_Q_HEADS, GROUP_PAD, D_PAD, SPLITS_PAD,
                 )  # fmt: skip
                 tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _rope_rows(x, x_partner, cos, sin, sign):
+    """Neox RoPE of x given each element's partner in the other half (sign -1 on the first
+    half): (x cos) - (x2 sin) and (x2 cos) + (x1 sin), each product rounded to x's dtype and
+    then the sum, as common.models.triton_layers' rotary kernels round them."""
+    dtype = x.dtype
+    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+    b = (x_partner.to(tl.float32) * sin).to(dtype).to(tl.float32)
+    return (a + sign * b).to(dtype)
 
 
 @triton.jit
@@ -294,11 +368,15 @@ def decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     fused_merge: bool = False,
+    new_kv: NewTokenKV | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's single new token to its whole cached context.
 
     With several splits, `fused_merge` has the last split of each (sequence, KV head) merge
-    them inside the same launch, instead of a second kernel."""
+    them inside the same launch, instead of a second kernel. With `new_kv`, the query is
+    taken before RoPE, and the new token's K/V (the last of each sequence's context) is
+    rotated and written into the cache by the split that attends to it: the same bits as
+    rotary_write_kv and then this attention, one launch fewer."""
     check_cache_layout(query, kv_cache, layer)
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[4]
@@ -307,6 +385,8 @@ def decode_attention(
             f"decode attention takes one query token per sequence: {batch} tokens "
             f"for {metadata.seq_lens.shape[0]} sequences"
         )
+    if new_kv is not None:
+        _check_new_kv(new_kv, batch, num_kv_heads, head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(batch, metadata.max_seq_len, num_kv_heads, num_sms(query.device))
     config = config or default_decode_config(kv_cache.dtype)
@@ -327,6 +407,13 @@ def decode_attention(
             (batch, num_q_heads, num_splits, d_pad), dtype=torch.float32, device=query.device
         )
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=query.device)
+    if new_kv is None:
+        new_tensors, new_strides, write_scales = (query,) * 6, (0,) * 5, (1.0, 1.0)  # unused
+    else:
+        k, v, cos = new_kv.key, new_kv.value, new_kv.cos
+        new_tensors = (k, v, new_kv.positions, cos, new_kv.sin, new_kv.slot_mapping)
+        new_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0))
+        write_scales = (float(new_kv.k_scale), float(new_kv.v_scale))
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query,
         kv_cache[:, layer, 0],
@@ -337,8 +424,10 @@ def decode_attention(
         part_out,
         part_lse,
         counters,
+        *new_tensors,
         float(scale * k_scale * LOG2E),
         float(v_scale),
+        *write_scales,
         num_splits,
         query.stride(0),
         query.stride(1),
@@ -348,6 +437,7 @@ def decode_attention(
         kv_cache.stride(0),
         kv_cache.stride(3),
         kv_cache.stride(4),
+        *new_strides,
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
         GROUP_PAD=max(16, next_power_of_2(group)),
@@ -359,6 +449,9 @@ def decode_attention(
         FUSED_MERGE=fused_merge,
         SPLITS_PAD=max(2, next_power_of_2(num_splits)),
         MIN_SPLIT_TOKENS=MIN_SPLIT_TOKENS,
+        NEW_TOKEN=new_kv is not None,
+        FP8=kv_cache.dtype in FP8_DTYPES,
+        FP8_MAX=FP8_E4M3_MAX,
         PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -381,3 +474,24 @@ def decode_attention(
             **({"launch_pdl": True} if pdl else {}),
         )
     return out
+
+
+def _check_new_kv(new: NewTokenKV, batch: int, num_kv_heads: int, head_dim: int) -> None:
+    """Refuse new-token K/V the kernel would misread."""
+    if new.key.shape != (batch, num_kv_heads, head_dim) or new.value.shape != new.key.shape:
+        raise ValueError(
+            f"new-token key/value must be [{batch}, {num_kv_heads}, {head_dim}]; "
+            f"got {tuple(new.key.shape)} and {tuple(new.value.shape)}"
+        )
+    if new.key.stride(-1) != 1 or new.value.stride(-1) != 1 or new.cos.stride(-1) != 1:
+        raise ValueError("new-token key, value and cos must be contiguous in the head dimension")
+    if new.sin.stride() != new.cos.stride() or new.cos.shape[-1] * 2 != head_dim or head_dim % 2:
+        raise ValueError(
+            f"cos/sin must be two [positions, {head_dim // 2}] tables of one layout; "
+            f"got {tuple(new.cos.shape)} and {tuple(new.sin.shape)}"
+        )
+    if new.positions.shape != (batch,) or new.slot_mapping.shape != (batch,):
+        raise ValueError(
+            f"positions and slot_mapping must hold one entry per sequence ({batch}); "
+            f"got {tuple(new.positions.shape)} and {tuple(new.slot_mapping.shape)}"
+        )

@@ -61,6 +61,7 @@ class StepRow:
     prefetch_32_graph_ms: float | None = None  # PDL, 32 lines
     silu_gate_up_graph_ms: float | None = None  # SiLU-and-mul in the gate_up matmul's epilogue
     fused_add_silu_gate_up_graph_ms: float | None = None  # residual adds folded, SiLU in gate_up
+    rope_apart_graph_ms: float | None = None  # RoPE and the K/V write in a launch of their own
     hf_decode_tok_s: float | None = None
     hf_total_tok_s: float | None = None
 
@@ -306,6 +307,7 @@ class _StepBench:
             for lines in (0, 16, 32):
                 self.time_variant(rows, f"prefetch_{lines}_graph_ms", {"kernels.PREFETCH_LINES": lines})
             self.time_variant(rows, "silu_gate_up_graph_ms", {"layers.FUSE_SILU_INTO_GATE_UP": True})
+            self.time_variant(rows, "rope_apart_graph_ms", {"layers.FUSE_ROPE_INTO_DECODE": False})
             self.time_variant(
                 rows,
                 "fused_add_silu_gate_up_graph_ms",
@@ -617,9 +619,9 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
         "| engine step ms | tok/s (engine) | eager step ms | graph ms, cuBLAS matmuls | graph ms, torch layers "
         "| graph ms, fused norm+SiLU | fused norm | fused SiLU | fused adds only "
         "| graph ms, no PDL | PDL, prefetch 0 | prefetch 16 | prefetch 32 "
-        "| SiLU in gate_up epilogue | fused adds + SiLU in gate_up "
+        "| SiLU in gate_up epilogue | fused adds + SiLU in gate_up | RoPE + K/V write apart "
         "| HF generate tok/s | engine vs HF |",
-        "|" + "---:|" * 24,
+        "|" + "---:|" * 25,
     ]
     lines = []
 
@@ -630,7 +632,7 @@ def format_table(rows: list[StepRow], bandwidth: float, device_name: str, args) 
         graph, plain, cublas = ms(r.graph_ms), ms(r.plain_layers_graph_ms), ms(r.cublas_graph_ms)
         fused = (r.fused_graph_ms, r.fused_norm_graph_ms, r.fused_silu_graph_ms, r.fused_add_graph_ms)
         pdl = (r.no_pdl_graph_ms, r.prefetch_0_graph_ms, r.prefetch_16_graph_ms, r.prefetch_32_graph_ms)
-        silu = (r.silu_gate_up_graph_ms, r.fused_add_silu_gate_up_graph_ms)
+        silu = (r.silu_gate_up_graph_ms, r.fused_add_silu_gate_up_graph_ms, r.rope_apart_graph_ms)
         variants = " | ".join(ms(v) for v in (*fused, *pdl, *silu))
         hf = f"{r.hf_decode_tok_s:.0f}" if r.hf_decode_tok_s is not None else "-"
         engine_tok_s = r.batch / (r.engine_ms * 1e-3)

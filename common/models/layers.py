@@ -35,6 +35,10 @@ FUSE_SILU_INTO_MATMUL = True
 # layer; it takes precedence over FUSE_SILU_INTO_MATMUL in forward_small_batch. Off: on the
 # H100 the two-band stream made the batch-1 step slower (5.97 against 5.86 ms, docs/benchmarks.md).
 FUSE_SILU_INTO_GATE_UP = False
+# True lets a pure-decode step's attention backend apply RoPE and write the new token's K/V
+# inside its decode kernel (TritonAttentionBackend.decode_with_new_token) instead of a
+# rotary_write_kv launch of its own. False: the separate launch (the benchmark times both).
+FUSE_ROPE_INTO_DECODE = True
 _triton_layers = None  # common.models.triton_layers once imported; False without triton
 
 

@@ -15,6 +15,7 @@ from common.attention.triton_backend import paged_attention as triton_paged_atte
 from common.attention.triton_decode import (
     MAX_SPLITS,
     MIN_TOKENS_PER_SPLIT,
+    NewTokenKV,
     choose_num_splits,
     decode_attention,
 )
@@ -139,6 +140,107 @@ def test_decode_matches_reference(device, group, block_size, head_dim, num_split
     from common.attention import triton_decode
 
     assert all(int(c.abs().sum()) == 0 for c in triton_decode._counters.values())
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox RoPE of x [..., D] rounded as the model's torch ops round it: each product in x's
+    dtype, then the sum (cos/sin [..., D/2] fp32, rounded to x's dtype first)."""
+    dtype, half = x.dtype, x.shape[-1] // 2
+    c, s = cos.to(dtype).float(), sin.to(dtype).float()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+
+    def r(t):
+        return t.to(dtype).float()
+
+    return torch.cat([(r(x1 * c) - r(x2 * s)).to(dtype), (r(x2 * c) + r(x1 * s)).to(dtype)], -1)
+
+
+@pytest.mark.parametrize(
+    ("group", "block_size", "head_dim", "num_splits", "dtype", "cache_dtype"),
+    [
+        (4, 8, 32, 3, torch.float16, None),
+        (1, 16, 32, 1, torch.float16, None),
+        (8, 16, 16, 2, torch.float16, None),
+        (3, 4, 24, 4, torch.float16, None),
+        (4, 8, 32, 3, torch.float16, FP8),
+        (2, 8, 32, 2, torch.float32, None),
+    ],
+)
+def test_decode_with_the_new_tokens_kv_applies_rope_and_writes_it_then_attends(
+    device, group, block_size, head_dim, num_splits, dtype, cache_dtype
+):
+    """The new token's RoPE (q and k) and K/V write done inside the decode kernel, by the split
+    that attends to it: the cache gets the rotated K and V at each slot (the bits of torch's
+    ops), nothing else changes (a padding row: length 0, slot -1), and the output is the
+    reference attention of the rotated query; close to rotary_write_kv then decode_attention."""
+    from common.models.layers import RotaryEmbedding
+    from common.models.triton_layers import rotary_write_kv
+
+    seq_lens = [1, 13, 40, 7, 1]  # 13 and 7 end inside a block; 1 is a fresh sequence
+    batch = _batch(
+        [1] * 5, seq_lens, device, group=group, head_dim=head_dim, block_size=block_size,
+        dtype=dtype, cache_dtype=cache_dtype, seed=group,
+    )  # fmt: skip
+    meta = batch.metadata
+    meta.seq_lens[4] = 0  # a padding row of a CUDA-graph batch
+    meta.slot_mapping[4] = -1
+    kv_heads = batch.kv_cache.shape[3]
+    gen = torch.Generator().manual_seed(17)
+    k = torch.randn(5, kv_heads, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(5, kv_heads, head_dim, generator=gen).to(device, dtype)
+    positions = torch.tensor([s - 1 for s in seq_lens[:4]] + [0], dtype=torch.int64, device=device)
+    with torch.device(device):
+        rope = RotaryEmbedding(head_dim, 64, 10000.0, None)
+    scales = (batch.k_scale, batch.v_scale)
+
+    cos, sin = rope.cos[positions][:, None], rope.sin[positions][:, None]
+    expected_cache = batch.kv_cache.clone()
+    for i, slot in enumerate(meta.slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        for kv, row, scale in ((0, _rope_ref(k[i], cos[i], sin[i]), scales[0]), (1, v[i], scales[1])):
+            if cache_dtype == FP8:
+                row = (row.float() / scale).clamp(-448.0, 448.0)
+            expected_cache[slot // block_size, batch.layer, kv, :, slot % block_size] = row.to(
+                expected_cache.dtype
+            )
+    q, cache = batch.query.clone(), batch.kv_cache.clone()
+    new_kv = NewTokenKV(k, v, positions, rope.cos, rope.sin, meta.slot_mapping, *scales)
+    fused = decode_attention(
+        q, cache, batch.layer, meta, batch.scale, *scales, num_splits=num_splits, new_kv=new_kv
+    )
+    assert torch.equal(q, batch.query)  # the query is rotated in registers, not in place
+    q_unfused, cache_unfused = batch.query.clone(), batch.kv_cache.clone()
+    rotary_write_kv(
+        positions, q_unfused, k, v, rope.cos, rope.sin, cache_unfused, batch.layer, meta.slot_mapping, *scales
+    )
+    unfused = decode_attention(
+        q_unfused, cache_unfused, batch.layer, meta, batch.scale, *scales, num_splits=num_splits
+    )
+    written = torch.zeros(cache.shape[:5], dtype=torch.bool, device=device)
+    for slot in meta.slot_mapping[:4].tolist():
+        written[slot // block_size, batch.layer, :, :, slot % block_size] = True
+    bits, expected_bits = cache.view(torch.uint8), expected_cache.view(torch.uint8)
+    assert torch.equal(bits[~written], expected_bits[~written])  # nothing else touched
+    got_rows, expected_rows = cache[written].float(), expected_cache[written].float()
+    if dtype == torch.float32 and device.type == "cuda":  # compiled fp32 may fuse a product and sum
+        assert relative_error(got_rows, expected_rows) < 1e-6
+    elif cache_dtype == FP8:  # the interpreter rounds e4m3 ties away from zero, torch to even
+        assert relative_error(got_rows, cache_unfused[written].float()) < 1e-2
+    else:
+        assert torch.equal(bits[written], expected_bits[written])
+    # the attention: the reference's, of the rotated query over the cache as the kernel left it
+    q_rot = _rope_ref(batch.query, cos, sin)
+    expected = reference.paged_attention(q_rot.float(), cache, batch.layer, meta, batch.scale, *scales)
+    assert relative_error(fused[:4], expected[:4]) < TOL
+    assert torch.equal(fused[4], torch.zeros_like(fused[4]))
+
+    assert relative_error(fused, unfused) < TOL
+    with pytest.raises(ValueError, match="new-token key/value"):
+        decode_attention(
+            q, cache, batch.layer, meta, batch.scale,
+            new_kv=NewTokenKV(k[:4], v[:4], positions, rope.cos, rope.sin, meta.slot_mapping),
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("min_split_tokens", [128, 192])  # past the 64-token tile: fewer splits work

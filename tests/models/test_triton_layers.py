@@ -422,3 +422,86 @@ def test_silu_in_the_gate_up_epilogue_at_llama_3_8b_shapes_equals_the_unfused_pa
     expected = F.silu(gate) * up
     _close(kernels.small_m_matmul(x, w, gate_up_silu=True), expected, dtype)
     _close(kernels.silu_and_mul(kernels.small_m_matmul(x, w)), expected, dtype)
+
+
+def _decode_step_logits(model, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a decode step (after the prompts' prefill) of two requests, and the K/V it
+    and the prefill wrote."""
+    from common.engine.model_runner import ModelRunner
+    from common.engine.request import Request
+    from common.engine.scheduled_batch import ScheduledBatch
+    from common.sampling_params import SamplingParams
+
+    runner = ModelRunner(
+        model, model.config, num_blocks=8, block_size=16, kv_cache_dtype="auto", device=device,
+        dtype=dtype, enforce_eager=True,
+    )  # fmt: skip
+    requests = [
+        Request("a", list(range(3, 23)), SamplingParams(temperature=0.0)),
+        Request("b", list(range(50, 57)), SamplingParams(temperature=0.0)),
+    ]
+    blocks = [[1, 2], [5]]
+    with torch.inference_mode():
+        inputs = runner.prepare_inputs(ScheduledBatch(requests, [20, 7], blocks))
+        model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
+        for request, n in zip(requests, [20, 7], strict=True):
+            request.num_computed_tokens = n
+            request.append_output_token(11)
+        inputs = runner.prepare_inputs(ScheduledBatch(requests, [1, 1], blocks))
+        assert inputs.attn_metadata.is_pure_decode
+        hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
+        cache = runner.kv_cache  # the slots written: "a" 21 tokens in blocks 1, 2; "b" 8 in block 5
+        written = torch.cat(
+            [cache[1].flatten(), cache[2, :, :, :, :5].flatten(), cache[5, :, :, :, :8].flatten()]
+        )
+        return model.compute_logits(hidden), written
+
+
+def test_a_decode_step_with_rope_and_the_kv_write_inside_the_decode_kernel_keeps_the_bits(monkeypatch):
+    """Through the Triton attention backend and layer kernels (interpreted on CPU, compiled on
+    CUDA): a decode step whose decode kernel applies RoPE and writes the new K/V gives the
+    logits and cache of the separate rotary_write_kv launch (the same bits on CPU), and both
+    match plain torch."""
+    import functools
+    import types
+
+    from common.attention.triton_backend import TritonAttentionBackend
+    from common.models import layers
+
+    device = DEVICE.type
+    dtype = torch.float16
+    model = _tiny_model(device, dtype)
+    monkeypatch.setattr(layers, "USE_TRITON_KERNELS", False)
+    plain, plain_cache = _decode_step_logits(model, device, dtype)
+    monkeypatch.setattr(layers, "USE_TRITON_KERNELS", True)
+    layer_kernels = types.SimpleNamespace(
+        small_m_matmul=functools.partial(kernels.small_m_matmul, config=MATMUL_CONFIG),
+        small_m_matmul_fits=kernels.small_m_matmul_fits,
+        rotary_write_kv=kernels.rotary_write_kv,
+        rotary_=kernels.rotary_,
+        rms_norm=kernels.rms_norm,
+        silu_and_mul=kernels.silu_and_mul,
+    )
+    monkeypatch.setattr(layers, "_cuda_kernels", lambda x: layer_kernels)
+    backend = TritonAttentionBackend(max_model_len=256)
+    for layer in model.layers:
+        monkeypatch.setattr(layer.self_attn, "backend", backend)
+    calls = []
+    fused_call = backend.decode_with_new_token
+    monkeypatch.setattr(
+        backend, "decode_with_new_token", lambda *a, **k: calls.append(1) or fused_call(*a, **k)
+    )
+    monkeypatch.setattr(layers, "FUSE_ROPE_INTO_DECODE", True)
+    fused, fused_cache = _decode_step_logits(model, device, dtype)
+    assert len(calls) == len(model.layers)  # the decode step's layers, not the prefill's
+    monkeypatch.setattr(layers, "FUSE_ROPE_INTO_DECODE", False)
+    unfused, unfused_cache = _decode_step_logits(model, device, dtype)
+    assert len(calls) == len(model.layers)
+    if device == "cpu":  # interpreted, both RoPE paths round every product as torch does
+        assert torch.equal(fused, unfused)
+        assert torch.equal(fused_cache, unfused_cache)
+    # compiled, rotary_write_kv's products round slightly apart from torch's (docs/benchmarks.md)
+    _close(fused, unfused, dtype)
+    _close(fused_cache, unfused_cache, dtype)
+    _close(fused, plain, dtype)
+    _close(fused_cache, plain_cache, dtype)
