@@ -6,6 +6,11 @@ of the sequence's context; the splits are merged by their log-sum-exp, by the la
 each (sequence, KV head) to finish (an atomic count per group) or by a second kernel. With
 one split the first kernel writes the output itself.
 
+Given the step's new K/V (NewTokenKV), the kernel also does what rotary_write_kv would do
+in a launch of its own: RoPE on the query in registers, and, in the split whose range holds
+the new token, RoPE on its K and the write of K and V into the cache before that split reads
+its tiles. A decode step then launches one kernel fewer per layer.
+
 The grid is (batch, kv_heads, num_splits) and each program finds its token range from the
 sequence length on the device, so nothing in a launch depends on context lengths read on
 the host: a step can be captured in a CUDA graph once per batch size and split count and
