@@ -48,36 +48,35 @@ class TritonAttentionBackend:
 
     def attention(self, query, kv_cache, layer, metadata, scale, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
         if metadata.is_pure_decode:
-            return decode_attention(
-                query,
-                kv_cache,
-                layer,
-                metadata,
-                scale,
-                k_scale,
-                v_scale,
-                num_splits=self.decode_splits(query.shape[0], kv_cache.shape[3], query.device),
-            )
+            return self._decode(query, kv_cache, layer, metadata, scale, k_scale, v_scale)
         return prefill_attention(query, kv_cache, layer, metadata, scale, k_scale, v_scale)
 
     def decode_with_new_token(
-        self, query, key, value, positions, cos, sin, kv_cache, layer, metadata, scale, k_scale=1.0, v_scale=1.0
+        self,
+        query,
+        key,
+        value,
+        positions,
+        cos,
+        sin,
+        kv_cache,
+        layer,
+        metadata,
+        scale,
+        k_scale=1.0,
+        v_scale=1.0,
     ) -> torch.Tensor:
         """A pure-decode step's attention with the new token's RoPE (on q and k) and K/V write
-        folded into the decode kernel: query/key before RoPE, rotate_write_kv's arguments."""
+        folded into the decode kernel: query and key before RoPE, rotary_write_kv's arguments."""
         if not metadata.is_pure_decode:
             raise ValueError("decode_with_new_token serves a pure-decode step: one new token a sequence")
         new_kv = NewTokenKV(key, value, positions, cos, sin, metadata.slot_mapping, k_scale, v_scale)
+        return self._decode(query, kv_cache, layer, metadata, scale, k_scale, v_scale, new_kv)
+
+    def _decode(self, query, kv_cache, layer, metadata, scale, k_scale, v_scale, new_kv=None) -> torch.Tensor:
+        splits = self.decode_splits(query.shape[0], kv_cache.shape[3], query.device)
         return decode_attention(
-            query,
-            kv_cache,
-            layer,
-            metadata,
-            scale,
-            k_scale,
-            v_scale,
-            num_splits=self.decode_splits(query.shape[0], kv_cache.shape[3], query.device),
-            new_kv=new_kv,
+            query, kv_cache, layer, metadata, scale, k_scale, v_scale, num_splits=splits, new_kv=new_kv
         )
 
     def decode_splits(self, batch_size: int, num_kv_heads: int, device: torch.device) -> int | None:

@@ -60,17 +60,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         kernels = cuda_layer_kernels(q)
-        if kernels is not None and layers.FUSE_ROPE_INTO_DECODE and meta.is_pure_decode:
-            fused = getattr(self.backend, "decode_with_new_token", None)
+        r = self.rotary
+        if kernels is not None:
+            fused = None
+            if layers.FUSE_ROPE_INTO_DECODE and meta.is_pure_decode:
+                fused = getattr(self.backend, "decode_with_new_token", None)
             if fused is not None:  # RoPE and the K/V write inside the decode attention kernel
-                r = self.rotary
                 out = fused(q, k, v, positions, r.cos, r.sin, kv_cache, self.layer_idx, meta, self.scale)
                 return self.o_proj(out.reshape(tokens, self.q_size))
-        if kernels is not None:  # RoPE and the K/V write in one launch
-            r = self.rotary
-            kernels.rotary_write_kv(
-                positions, q, k, v, r.cos, r.sin, kv_cache, self.layer_idx, meta.slot_mapping
-            )
+            # RoPE and the K/V write in one launch
+            kernels.rotary_write_kv(positions, q, k, v, r.cos, r.sin, kv_cache, self.layer_idx, meta.slot_mapping)
         else:
             q, k = self.rotary(positions, q, k)
             self.backend.write_kv(k, v, kv_cache, self.layer_idx, meta.slot_mapping)

@@ -3,23 +3,13 @@ once), a short nap while pulls are in flight, a longer one when a step could sch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import zmq
 
+from common.engine.llm_engine import EngineStats
 from common.worker import engine_server
 from common.worker.engine_server import EngineServer
 from common.worker.load_reports import LoadReporter
-
-
-@dataclass
-class Stats:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_waiting_for_remote_kv: int = 0
-    kv_cache_usage: float = 0.0
-    num_queued_prefill_tokens: int = 0
 
 
 class PullingEngine:
@@ -44,8 +34,13 @@ class PullingEngine:
     def step(self) -> list:
         return []  # schedules nothing: neither outputs nor a step
 
-    def stats(self) -> Stats:
-        return Stats(num_waiting_for_remote_kv=0 if self.pull_landed else 1)
+    def stats(self) -> EngineStats:
+        zero = dict.fromkeys(
+            ("num_running", "num_waiting", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+             "num_prompt_tokens", "num_generation_tokens", "num_steps"),
+            0,
+        )  # fmt: skip
+        return EngineStats(**zero, kv_cache_usage=0.0, num_waiting_for_remote_kv=0 if self.pull_landed else 1)
 
 
 @pytest.fixture
