@@ -35,6 +35,7 @@ from common.attention.triton_paged_tiles import (
     num_sms,
     pdl_enabled,
     pdl_wait,
+    rope_rows,
     softmax_step,
 )
 from common.attention.triton_write_kv import fp8_scaled
@@ -162,7 +163,7 @@ def _decode_split_kernel(
         cos = cos.to(tl.float32)
         sin = sin.to(tl.float32)
         q_partner = tl.load(q_ptrs + partner[None, :], mask=q_mask, other=0.0)
-        q = _rope_rows(q, q_partner, cos[None, :], sin[None, :], sign[None, :])
+        q = rope_rows(q, q_partner, cos[None, :], sin[None, :], sign[None, :])
         # the split that holds the new token's position writes its K/V first, then reads
         # them back with the rest of its tiles (visible to the whole program after the barrier)
         new_pos = seq_len - 1
@@ -173,7 +174,7 @@ def _decode_split_kernel(
                 v_row = v_new_ptr + seq.to(tl.int64) * stride_vnb + kv_head * stride_vnh
                 k1 = tl.load(k_row + dims, mask=dim_mask, other=0.0)
                 k2 = tl.load(k_row + partner, mask=dim_mask, other=0.0)
-                k = _rope_rows(k1, k2, cos, sin, sign)
+                k = rope_rows(k1, k2, cos, sin, sign)
                 v = tl.load(v_row + dims, mask=dim_mask, other=0.0)
                 if FP8:
                     k = fp8_scaled(k, k_write_scale, FP8_MAX)
@@ -244,17 +245,6 @@ def _decode_split_kernel(
                     num_splits, stride_ob, stride_oh, NUM_Q_HEADS, GROUP_PAD, D_PAD, SPLITS_PAD,
                 )  # fmt: skip
                 tl.atomic_xchg(counter, 0)
-
-
-@triton.jit
-def _rope_rows(x, x_partner, cos, sin, sign):
-    """Neox RoPE of x given each element's partner in the other half (sign -1 on the first
-    half): (x cos) - (x2 sin) and (x2 cos) + (x1 sin), each product rounded to x's dtype and
-    then the sum, as common.models.triton_layers' rotary kernels round them."""
-    dtype = x.dtype
-    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
-    b = (x_partner.to(tl.float32) * sin).to(dtype).to(tl.float32)
-    return (a + sign * b).to(dtype)
 
 
 @triton.jit

@@ -133,3 +133,15 @@ def softmax_step(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constexp
         pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
+
+
+@triton.jit
+def rope_rows(x, x_partner, cos, sin, sign):
+    """Neox RoPE of x given each element's partner in the other half of its head: x cos + sign
+    x_partner sin (sign -1 on the first half, +1 on the second), each product rounded to x's
+    dtype and then the sum, as torch's ops in the model's dtype round them. cos/sin fp32, already
+    rounded to x's dtype."""
+    dtype = x.dtype
+    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+    b = (x_partner.to(tl.float32) * sin).to(dtype).to(tl.float32)
+    return (a + sign * b).to(dtype)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from common.attention.reference import FP8_DTYPES, FP8_E4M3_MAX
-from common.attention.triton_paged_tiles import pdl_enabled, pdl_wait
+from common.attention.triton_paged_tiles import pdl_enabled, pdl_wait, rope_rows
 from common.attention.triton_write_kv import fp8_scaled
 
 SMALL_M = 16  # rows of x one small_m_matmul program holds (tl.dot needs at least 16)
@@ -116,15 +116,7 @@ def rms_norm(
 @triton.jit
 def _rotate_pair(x1, x2, cos, sin):
     """(x1 cos - x2 sin, x2 cos + x1 sin) in x1's dtype, rounded where torch's ops round."""
-    dtype = x1.dtype
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    # torch computes each product in the model's dtype, then the sum: round where it rounds
-    a = (x1 * cos).to(dtype).to(tl.float32)
-    b = (x2 * sin).to(dtype).to(tl.float32)
-    c = (x2 * cos).to(dtype).to(tl.float32)
-    d = (x1 * sin).to(dtype).to(tl.float32)
-    return (a - b).to(dtype), (c + d).to(dtype)
+    return rope_rows(x1, x2, cos, sin, -1.0), rope_rows(x2, x1, cos, sin, 1.0)
 
 
 @triton.jit

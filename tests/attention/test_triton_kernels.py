@@ -143,16 +143,11 @@ def test_decode_matches_reference(device, group, block_size, head_dim, num_split
 
 
 def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox RoPE of x [..., D] rounded as the model's torch ops round it: each product in x's
-    dtype, then the sum (cos/sin [..., D/2] fp32, rounded to x's dtype first)."""
-    dtype, half = x.dtype, x.shape[-1] // 2
-    c, s = cos.to(dtype).float(), sin.to(dtype).float()
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    """The model's torch RoPE (common.models.layers), cos/sin fp32 rounded to x's dtype as
+    RotaryEmbedding rounds them."""
+    from common.models.layers import _rotate
 
-    def r(t):
-        return t.to(dtype).float()
-
-    return torch.cat([(r(x1 * c) - r(x2 * s)).to(dtype), (r(x2 * c) + r(x1 * s)).to(dtype)], -1)
+    return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 @pytest.mark.parametrize(
