@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from common.cli.run_batch import run_batch, served_model_of
+from pdserve.cli.run_batch import run_batch, served_model_of
 from common.config.engine_config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.tokenizer import load_tokenizer

@@ -21,7 +21,7 @@ from common.attention.triton_decode import (
 )
 from common.attention.triton_prefill import prefill_attention
 from common.attention.triton_write_kv import write_kv
-from common.bench.paged_batch import make_paged_batch, relative_error
+from common.attention.paged_batch import make_paged_batch, relative_error
 
 FP8 = torch.float8_e4m3fn
 TOL = 5e-3

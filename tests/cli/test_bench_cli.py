@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.cli.main import main
+from pdserve.cli.main import main
 
 
 def _exit_code(argv: list[str]) -> int:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from common.cli.main import main
+from pdserve.cli.main import main
 from tests.e2e.stack import ServeStack, alive, free_port, metric
 
 MAX_MODEL_LEN = 256

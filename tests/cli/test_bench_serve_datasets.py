@@ -10,17 +10,17 @@ import json
 import httpx
 import pytest
 
-from common.bench.serve.client import ApiTarget, send_request
-from common.bench.serve.datasets import (
+from pdserve.bench.serve.client import ApiTarget, send_request
+from pdserve.bench.serve.datasets import (
     SampleRequest,
     prefix_repetition_requests,
     random_requests,
     sharegpt_requests,
     trace_requests,
 )
-from common.bench.serve.metrics import RequestResult
-from common.bench.serve.prompt_builder import PromptBuilder
-from common.bench.serve.text_tokenizer import LocalTokenizer
+from pdserve.bench.serve.metrics import RequestResult
+from pdserve.bench.serve.prompt_builder import PromptBuilder
+from pdserve.bench.serve.text_tokenizer import LocalTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from common.bench.serve.arrivals import send_times
-from common.bench.serve.cli_args import parse_request_rates, resolve_backend
-from common.bench.serve.datasets import SampleRequest
-from common.bench.serve.metrics import (
+from pdserve.bench.serve.arrivals import send_times
+from pdserve.bench.serve.cli_args import parse_request_rates, resolve_backend
+from pdserve.bench.serve.datasets import SampleRequest
+from pdserve.bench.serve.metrics import (
     RequestResult,
     compute_metrics,
     parse_goodput,
@@ -23,7 +23,7 @@ from common.bench.serve.metrics import (
     peak_output_tokens_per_s,
     percentile,
 )
-from common.bench.serve.report import RunSettings, format_summary, result_json
+from pdserve.bench.serve.report import RunSettings, format_summary, result_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,6 +198,6 @@ def test_summary_table_and_json_use_vllms_labels_and_keys():
 
 
 def test_the_bench_serve_package_never_imports_torch():
-    modules = ", ".join(f"common.bench.serve.{name}" for name in ("command", "cli_args", "plots"))
+    modules = ", ".join(f"pdserve.bench.serve.{name}" for name in ("command", "cli_args", "plots"))
     code = f"import sys, {modules}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0

@@ -9,8 +9,8 @@ import sys
 
 import httpx
 
-from common.cli.api_client import ApiClient
-from common.cli.chat import ChatSession
+from pdserve.cli.api_client import ApiClient
+from pdserve.cli.chat import ChatSession
 from tests.cli.conftest import API_KEY
 from tests.e2e.stack import REPO, free_port
 
@@ -20,7 +20,7 @@ GREEDY = ["--max-tokens", "12", "--temperature", "0"]
 
 def pdserve(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli.main", *args],
+        [sys.executable, "-m", "pdserve.cli.main", *args],
         cwd=REPO,
         input=stdin,
         capture_output=True,

@@ -16,7 +16,7 @@ SECTIONS = ["system", "python", "packages", "torch", "cuda", "gpus", "nixl", "uc
 
 
 def collect_env(*args: str, python: list[str] | None = None, env: dict | None = None):
-    command = [*(python or [sys.executable, "-m", "common.cli.main"]), "collect-env", *args]
+    command = [*(python or [sys.executable, "-m", "pdserve.cli.main"]), "collect-env", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -51,7 +51,7 @@ def test_text_has_one_headed_section_per_part():
 def test_without_torch_or_nixl_it_says_not_installed():
     # no site-packages at all: only the standard library and this repository
     python = [sys.executable, "-I", "-S", "-c",
-              f"import sys; sys.path.insert(0, {str(REPO)!r}); from common.cli.main import main; sys.exit(main())"]  # fmt: skip
+              f"import sys; sys.path.insert(0, {str(REPO)!r}); from pdserve.cli.main import main; sys.exit(main())"]  # fmt: skip
     result = collect_env("--json", python=python)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

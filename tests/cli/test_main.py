@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main as cli
+from pdserve.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_SUBCOMMANDS = [
@@ -61,7 +61,7 @@ def fake_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             "fake": cli.Subcommand("pdserve_fake_cmd", "A fake subcommand."),
             "boom": cli.Subcommand("pdserve_boom_cmd", "Explodes when imported."),
             "needy": cli.Subcommand("pdserve_needy_cmd", "Needs a missing package."),
-            "later": cli.Subcommand("common.cli.pdserve_not_written_yet", "Comes in a later build."),
+            "later": cli.Subcommand("pdserve.cli.pdserve_not_written_yet", "Comes in a later build."),
         },
     )
     for name in ("pdserve_fake_cmd", "pdserve_boom_cmd", "pdserve_needy_cmd"):
@@ -147,7 +147,7 @@ def test_no_subcommand_and_unknown_subcommand_exit_2_in_one_line(
 
 def test_table_holds_the_designed_subcommands() -> None:
     assert list(cli.SUBCOMMANDS) == ALL_SUBCOMMANDS
-    assert cli.SUBCOMMANDS["run-batch"].module == "common.cli.run_batch"
+    assert cli.SUBCOMMANDS["run-batch"].module == "pdserve.cli.run_batch"
     assert all(sub.help for sub in cli.SUBCOMMANDS.values())
 
 
@@ -159,7 +159,7 @@ def run(*command: str, **kwargs) -> subprocess.CompletedProcess[str]:
 
 
 def test_python_m_help_lists_all_subcommands() -> None:
-    proc = run(sys.executable, "-m", "common.cli.main", "-h")
+    proc = run(sys.executable, "-m", "pdserve.cli.main", "-h")
     assert proc.returncode == 0, proc.stderr
     for name in ALL_SUBCOMMANDS:
         assert f"    {name} " in proc.stdout
@@ -179,7 +179,7 @@ def test_bad_value_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) -> No
     script = textwrap.dedent(
         """
         import sys
-        from common.cli import main as cli
+        from pdserve.cli import main as cli
         cli.SUBCOMMANDS["fake"] = cli.Subcommand("pdserve_fake_cmd", "fake")
         sys.exit(cli.main(sys.argv[1:]))
         """
@@ -199,8 +199,8 @@ def test_config_and_cli_stay_torch_free() -> None:
         """
         import contextlib, io, json, sys
         import common.config.engine_args
-        from common.cli import main as cli
-        cli.SUBCOMMANDS["later"] = cli.Subcommand("common.cli.pdserve_not_written_yet", "later")
+        from pdserve.cli import main as cli
+        cli.SUBCOMMANDS["later"] = cli.Subcommand("pdserve.cli.pdserve_not_written_yet", "later")
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             statuses = [cli.main(["-h"]), cli.main(["later"]), cli.main(["--version"])]
         from common.config.arg_parser import PdserveArgumentParser

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli.run_batch import run_batch, served_model_of
+from pdserve.cli.run_batch import run_batch, served_model_of
 from common.config.engine_config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.engine.outputs import RequestOutput
@@ -204,7 +204,7 @@ def test_a_request_the_engine_fails_gets_a_500_with_the_reason(served_engine):
 
 def _pdserve(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "common.cli.main", "run-batch", *args],
+        [sys.executable, "-m", "pdserve.cli.main", "run-batch", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

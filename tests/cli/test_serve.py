@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 
-from common.cli.serve import router_argv, router_env, worker_argv
+from pdserve.cli.serve import router_argv, router_env, worker_argv
 from common.config.arg_parser import PdserveArgumentParser
 
 
 def _parsed(argv: list[str]) -> argparse.Namespace:
-    from common.cli import serve
+    from pdserve.cli import serve
 
     parser = PdserveArgumentParser(prog="pdserve")
     serve.register(parser.add_subparsers(dest="subcommand"))
@@ -57,7 +57,7 @@ def test_a_start_that_fails_says_so_and_leaves_nothing_running(tmp_path):
         [
             sys.executable,
             "-m",
-            "common.cli.main",
+            "pdserve.cli.main",
             "serve",
             "--model",
             str(tmp_path / "missing"),

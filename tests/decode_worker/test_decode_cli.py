@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.cli.main import main
+from pdserve.cli.main import main
 from common.config.kv_transfer_config import KVTransferConfig
 from common.worker.worker_role import kv_transfer_config_for
 from decode_worker.role import DECODE_ROLE

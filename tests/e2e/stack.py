@@ -40,7 +40,7 @@ class _Process:
         self.name = name
         self.log = tempfile.NamedTemporaryFile(prefix=f"pdserve-{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli.main", *argv],
+            [sys.executable, "-m", "pdserve.cli.main", *argv],
             cwd=REPO,
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -50,7 +50,7 @@ class Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "common.cli.main", *self.argv],
+                [*prefix, sys.executable, "-m", "pdserve.cli.main", *self.argv],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         return self

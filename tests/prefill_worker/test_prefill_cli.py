@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.cli.main import main
+from pdserve.cli.main import main
 from common.config.kv_transfer_config import KVTransferConfig
 from common.worker.worker_role import kv_transfer_config_for
 from kvtransfer.factory import default_connector_name

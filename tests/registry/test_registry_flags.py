@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from common.cli.serve import router_argv, worker_argv
+from pdserve.cli.serve import router_argv, worker_argv
 from common.config.arg_parser import PdserveArgumentParser
 from common.worker.worker_args import add_worker_args, worker_options_from_args
 from router.cli import add_router_args, config_from_args
@@ -53,7 +53,7 @@ def test_the_worker_flags_reach_its_options():
 )
 def test_a_bad_worker_flag_is_one_line(args, complaint):
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli.main", "decode", *args],
+        [sys.executable, "-m", "pdserve.cli.main", "decode", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -63,7 +63,7 @@ def test_a_bad_worker_flag_is_one_line(args, complaint):
 
 
 def test_serve_passes_the_registry_to_its_workers_and_its_router():
-    from common.cli.serve import register
+    from pdserve.cli.serve import register
 
     parser = PdserveArgumentParser(prog="pdserve")
     register(parser.add_subparsers())

@@ -277,7 +277,7 @@ def test_importing_the_routing_modules_leaves_torch_out():
     code = (
         "import sys\n"
         "import router.prefix_index, router.kv_event_subscriber, router.worker_state, router.policy\n"
-        "import router.prefix_index_bench, common.kv_event_publisher\n"
+        "import pdserve.bench.prefix_index, common.kv_event_publisher\n"
         "print('torch' in sys.modules, 'triton' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

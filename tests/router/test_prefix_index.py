@@ -11,7 +11,7 @@ from common.engine.block_pool import BlockPool
 from common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from router.policy import PolicyWeights
 from router.prefix_index import PrefixIndex, request_block_hashes
-from router.prefix_index_bench import run_benchmark, synthetic_trace
+from pdserve.bench.prefix_index import run_benchmark, synthetic_trace
 
 
 def _stored(hashes, parent=None, medium="GPU", group_idx=None):

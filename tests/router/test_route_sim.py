@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from common.cli.main import main as pdserve
+from pdserve.cli.main import main as pdserve
 from common.kv_events import BlockRemoved, BlockStored
-from router.route_sim import ServiceModel, TraceReplay, load_trace, oracle_hit_rate, replay
-from router.route_sim.block_cache import LRUBlockCache
-from router.route_sim.sim_worker import Message, SimRequest, SimWorker
-from router.route_sim.trace import TraceRequest
+from pdserve.bench.route_sim import ServiceModel, TraceReplay, load_trace, oracle_hit_rate, replay
+from pdserve.bench.route_sim.block_cache import LRUBlockCache
+from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
+from pdserve.bench.route_sim.trace import TraceRequest
 
 TRACE_HEAD = Path(__file__).parent / "data" / "mooncake_synthetic_trace_head400.jsonl"
 # 1,000 tokens/s, 10 ms a step, no attention or KV-read cost: step times by hand
@@ -289,7 +289,7 @@ def test_a_replay_repeats_exactly(trace):
 def test_the_replay_and_its_command_leave_torch_out():
     code = (
         "import sys\n"
-        "import router.route_sim, router.route_sim.bench_command\n"
+        "import pdserve.bench.route_sim, pdserve.bench.route_sim.bench_command\n"
         "print('torch' in sys.modules, 'triton' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

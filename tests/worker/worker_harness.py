@@ -85,7 +85,7 @@ class Worker:
         self.ready_file = workdir / f"{role}-{uuid.uuid4().hex[:8]}.json"
         self.log = tempfile.NamedTemporaryFile(prefix=f"pdserve-{role}-", suffix=".log", delete=False)
         command = [
-            sys.executable, "-m", "common.cli.main", role, *args,
+            sys.executable, "-m", "pdserve.cli.main", role, *args,
             "--worker-address", "tcp://127.0.0.1:0", "--ready-file", str(self.ready_file), "--metrics-port", "0",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -1,0 +1,1 @@
+"""The `pdserve` subcommands, one module each."""

@@ -1,0 +1,406 @@
+"""`pdserve serve`: the whole disaggregated system on this machine, in one command.
+
+    pdserve serve                      # the embedded model: 1 prefill, 1 decode worker, a router
+    pdserve serve --model /models/llama --num-decode-workers 2 --port 8080
+
+It only launches processes (`python -m pdserve.cli.main prefill|decode|router ...`) and
+imports nothing from the workers or the router. Every engine flag goes to every worker
+as given; each worker also gets a free --worker-address, free KV-event and KV-transfer
+ports, a --metrics-port and a --ready-file where it says where it listens. Once every
+worker is ready the router starts with their addresses and the model flags, and when
+its /health answers 200 the URL is printed. Ctrl-C or SIGTERM stops them all: the
+children share one process group, get SIGTERM, then SIGKILL after a grace period, and
+on Linux also die with this process if it is killed outright (no orphans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config.arg_parser import PdserveArgumentParser
+from common.config.arg_types import human_int, int_at_least
+from common.frame_auth import load_cluster_secret
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+_STOP_GRACE_S = 15.0
+_POLL_S = 0.1
+
+# serve's own flags: never passed to the workers
+_SERVE_FLAGS = ("--num-prefill-workers", "--num-decode-workers", "--startup-timeout")
+# the router's flags serve accepts and passes to the router only: (flag, argparse kwargs)
+_ROUTER_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--host", {"default": DEFAULT_HOST, "help": "Host name or address the router listens on."}),
+    ("--port", {"type": int_at_least(0), "default": DEFAULT_PORT, "help": "Port the router listens on; 0 picks a free one."}),
+    ("--api-key", {"nargs": "+", "default": None, "metavar": "KEY",
+                   "help": "If given, the /v1 endpoints require 'Authorization: Bearer <key>' with one of these keys; "
+                   "the router gets them in its environment, never on its command line (prefer setting "
+                   "$PDSERVE_API_KEY or $VLLM_API_KEY yourself). (default: no key)"}),
+    ("--metrics-access", {"default": None, "help": "Who may read the router's /metrics: public, api-key or disabled. (default: public)"}),
+    ("--health-access", {"default": None, "help": "Who may read the router's /health and /ping: public or api-key. (default: public)"}),
+    ("--enable-log-requests", {"action": "store_true", "help": "The router logs every request body (prompts included)."}),
+    ("--max-log-len", {"type": int_at_least(0), "default": None, "help": "With --enable-log-requests, the most characters of a body logged. (default: all)"}),
+    ("--local-prefill-threshold", {"type": human_int(minimum=0), "default": None,
+                                   "help": "Prompts whose uncached part on the chosen decode worker is shorter than this many "
+                                   "tokens are prefilled on that decode worker; 0 sends every prompt to a prefill worker. "
+                                   "(default: the router's)"}),
+    ("--routing-weights", {"default": None, "metavar": "JSON", "help": "Weights of the router's scorers, as JSON (see pdserve router -h)."}),
+    ("--response-role", {"default": None, "help": "The role of chat completion responses. (default: assistant)"}),
+    ("--enable-prompt-tokens-details", {"action": "store_true", "help": "Add usage.prompt_tokens_details.cached_tokens to responses."}),
+    ("--enable-request-id-headers", {"action": "store_true", "help": "Add an X-Request-Id header to every response."}),
+    ("--worker-health-timeout", {"default": None, "help": "Seconds without a load report before the router takes a worker out. (default: 3)"}),
+    ("--worker-reply-timeout", {"default": None, "help": "Seconds a request waits for its worker's next message. (default: 300)"}),
+    ("--max-concurrent-requests", {"type": int_at_least(1), "default": None, "help": "Requests the router answers at once; more wait in its queue. (default: the decode workers' --max-num-seqs, summed)"}),
+    ("--max-queued-requests", {"type": int_at_least(0), "default": None, "help": "Requests that may wait for a slot; beyond it 429 with Retry-After. (default: the --max-concurrent-requests limit)"}),
+    ("--max-queue-wait", {"default": None, "help": "Seconds a queued request waits before 429. (default: 60)"}),
+    ("--h11-max-incomplete-event-size", {"type": human_int(minimum=1024), "default": None, "help": "Largest request header block or body in bytes. (default: 4 MiB)"}),
+    ("--h11-max-header-count", {"type": int_at_least(1), "default": None, "help": "Most header lines a request may have. (default: 256)"}),
+    ("--uvicorn-log-level", {"default": None, "help": "Log level of the router's HTTP server. (default: info)"}),
+    ("--disable-uvicorn-access-log", {"action": "store_true", "help": "Do not log every HTTP request."}),
+)  # fmt: skip
+# engine flags the router needs too (it validates and tokenizes as the workers would)
+_SHARED_WITH_ROUTER = (
+    "model", "tokenizer", "revision", "download_dir", "hf_config_path", "served_model_name", "max_model_len",
+    "max_logprobs", "generation_config", "override_generation_config", "chat_template", "block_size",
+    "prefix_caching_hash_algo",
+)  # fmt: skip
+
+
+def register(subparsers: Any) -> None:
+    from common.config.engine_args import add_engine_args
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="Start a router, a prefill and a decode worker on this machine (OpenAI-compatible API server).",
+        description="Start the disaggregated system on this machine: prefill workers, decode workers and "
+        "the OpenAI-compatible router in front of them, on the embedded model unless --model says "
+        "otherwise. Engine flags go to every worker. Ctrl-C stops everything.",
+    )
+    _add_serve_args(parser)
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+    # the workers get the engine flags exactly as written: keep the words this parser reads
+    parse_known_args = parser.parse_known_args
+
+    def recording(args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = parse_known_args(args, namespace)
+        parsed.serve_argv = list(sys.argv[1:] if args is None else args)
+        return parsed, extras
+
+    parser.parse_known_args = recording  # type: ignore[method-assign]
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("serve")
+    group.add_argument("--num-prefill-workers", type=int_at_least(0), default=1,
+                       help="Prefill workers to start; 0 starts none (the decode workers prefill: aggregated).")  # fmt: skip
+    group.add_argument(
+        "--num-decode-workers", type=int_at_least(1), default=1, help="Decode workers to start."
+    )
+    group.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
+                       help="Seconds to wait for every process to be ready before giving up.")  # fmt: skip
+    # the workers register in it (these flags reach them as written) and the router watches it
+    from common.worker.worker_args import add_registry_args
+
+    add_registry_args(group)
+    group.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        metavar="PATH",
+        help="A file holding the cluster secret (16 bytes or more), given to every worker and the "
+        "router: messages between them and on the KV side channel carry its HMAC tag and those "
+        "without one are dropped. Also read from $PDSERVE_CLUSTER_SECRET_FILE or, the secret itself, "
+        "$PDSERVE_CLUSTER_SECRET. (default: none; see docs/security.md)",
+    )
+    router = parser.add_argument_group("router")
+    for flag, kwargs in _ROUTER_FLAGS:
+        router.add_argument(flag, **kwargs)
+
+
+def worker_argv(serve_argv: list[str]) -> list[str]:
+    """`serve_argv` without serve's and the router's own flags: what every worker gets."""
+    own = PdserveArgumentParser(prog="pdserve serve", add_help=False)
+    for flag in _SERVE_FLAGS:
+        own.add_argument(flag)
+    for flag, kwargs in _ROUTER_FLAGS:
+        own.add_argument(flag, **{k: v for k, v in kwargs.items() if k == "action"})
+    _, rest = own.parse_known_args(serve_argv)
+    return rest
+
+
+def router_argv(args: argparse.Namespace, prefill: list[str], decode: list[str], port: int) -> list[str]:
+    argv = ["--host", args.host, "--port", str(port), "--decode-workers", ",".join(decode)]
+    if prefill:
+        argv += ["--prefill-workers", ",".join(prefill)]
+    if getattr(args, "registry", None):
+        argv += ["--registry", args.registry]
+    if args.cluster_secret_file:  # the workers get it too, as written (worker_argv)
+        argv += ["--cluster-secret-file", args.cluster_secret_file]
+    for flag, kwargs in _ROUTER_FLAGS:
+        dest = flag[2:].replace("-", "_")
+        if dest in ("host", "port", "api_key"):  # the key goes in the environment (router_env)
+            continue
+        value = getattr(args, dest)
+        if kwargs.get("action") == "store_true":
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    for dest in _SHARED_WITH_ROUTER:
+        value = getattr(args, dest, None)
+        if value is None or value == {}:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def worker_env() -> dict[str, str]:
+    """The workers' environment: NIXL's UCX listens on loopback only, as everything serve
+    starts does, unless $UCX_NET_DEVICES says otherwise (UCX's default is every interface)."""
+    env = dict(os.environ)
+    env.setdefault("UCX_NET_DEVICES", "lo")
+    return env
+
+
+def router_env(args: argparse.Namespace) -> dict[str, str]:
+    """The router's environment: this one's, plus the API keys given on serve's command line
+    (kept off the router's command line, which every local user can read)."""
+    env = dict(os.environ)
+    if args.api_key:
+        env["PDSERVE_API_KEY"] = ",".join(args.api_key)
+    return env
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    ready_file: Path | None = None
+    info: dict[str, Any] | None = None
+
+
+class _Launcher:
+    """The children, started into one process group and stopped together."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.children: list[_Child] = []
+        self._group: int | None = None
+
+    def start(
+        self, name: str, argv: list[str], ready_file: Path | None = None, env: dict[str, str] | None = None
+    ) -> _Child:
+        command = [sys.executable, "-m", "pdserve.cli.main", *argv]
+        group = self._group if self._group is not None else 0  # 0: a new group led by this child
+
+        def in_the_group() -> None:  # runs in the child before exec
+            os.setpgid(0, group)
+            _die_with_parent()
+
+        process = subprocess.Popen(command, preexec_fn=in_the_group, env=env)
+        if self._group is None:
+            self._group = process.pid
+        child = _Child(name, process, ready_file)
+        self.children.append(child)
+        return child
+
+    def exited(self) -> _Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self) -> None:
+        if self._group is None:
+            return
+        _signal_group(self._group, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for child in self.children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        # whatever is left of the group (a child's own children included) goes now
+        _signal_group(self._group, signal.SIGKILL)
+        for child in self.children:
+            child.process.wait()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StartupFailed(Exception):
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    """The subcommand: start, wait until ready, print the URL, serve until a signal."""
+    workdir = Path(tempfile.mkdtemp(prefix="pdserve-serve-"))
+    launcher = _Launcher(workdir)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        status = _serve(args, launcher)
+    except _Interrupted:
+        print("pdserve serve: stopping", file=sys.stderr, flush=True)
+    except _StartupFailed as exc:
+        print(f"pdserve serve: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        # a second Ctrl-C must not leave children behind while they are being stopped
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        launcher.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
+    deadline = time.monotonic() + args.startup_timeout
+    try:  # a secret that cannot be read stops everything before anything starts
+        load_cluster_secret(args.cluster_secret_file)
+    except ValueError as exc:
+        raise _StartupFailed(str(exc)) from None
+    common = worker_argv(args.serve_argv)
+    for role, count in (("prefill", args.num_prefill_workers), ("decode", args.num_decode_workers)):
+        for i in range(count):
+            ready_file = launcher.workdir / f"{role}-{i}.json"
+            argv = [
+                role,
+                *common,
+                "--worker-address", "tcp://127.0.0.1:0",
+                "--ready-file", str(ready_file),
+                "--metrics-port", "0",
+                # on one machine every worker needs its own ports
+                "--kv-events-config.enable_kv_cache_events", "true",
+                "--kv-events-config.endpoint", "tcp://127.0.0.1:*",
+                "--kv-events-config.replay_endpoint", "tcp://127.0.0.1:*",
+                "--kv-transfer-config.kv_port", "0",
+            ]  # fmt: skip
+            launcher.start(f"{role} worker {i}", argv, ready_file, env=worker_env())
+    workers = list(launcher.children)
+    for child in workers:
+        child.info = _wait_for_ready_file(child, launcher, deadline)
+    prefill = [c.info["address"] for c in workers if c.name.startswith("prefill")]  # type: ignore[index]
+    decode = [c.info["address"] for c in workers if c.name.startswith("decode")]  # type: ignore[index]
+
+    port = args.port or _free_port(args.host)
+    router = launcher.start(
+        "router", ["router", *router_argv(args, prefill, decode, port)], env=router_env(args)
+    )
+    url = f"http://{_url_host(args.host)}:{port}"
+    _wait_for_health(url, router, launcher, deadline, _health_key(args))
+    for child in workers:
+        info = child.info or {}
+        print(f"pdserve serve: {child.name} {info.get('worker_id')} at {info.get('address')} "
+              f"(metrics on port {info.get('metrics_port')})", flush=True)  # fmt: skip
+    print(f"pdserve serve: ready at {url} (OpenAI API at {url}/v1; Ctrl-C stops)", flush=True)
+
+    while True:
+        child = launcher.exited()
+        if child is not None:
+            print(f"pdserve serve: the {child.name} exited with status {child.process.returncode}; "
+                  "stopping everything", file=sys.stderr, flush=True)  # fmt: skip
+            return 1
+        time.sleep(_POLL_S)
+
+
+def _wait_for_ready_file(child: _Child, launcher: _Launcher, deadline: float) -> dict[str, Any]:
+    assert child.ready_file is not None
+    while not child.ready_file.exists():
+        _check_progress(child, launcher, deadline)
+        time.sleep(_POLL_S)
+    return json.loads(child.ready_file.read_text(encoding="utf-8"))
+
+
+def _health_key(args: argparse.Namespace) -> str | None:
+    """The key /health needs under --health-access api-key (one the router accepts)."""
+    if args.health_access != "api-key":
+        return None
+    from_env = os.environ.get("PDSERVE_API_KEY") or os.environ.get("VLLM_API_KEY") or ""
+    keys = args.api_key or [key.strip() for key in from_env.split(",") if key.strip()]
+    return keys[0] if keys else None
+
+
+def _wait_for_health(
+    url: str, router: _Child, launcher: _Launcher, deadline: float, api_key: str | None = None
+) -> None:
+    request = urllib.request.Request(url + "/health")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass  # not listening yet, or 503 until every worker reported
+        _check_progress(router, launcher, deadline)
+        time.sleep(_POLL_S)
+
+
+def _check_progress(waiting_for: _Child, launcher: _Launcher, deadline: float) -> None:
+    child = launcher.exited()
+    if child is not None:
+        raise _StartupFailed(
+            f"the {child.name} exited with status {child.process.returncode} while starting; "
+            "its output above says why"
+        )
+    if time.monotonic() > deadline:
+        raise _StartupFailed(
+            f"the {waiting_for.name} was not ready within --startup-timeout; raise it, or see the output above"
+        )
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise _Interrupted()
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM if `pdserve serve` dies without cleaning up."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in ("", "0.0.0.0", "::") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::", "*") else host
