@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, ClassVar
 
 import msgpack
@@ -22,6 +23,14 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 class ProtocolError(ValueError):
     pass
+
+
+class WorkerRole(str, Enum):
+    """The part a worker plays; its value is the role's name on the wire, in load reports,
+    registry records and metrics labels."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
 
 
 @dataclass

@@ -31,10 +31,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from common.protocol import WorkerRole
 from router.errors import RetryLater
 from router.metrics import RouterMetrics
 from router.worker_pool import WorkerPool
-from router.worker_state import WorkerRole
 
 logger = logging.getLogger(__name__)
 

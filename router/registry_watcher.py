@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from common.protocol import WorkerRole
 from common.registry import CHANNEL, KEY_PREFIX, WorkerRecord, redacted
-from router.worker_state import WorkerRole
 
 logger = logging.getLogger(__name__)
 

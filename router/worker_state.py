@@ -17,13 +17,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from enum import Enum
 from typing import Any
 
-
-class WorkerRole(str, Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
+from common.protocol import WorkerRole
 
 
 @dataclass

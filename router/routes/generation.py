@@ -13,12 +13,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from common.openai_api import ChatCompletionRequest, CompletionRequest, PreparedRequest, ServedModel
+from common.protocol import WorkerRole
 from router.admission import ClientGone, Slot
 from router.completion_run import CompletionRun
 from router.context import RouterContext
 from router.errors import no_worker_available
 from router.request_id import incoming_request_id
-from router.worker_state import WorkerRole
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from common.protocol import WorkerRole
 from router.dependencies import Context
-from router.worker_state import WorkerRole
 
 router = APIRouter()
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from pdserve.cli.serve import router_argv, worker_argv
 from common.config.arg_parser import PdserveArgumentParser
 from common.worker.worker_args import add_worker_args, worker_options_from_args
+from pdserve.cli.serve import router_argv, worker_argv
 from router.cli import add_router_args, config_from_args
 from router.config import RouterConfig
 from tests.e2e.stack import REPO

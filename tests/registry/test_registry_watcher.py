@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from common.protocol import WorkerRole
 from common.registry import WorkerRecord, worker_key
 from common.registry_heartbeat import RegistryHeartbeat
 from router.registry_watcher import RegistryWatcher
-from router.worker_state import WorkerRole
 
 POLL_S = 0.1
 

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from common.block_hash import hash_request_blocks
 from common.engine.block_pool import BlockPool
 from common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from pdserve.bench.prefix_index import run_benchmark, synthetic_trace
 from router.policy import PolicyWeights
 from router.prefix_index import PrefixIndex, request_block_hashes
-from pdserve.bench.prefix_index import run_benchmark, synthetic_trace
 
 
 def _stored(hashes, parent=None, medium="GPU", group_idx=None):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cli.main import main as pdserve
 from common.kv_events import BlockRemoved, BlockStored
 from pdserve.bench.route_sim import ServiceModel, TraceReplay, load_trace, oracle_hit_rate, replay
 from pdserve.bench.route_sim.block_cache import LRUBlockCache
 from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
 from pdserve.bench.route_sim.trace import TraceRequest
+from pdserve.cli.main import main as pdserve
 
 TRACE_HEAD = Path(__file__).parent / "data" / "mooncake_synthetic_trace_head400.jsonl"
 # 1,000 tokens/s, 10 ms a step, no attention or KV-read cost: step times by hand
