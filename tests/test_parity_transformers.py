@@ -16,10 +16,10 @@ import json
 import pytest
 import torch
 
-from pdserve.cli.run_batch import run_batch, served_model_of
 from common.config.engine_config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.tokenizer import load_tokenizer
+from pdserve.cli.run_batch import run_batch, served_model_of
 
 NUM_TOKENS = 48
 MAX_MODEL_LEN = 256

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench_pdserve(source, prompts: list[list[int]], output_len: int) -> dict:
-    from pdserve.cli.run_batch import run_batch, served_model_of
     from common.config.engine_config import EngineConfig
     from common.engine.llm_engine import LLMEngine
     from common.tokenizer import load_tokenizer
+    from pdserve.cli.run_batch import run_batch, served_model_of
 
     started = time.perf_counter()
     engine = LLMEngine.from_config(EngineConfig())

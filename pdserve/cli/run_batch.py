@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.cli.api_client import ApiClient, ApiError, add_server_args
 from common.config.arg_types import int_at_least
 from common.generation_config import read_chat_template
 from common.model_files import resolve_model
@@ -43,6 +42,7 @@ from common.openai_api import (
 )
 from common.output_processor import OutputProcessor, RequestText
 from common.tokenizer import Tokenizer, load_tokenizer
+from pdserve.cli.api_client import ApiClient, ApiError, add_server_args
 
 DEFAULT_MAX_CONCURRENCY = 64
 COMPLETIONS_URL = "/v1/completions"

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from common.attention import reference
+from common.attention.paged_batch import make_paged_batch, reference_error, relative_error
 from common.attention.triton_decode import choose_num_splits, decode_attention
 from common.attention.triton_paged_tiles import num_sms
 from common.attention.triton_prefill import prefill_attention
 from common.attention.triton_write_kv import write_kv
-from common.attention.paged_batch import make_paged_batch, reference_error, relative_error
 
 pytestmark = [
     pytest.mark.gpu,

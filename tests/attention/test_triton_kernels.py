@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.attention import reference
+from common.attention.paged_batch import make_paged_batch, relative_error
 from common.attention.triton_backend import TritonAttentionBackend
 from common.attention.triton_backend import paged_attention as triton_paged_attention
 from common.attention.triton_decode import (
@@ -21,7 +22,6 @@ from common.attention.triton_decode import (
 )
 from common.attention.triton_prefill import prefill_attention
 from common.attention.triton_write_kv import write_kv
-from common.attention.paged_batch import make_paged_batch, relative_error
 
 FP8 = torch.float8_e4m3fn
 TOL = 5e-3

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cli.run_batch import run_batch, served_model_of
 from common.config.engine_config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.tokenizer import load_tokenizer
+from pdserve.cli.run_batch import run_batch, served_model_of
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 256

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from pdserve.cli.serve import router_argv, router_env, worker_argv
 from common.config.arg_parser import PdserveArgumentParser
+from pdserve.cli.serve import router_argv, router_env, worker_argv
 
 
 def _parsed(argv: list[str]) -> argparse.Namespace:

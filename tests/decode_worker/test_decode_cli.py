@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cli.main import main
 from common.config.kv_transfer_config import KVTransferConfig
 from common.worker.worker_role import kv_transfer_config_for
 from decode_worker.role import DECODE_ROLE
 from kvtransfer.factory import default_connector_name
+from pdserve.cli.main import main
 
 
 def test_without_kv_transfer_config_it_pulls_with_the_best_connector_here():

@@ -8,10 +8,10 @@ import importlib
 
 import pytest
 
-from pdserve.cli.main import SUBCOMMANDS
 from common.config.arg_parser import PdserveArgumentParser
 from common.config.engine_args import engine_config_from_args
 from common.worker.worker_role import kv_transfer_config_for
+from pdserve.cli.main import SUBCOMMANDS
 from tests.deploy.deploy_files import (
     KUSTOMIZE_DIRS,
     Invocation,

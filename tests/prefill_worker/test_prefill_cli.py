@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pdserve.cli.main import main
 from common.config.kv_transfer_config import KVTransferConfig
 from common.worker.worker_role import kv_transfer_config_for
 from kvtransfer.factory import default_connector_name
+from pdserve.cli.main import main
 from prefill_worker.role import PREFILL_ROLE
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from common.config.arg_parser import JsonObjectAction
 from common.config.arg_types import human_int, int_at_least
-from router.policy import PolicyWeights
-from router.policy.named import POLICY_NAMES
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.trace import load_trace
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker, oracle_hit_rate, replay
+from router.policy import PolicyWeights
+from router.policy.named import POLICY_NAMES
 
 _TABLE = [
     ("policy", "policy", "{}"),

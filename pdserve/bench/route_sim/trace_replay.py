@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.kv_events import KVEventBatch, decode_batch, encode_batch
-from router.policy import PolicyWeights
-from router.policy.named import build_policy
-from router.prefix_index import PrefixIndex
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
 from pdserve.bench.route_sim.trace import TRACE_BLOCK_SIZE, TraceRequest, distinct_blocks
+from router.policy import PolicyWeights
+from router.policy.named import build_policy
+from router.prefix_index import PrefixIndex
 from router.worker_state import WorkerRole, WorkerState
 
 
