@@ -1,9 +1,13 @@
 """The KV-transfer connector interface: what a worker and its engine call on a connector.
 
-One Protocol, which every connector in kvtransfer/ implements in full (kvtransfer's
-`KVConnector` base class declares it abstractly, so a missing method fails at
-construction). The engine and the worker loop type their connector with it; nothing
-probes a connector with getattr. Torch-free: the KV tensor is typed by name only.
+One Protocol, which every connector implements in full; `missing_members()` names what
+a class lacks, so a connector loaded by name is checked before it is built. The engine
+and the worker loop type their connector with it; nothing probes a connector with
+getattr. Torch-free: the KV tensor is typed by name only.
+
+`isinstance(obj, KVConnector)` works (the Protocol is runtime-checkable), but before
+Python 3.12 it reads every property, and `side_channel_address` raises on a consumer:
+check classes with `missing_members()` instead.
 
 Producer side (prefill): register the KV tensor; export a request's blocks, which
 gives the `kv_transfer_params` that travel back through the router; the blocks stay
@@ -73,8 +77,10 @@ class KVConnector(Protocol):
     # -- both sides ---------------------------------------------------------------------
 
     def attach_ranks(self, executor: Any) -> None:
-        """Start the parts of the other tensor-parallel ranks through the engine's executor
-        (tp_size > 1); a connector of one cache raises ValueError when asked to."""
+        """Start the parts of the other tensor-parallel ranks through the engine's executor;
+        call it before register_kv_cache. `executor` is None for an engine of one rank, for
+        which a connector of one cache does nothing; given an executor of several ranks,
+        such a connector raises ValueError (build it for tp_size=N instead)."""
         ...
 
     def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
@@ -136,3 +142,29 @@ class KVConnector(Protocol):
     def notify_done(self, request_id: str, params: dict[str, Any]) -> None:
         """Tell the producer it may free the request's blocks, without pulling them."""
         ...
+
+
+# The Protocol's members, in declaration order: what every connector class must define.
+KV_CONNECTOR_MEMBERS: tuple[str, ...] = tuple(name for name in vars(KVConnector) if not name.startswith("_"))
+
+
+def missing_members(cls: type) -> list[str]:
+    """The Protocol members `cls` does not define. An attribute set only in __init__ is not
+    on the class, so a data member such as `tp_size` needs a class-level default or a property."""
+    return [name for name in KV_CONNECTOR_MEMBERS if not hasattr(cls, name)]
+
+
+class WorkerConnectors(Protocol):
+    """How a worker gets its connector: the one factory a role is given (the connector
+    package provides it; common never names it)."""
+
+    def default_name(self) -> str:
+        """The connector to use when --kv-transfer-config names none."""
+        ...
+
+    def build(self, config: Any, spec_fields: dict[str, Any], tp_size: int) -> KVConnector:
+        """The worker's connector from its resolved KVTransferConfig, its cache's KVCacheSpec
+        fields and its tensor-parallel size (one part per rank); ValueError naming the fix
+        when it cannot run here."""
+        ...
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -94,21 +94,93 @@ class Hello:
 
 @dataclass
 class LoadReport:
-    """Worker → router, periodically and after changes: what routing weighs."""
+    """Worker → router, on hello, after each change of its load and as a heartbeat
+    (common/worker/load_reports.py): how loaded the worker is, which the routing scorers
+    weigh, and what a router needs to know to route to it and index its cache. The
+    router keeps the last one it got from each worker as it is (router/worker_state.py).
+
+    Every field has a default so a partial report reads as "not said"; on the wire the
+    worker's identity and its load figures are required (WIRE_REQUIRED)."""
 
     TYPE: ClassVar[str] = "load"
-    worker_id: str
-    role: str  # "prefill" | "decode" | "both"
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    queued_prefill_tokens: int
+    WIRE_REQUIRED: ClassVar[tuple[str, ...]] = (
+        "worker_id", "role", "num_running", "num_waiting", "num_queued_prefill_tokens", "kv_cache_usage",
+    )  # fmt: skip
+    worker_id: str = ""
+    role: WorkerRole = WorkerRole.DECODE
+    engine_id: str = ""  # changes when the worker restarts
+    # the load, as the worker's Prometheus gauges say it
+    num_running: int = 0  # sequences in its running batch (vllm:num_requests_running)
+    num_waiting: int = 0  # queued, not yet scheduled, remote-KV pulls included (vllm:num_requests_waiting)
+    num_queued_prefill_tokens: int = 0  # prompt tokens accepted but not yet prefilled
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0 to 1 (vllm:kv_cache_usage_perc)
+    # what the worker is; 0 or "" where it does not say
+    num_kv_blocks: int = 0  # size of its KV cache in blocks
+    max_num_seqs: int = 0  # sizes the router's admission limit
+    block_size: int = 0  # with prefix_caching_hash_algo: how it hashes blocks, which the router must match
+    prefix_caching_hash_algo: str = ""
+    # where its KV events are published (a bind address such as tcp://*:5557 is read on its host)
+    kv_events_endpoint: str | None = None
+    kv_replay_endpoint: str | None = None
+    kv_events_topic: str = ""
     request_id: str = ""  # load reports concern no request
-    engine_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LoadReport:
+        """A report from a map of its fields; ProtocolError (a ValueError) saying which
+        field is wrong."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"a load report must be a map, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ProtocolError(f"load report has unknown fields {unknown}; known: {sorted(known)}")
+        report = cls(**data)
+        report.check()
+        return report
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def check(self) -> None:
+        """Raise ProtocolError unless every field has its type and range; the role becomes a
+        WorkerRole and kv_cache_usage a float."""
+        for name in ("worker_id", "engine_id", "prefix_caching_hash_algo", "kv_events_topic", "request_id"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, str) and len(value) <= 1024, f"load report field {name} must be a string"
+            )
+        _check(
+            isinstance(self.role, str) and self.role in _ROLE_VALUES,
+            f"load report field role must be one of {sorted(_ROLE_VALUES)}, got {self.role!r}",
+        )
+        self.role = WorkerRole(self.role)
+        for name in ("num_running", "num_waiting", "num_queued_prefill_tokens", "num_kv_blocks", "max_num_seqs",
+                     "block_size"):  # fmt: skip
+            value = getattr(self, name)
+            _check(
+                _is_int(value) and value >= 0,
+                f"load report field {name} must be a non-negative int, got {value!r}",
+            )
+        usage = self.kv_cache_usage
+        _check(
+            _is_number(usage) and 0.0 <= usage <= 1.0,
+            f"load report field kv_cache_usage must be a number from 0 to 1, got {usage!r}",
+        )
+        self.kv_cache_usage = float(usage)
+        for name in ("kv_events_endpoint", "kv_replay_endpoint"):
+            value = getattr(self, name)
+            _check(
+                value is None or isinstance(value, str), f"load report field {name} must be a string or nil"
+            )
 
 
-MESSAGE_TYPES = {cls.TYPE: cls for cls in (GenerateRequest, Abort, TokenDelta, ErrorMessage, Hello, LoadReport)}
+_ROLE_VALUES = frozenset(role.value for role in WorkerRole)
+
+
+MESSAGE_TYPES = {
+    cls.TYPE: cls for cls in (GenerateRequest, Abort, TokenDelta, ErrorMessage, Hello, LoadReport)
+}
 Message = GenerateRequest | Abort | TokenDelta | ErrorMessage | Hello | LoadReport
 
 _SAMPLING_FIELDS = {f.name: f for f in dataclasses.fields(SamplingParams)}
@@ -136,6 +208,9 @@ def decode_message(frame: bytes) -> Message:
     unknown = set(body) - set(known)
     if unknown:
         raise ProtocolError(f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    missing = [name for name in getattr(cls, "WIRE_REQUIRED", ()) if name not in body]
+    if missing:
+        raise ProtocolError(f"{cls.TYPE}: missing fields {missing}")
     try:
         msg = cls(**body)
     except TypeError as exc:
@@ -162,11 +237,15 @@ def _check_types(msg: Message) -> None:
     if isinstance(msg, GenerateRequest):
         ids = msg.prompt_token_ids
         _check(isinstance(ids, list) and len(ids) > 0, "generate: prompt_token_ids must be a non-empty list")
-        _check(all(_is_int(t) and t >= 0 for t in ids), "generate: prompt_token_ids must be non-negative ints")
+        _check(
+            all(_is_int(t) and t >= 0 for t in ids), "generate: prompt_token_ids must be non-negative ints"
+        )
         _check(isinstance(msg.sampling_params, dict), "generate: sampling_params must be a map")
         sampling_params_from_wire(msg.sampling_params)
         _check(_is_int(msg.priority), "generate: priority must be an int")
-        _check(msg.cache_salt is None or isinstance(msg.cache_salt, str), "generate: cache_salt must be a string")
+        _check(
+            msg.cache_salt is None or isinstance(msg.cache_salt, str), "generate: cache_salt must be a string"
+        )
         _check(
             msg.kv_transfer_params is None or isinstance(msg.kv_transfer_params, dict),
             "generate: kv_transfer_params must be a map",
@@ -183,14 +262,15 @@ def _check_types(msg: Message) -> None:
             "delta: kv_transfer_params must be a map",
         )
     elif isinstance(msg, ErrorMessage):
-        _check(_is_int(msg.code) and isinstance(msg.message, str), "error: code must be an int, message a string")
+        _check(
+            _is_int(msg.code) and isinstance(msg.message, str), "error: code must be an int, message a string"
+        )
     elif isinstance(msg, Hello):
-        _check(isinstance(msg.router_id, str) and len(msg.router_id) <= 256, "hello: router_id must be a string")
+        _check(
+            isinstance(msg.router_id, str) and len(msg.router_id) <= 256, "hello: router_id must be a string"
+        )
     elif isinstance(msg, LoadReport):
-        _check(isinstance(msg.worker_id, str) and isinstance(msg.role, str), "load: worker_id and role")
-        _check(all(_is_int(x) for x in (msg.num_running, msg.num_waiting, msg.queued_prefill_tokens)), "load: counts")
-        _check(_is_number(msg.kv_cache_usage), "load: kv_cache_usage must be a number")
-        _check(isinstance(msg.extra, dict), "load: extra must be a map")
+        msg.check()
 
 
 def sampling_params_to_wire(params: SamplingParams) -> dict[str, Any]:
@@ -207,13 +287,24 @@ def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
     for name, value in wire.items():
         if value is None and name in ("seed", "logit_bias", "logprobs"):
             continue
-        if name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             # NaN or infinity would pass range checks and fail the sampler's whole step
-            _check(_is_number(value) and math.isfinite(value), f"sampling_params.{name} must be a finite number")
+            _check(
+                _is_number(value) and math.isfinite(value), f"sampling_params.{name} must be a finite number"
+            )
         elif name == "ignore_eos":
             _check(isinstance(value, bool), "sampling_params.ignore_eos must be a bool")
         elif name == "stop_token_ids":
-            _check(isinstance(value, list) and all(_is_int(t) for t in value), "sampling_params.stop_token_ids")
+            _check(
+                isinstance(value, list) and all(_is_int(t) for t in value), "sampling_params.stop_token_ids"
+            )
         elif name == "logit_bias":
             _check(
                 isinstance(value, dict) and all(_is_int(k) and _is_number(v) for k, v in value.items()),

@@ -23,13 +23,15 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from common.protocol import WorkerRole
+
 KEY_PREFIX = "pdserve:worker:"
 CHANNEL = "pdserve:workers"
 DEFAULT_TTL_S = 10.0
 # A heartbeat renews the key this many times per TTL, so one or two lost beats (a slow
 # Redis, a long GC pause) do not expire a live worker.
 BEATS_PER_TTL = 3
-ROLES = ("prefill", "decode")
+ROLES = tuple(role.value for role in WorkerRole)
 _ADDRESS_SCHEMES = ("tcp://", "ipc://")
 _REQUIRED = ("worker_id", "role", "address", "model", "engine_id", "ttl_s")
 
@@ -74,7 +76,7 @@ class WorkerRecord:
     """One worker as the registry knows it."""
 
     worker_id: str
-    role: str  # "prefill" | "decode"
+    role: str  # a WorkerRole's value: "prefill" | "decode"
     address: str  # the ZMQ address routers connect to (never a wildcard host)
     model: str
     engine_id: str

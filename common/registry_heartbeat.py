@@ -21,6 +21,7 @@ from typing import Any
 
 from common.registry import BEATS_PER_TTL, CHANNEL, WorkerRecord, redacted, worker_key
 from common.worker.load_reports import LoadReporter
+from common.worker.load_reports import load_of as report_load_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,13 @@ class RecordingLoadReporter(LoadReporter):
 
 
 def load_of(stats: Any) -> dict[str, float]:
-    """The load figures of EngineStats `stats` as the record carries them."""
+    """The load figures of EngineStats `stats` as the record carries them: a LoadReport's,
+    the usage rounded for readers of the registry."""
     if stats is None:
         return {}
-    return {
-        "num_running": stats.num_running,
-        "num_waiting": stats.num_waiting + stats.num_waiting_for_remote_kv,
-        "kv_cache_usage": round(float(stats.kv_cache_usage), 4),
-        "num_queued_prefill_tokens": stats.num_queued_prefill_tokens,
-    }
+    load = report_load_of(stats)
+    load["kv_cache_usage"] = round(load["kv_cache_usage"], 4)
+    return load
 
 
 class RegistryHeartbeat:

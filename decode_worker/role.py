@@ -1,20 +1,18 @@
-"""The decode worker's part: it pulls KV blocks (kv_role kv_consumer, or kv_both).
-
-A request with kv_transfer_params waits, with its blocks allocated, while the connector
-pulls the prompt blocks its own prefix cache lacks; the running sequences keep decoding
-meanwhile (continuous batching). A request without them is prefilled here. A failed
-pull is recomputed here or fails, as kv_load_failure_policy says.
+"""The decode worker's Role: it pulls KV blocks (kv_role kv_consumer, or kv_both) and
+attaches only the consumer's hooks (consumer.py), even with kv_both: routers send a
+decode worker no prefill_only request.
 """
 
 from __future__ import annotations
 
-from common.worker.worker_role import WorkerRole
-from kvtransfer.factory import default_connector_name
-from kvtransfer.tp_connector import build_worker_connector
+from common.protocol import WorkerRole
+from common.worker.role import Role
+from decode_worker.consumer import ConsumerHooks
+from kvtransfer.factory import WORKER_CONNECTORS
 
-DECODE_ROLE = WorkerRole(
-    name="decode",
+DECODE_ROLE = Role(
+    name=WorkerRole.DECODE,
     kv_roles=("kv_consumer", "kv_both"),
-    default_connector=default_connector_name,
-    build_connector=build_worker_connector,
+    connectors=WORKER_CONNECTORS,
+    build_hooks=ConsumerHooks.for_engine,
 )

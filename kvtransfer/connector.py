@@ -1,33 +1,20 @@
-"""The KV-transfer connector: how a prefill engine hands a request's KV-cache blocks to
-a decode engine.
+"""The base class of kvtransfer's connectors: the fields every one keeps and the
+Protocol's members left abstract, so that a connector missing one fails at construction.
 
-Producer side (prefill): register the KV tensor; export a request's blocks, which
-gives the `kv_transfer_params` that travel back through the router; the blocks stay
-leased until the consumer is done with them or the lease runs out, and
-`take_freed_requests()` tells the worker's step loop which requests it may now free.
-
-Consumer side (decode): register the KV tensor; start an asynchronous pull of some of
-the remote blocks into given local blocks; `poll()` reports finished and failed pulls;
-`notify_done()` releases a request the consumer will not pull (a full local prefix hit,
-an abort), so the producer never leaks blocks. A pull tells the producer itself when
-it ends, however it ends.
-
-Contract for the caller: every request that arrives with kv_transfer_params gets
-exactly one `start_pull()` or one `notify_done()`. Local blocks given to `start_pull()`
-must stay allocated until `poll()` reports the request, since the transfer writes
-into them until then. Call the methods from one thread (the worker's step loop); the
-connector does its network I/O in its own threads and never blocks the caller.
+The interface itself, with what each member means and the caller's contract, is
+common/kv_connector.py's KVConnector Protocol; this class adds nothing to it. Build a
+connector with kvtransfer.factory, never by hand.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from common.config.kv_transfer_config import KV_ROLES, KVTransferConfig
+from common.kv_connector import PullResults, TransferRecord
 from kvtransfer.kv_cache_spec import KVCacheSpec
 
 
@@ -35,33 +22,24 @@ class ConnectorUnavailableError(RuntimeError):
     """The connector cannot run here (its package is missing or its backend unavailable)."""
 
 
-class PullResults(NamedTuple):
-    done: list[str]  # request ids whose blocks are now in the local cache
-    failed: list[tuple[str, str]]  # (request id, why); their local blocks hold nothing usable
+def summed_stats(*parts: Any) -> dict[str, float]:
+    """The stats() of a connector's parts (None: absent) added up key by key: a producer and
+    a consumer count different things, several consumers the same ones."""
+    total: dict[str, float] = {}
+    for part in parts:
+        if part is not None:
+            for key, value in part.stats().items():
+                total[key] = total.get(key, 0) + value
+    return total
 
 
-@dataclass(frozen=True)
-class TransferRecord:
-    """One finished pull, for histograms (vllm:nixl_xfer_time_seconds and friends)."""
+class ConnectorBase(ABC):
+    """A connector of kvtransfer. Subclasses take (config, role, kv_spec, *, tp_rank=0,
+    tp_size=1), so that an out-of-tree class named by kv_connector_module_path is built the
+    same way, and build their parts in `_setup()` rather than in their own __init__."""
 
-    request_id: str
-    num_bytes: int
-    seconds: float  # from the start of the data movement (after the handshake) to its end
-    num_descriptors: int  # one per block
-    # host time.perf_counter_ns() at each phase of the pull, where the data path records
-    # them (CudaIpcConnector: dispatched, dequeued, started, packed, launched, gpu_done,
-    # recorded; plus gpu_ns, the copy's CUDA-event time); None elsewhere
-    phases_ns: dict[str, int] | None = None
-
-
-class KVConnector(ABC):
-    """The interface every connector implements; construct one with `create_connector()`.
-
-    Subclasses take (config, role, kv_spec, *, tp_rank=0, tp_size=1), so that an
-    out-of-tree class named by kv_connector_module_path is built the same way.
-    """
-
-    name = "KVConnector"
+    name = "ConnectorBase"  # each connector names itself: the handshake reply carries it
+    tp_size: int = 1  # set per instance; a class-level default so the class shows the member
 
     def __init__(
         self,
@@ -79,6 +57,10 @@ class KVConnector(ABC):
         self.kv_spec = kv_spec
         self.tp_rank = tp_rank
         self.tp_size = tp_size
+        self._setup()
+
+    def _setup(self) -> None:  # noqa: B027 (a hook: a connector with nothing to build skips it)
+        """Build the connector's parts, once the fields above are set."""
 
     @property
     def is_producer(self) -> bool:
@@ -88,64 +70,66 @@ class KVConnector(ABC):
     def is_consumer(self) -> bool:
         return self.role in ("kv_consumer", "kv_both")
 
-    # -- both sides ---------------------------------------------------------------------
+    def attach_ranks(self, executor: Any) -> None:
+        """A connector of one cache: nothing to start for an engine of one rank (executor
+        None); an engine of several needs a connector built for them."""
+        if executor is None:
+            return
+        raise ValueError(
+            f"the KV connector {type(self).__name__} serves one cache, and this engine runs "
+            f"{getattr(executor, 'size', 'several')} tensor-parallel ranks; build it with "
+            "tp_size=N through kvtransfer.factory (build_worker_connector or create_engine_connector), "
+            "which runs one part per rank"
+        )
+
+    # -- the Protocol's members, as common/kv_connector.py describes them -------------------
 
     @abstractmethod
-    def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """Register the worker's KV tensor [num_blocks, num_layers, 2, kv_heads, block_size,
-        head_dim]; a producer starts serving its side channel here."""
+    def register_kv_cache(self, kv_cache: torch.Tensor) -> None: ...
+
+    @property
+    @abstractmethod
+    def side_channel_address(self) -> tuple[str, int]: ...
 
     @abstractmethod
-    def stats(self) -> dict[str, float]:
-        """Counters since start: bytes_transferred, transfer_time_s, num_descriptors,
-        num_transfers, num_failed_transfers, num_handshakes on a consumer; num_exported,
-        num_held, num_freed_notified, num_freed_expired, num_rejected_messages,
-        bytes_served on a producer."""
+    def stats(self) -> dict[str, float]: ...
 
     @abstractmethod
-    def take_transfer_records(self) -> list[TransferRecord]:
-        """The pulls finished since the last call (a consumer's; a producer has none)."""
+    def take_transfer_records(self) -> list[TransferRecord]: ...
 
     @abstractmethod
-    def close(self) -> None:
-        """Stop the connector's threads and release its memory registrations."""
-
-    # -- producer -----------------------------------------------------------------------
+    def close(self) -> None: ...
 
     @abstractmethod
-    def export_blocks(self, request_id: str, block_ids: list[int], num_tokens: int) -> dict[str, Any]:
-        """Lease the request's blocks to a future consumer and return its kv_transfer_params
-        (msgpack- and JSON-safe)."""
+    def export_blocks(self, request_id: str, block_ids: list[int], num_tokens: int) -> dict[str, Any]: ...
 
     @abstractmethod
-    def take_freed_requests(self) -> list[str]:
-        """Exported requests whose blocks the worker may free now: released by their
-        consumer, or their lease expired. Each request appears once."""
-
-    # -- consumer -----------------------------------------------------------------------
+    def take_freed_requests(self) -> list[str]: ...
 
     @abstractmethod
     def start_pull(
-        self,
-        request_id: str,
-        params: dict[str, Any],
-        local_block_ids: list[int],
-        remote_block_ids: list[int],
-    ) -> None:
-        """Begin copying `remote_block_ids` (some of params' remote_block_ids, typically the
-        suffix this engine lacks) into `local_block_ids`, pairwise. Returns at once; bad
-        params come back as a failure from `poll()`, bad block ids raise ValueError."""
+        self, request_id: str, params: dict[str, Any], local_block_ids: list[int], remote_block_ids: list[int]
+    ) -> None: ...
 
     @abstractmethod
-    def poll(self) -> PullResults:
-        """Pulls that ended since the last call."""
+    def poll(self) -> PullResults: ...
 
     @abstractmethod
-    def notify_done(self, request_id: str, params: dict[str, Any]) -> None:
-        """Tell the producer it may free the request's blocks, without pulling them."""
+    def notify_done(self, request_id: str, params: dict[str, Any]) -> None: ...
 
-    def __enter__(self) -> KVConnector:
+    def __enter__(self) -> ConnectorBase:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _need(self, part: Any, what: str, side: str) -> Any:
+        """`part` (a producer or consumer half), or RuntimeError: `what` is for the other role."""
+        if part is None:
+            worker = "prefill" if side == "producers" else "decode"
+            use = "kv_producer or kv_both" if side == "producers" else "kv_consumer or kv_both"
+            raise RuntimeError(
+                f"{what} is for {side}; this {self.name} has kv_role {self.role} "
+                f"(use {use} on {worker} workers)"
+            )
+        return part

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from common.config.kv_transfer_config import KVTransferConfig
 from kvtransfer.cuda_ipc_copy import GraphedBlockCopy, copy_blocks, triton_available
 from kvtransfer.cuda_ipc_driver import CudaDriver, DeviceBytes, MappedAllocation, cuda_driver
 from kvtransfer.cuda_ipc_export import (
@@ -49,13 +48,11 @@ from kvtransfer.cuda_ipc_export import (
     choose_route,
     this_host_id,
 )
-from kvtransfer.kv_cache_spec import KVCacheSpec
-from kvtransfer.kv_consumer import KVConsumer, Pull, RemoteEngine
+from kvtransfer.kv_consumer import Pull, RemoteEngine
 from kvtransfer.kv_region import KVRegion
 from kvtransfer.peer_link import Peer
 from kvtransfer.side_channel import HandshakeReply, MessageError
-from kvtransfer.side_channel_connector import extra_number
-from kvtransfer.tcp_connector import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW, TcpConnector, TcpConsumer
+from kvtransfer.tcp_connector import TcpConnector, TcpConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -239,50 +236,24 @@ class CudaIpcConnector(TcpConnector):
     """TcpConnector's protocol plus a device-memory fast path between engines of one machine."""
 
     name = "CudaIpcConnector"
+    consumer_class = CudaIpcConsumer
+    _instance_id: str | None = None  # a producer's, once registered in _local_producers
 
-    def __init__(
-        self,
-        config: KVTransferConfig,
-        role: str,
-        kv_spec: KVCacheSpec,
-        *,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-        driver: CudaDriver | None = None,
-    ) -> None:
-        self._driver = driver
-        self._instance_id: str | None = None
-        super().__init__(config, role, kv_spec, tp_rank=tp_rank, tp_size=tp_size)
-
-    def _make_consumer(self) -> KVConsumer:
-        extra = self.config.kv_connector_extra_config
-        return CudaIpcConsumer(
-            driver=self._driver,
-            chunk_bytes=extra_number(extra, "tcp_chunk_bytes", DEFAULT_CHUNK_BYTES, integer=True),
-            window=extra_number(extra, "tcp_window", DEFAULT_WINDOW, integer=True),
-            engine_id=self.config.engine_id,
-            spec=self.kv_spec,
-            tp_size=self.tp_size,
-            timeout_s=self.transfer_timeout_s,
-        )
-
-    def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        region = KVRegion(kv_cache, self.kv_spec)
-        if self._producer is not None:
-            export = self._export(region)
-            self._instance_id = self._producer.instance_id
-            with _local_producers_lock:
-                _local_producers[self._instance_id] = region
-            self._producer.start(region, cuda_ipc=export.to_message())
-        if self._consumer is not None:
-            self._consumer.start(region)
+    def _register_memory(self, region: KVRegion) -> dict[str, Any]:
+        if self._producer is None:
+            return {}
+        export = self._export(region)
+        self._instance_id = self._producer.instance_id
+        with _local_producers_lock:
+            _local_producers[self._instance_id] = region
+        return {"cuda_ipc": export.to_message()}
 
     def _export(self, region: KVRegion) -> CudaIpcExport:
         handle, offset, uuid = b"", 0, ""
         if region.is_cuda:
             uuid = str(torch.cuda.get_device_properties(region.device_id).uuid)
             try:
-                exported = (self._driver or cuda_driver()).export(region.base_addr, region.device_id)
+                exported = cuda_driver().export(region.base_addr, region.device_id)
                 handle, offset = exported.handle, exported.offset
             except Exception as e:  # e.g. an allocator whose memory CUDA IPC cannot export
                 logger.warning(

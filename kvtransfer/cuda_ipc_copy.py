@@ -144,7 +144,7 @@ def launch_copy_kernel(
 ) -> None:
     """The Triton kernel over `index`'s device buffers, with programs for `grid_pairs` pairs
     (those past the index's count do nothing), reading the ids as `index.fill` wrote them
-    with `stride`. Also runs in Triton's interpreter on CPU. The tiling may be overridden (pdserve.bench.transfer --kernel-sweep compares them)."""
+    with `stride`. Also runs in Triton's interpreter on CPU. The tiling may be overridden (the transfer benchmark's --kernel-sweep compares them)."""
     _check_rows(src, dst)
     geometry = plan_copy(src.shape[1], src.data_ptr(), dst.data_ptr(), max_chunk_words)
     word = WORD_DTYPES[geometry.word_bytes]

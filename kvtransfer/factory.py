@@ -1,4 +1,8 @@
-"""Build the connector that --kv-transfer-config names.
+"""Build the connector that --kv-transfer-config names: every connector is built here.
+
+`build_worker_connector` is what a worker calls; `create_engine_connector` builds for an
+engine of any number of tensor-parallel ranks (TensorParallelConnector above one);
+`create_connector` builds the named connector over one cache (one rank).
 
     NixlConnector    NIXL READs (needs the nixl package: `pip install nixl-cu12`)
     TcpConnector     pure Python over the ZMQ side channel
@@ -18,7 +22,8 @@ from __future__ import annotations
 import importlib
 
 from common.config.kv_transfer_config import KVTransferConfig
-from kvtransfer.connector import ConnectorUnavailableError, KVConnector
+from common.kv_connector import KVConnector, missing_members
+from kvtransfer.connector import ConnectorUnavailableError
 from kvtransfer.kv_cache_spec import KVCacheSpec
 
 
@@ -75,16 +80,23 @@ def create_connector(
 
 
 def _out_of_tree_class(config: KVTransferConfig) -> type[KVConnector]:
+    """The class kv_connector names in kv_connector_module_path, checked against the Protocol."""
     path, name = config.kv_connector_module_path, config.kv_connector
     try:
         module = importlib.import_module(path)
     except ImportError as e:
         raise ConnectorUnavailableError(f"cannot import kv_connector_module_path {path!r}: {e}") from None
     cls = getattr(module, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, KVConnector)):
+    if not isinstance(cls, type):
         raise ValueError(
-            f"module {path!r} has no KVConnector subclass named {name!r}; kv_connector must name "
-            "a class in kv_connector_module_path that subclasses kvtransfer.connector.KVConnector"
+            f"module {path!r} has no class named {name!r}; kv_connector must name a class in "
+            "kv_connector_module_path that implements common.kv_connector.KVConnector"
+        )
+    missing = missing_members(cls)
+    if missing:
+        raise ValueError(
+            f"{path}.{name} does not implement common.kv_connector.KVConnector: it lacks "
+            f"{', '.join(missing)} (kvtransfer.connector.ConnectorBase declares every member)"
         )
     return cls
 
@@ -103,3 +115,41 @@ def _first_that_runs(
     raise ConnectorUnavailableError(
         "MultiConnector found no connector that runs here: " + " | ".join(reasons)
     )
+
+
+def create_engine_connector(
+    config: KVTransferConfig, role: str | None, kv_spec: KVCacheSpec, *, tp_size: int = 1
+) -> KVConnector:
+    """The connector of an engine of `tp_size` ranks: the configured one for a single rank,
+    else a TensorParallelConnector running one per rank (`kv_spec`: all KV heads)."""
+    if tp_size == 1:
+        return create_connector(config, role, kv_spec)
+    role = role or config.kv_role
+    create_connector(config, role, kv_spec).close()  # fails here, naming the fix, if it cannot run
+    from kvtransfer.tp_connector import TensorParallelConnector
+
+    return TensorParallelConnector(config, role, kv_spec, tp_size=tp_size)
+
+
+def build_worker_connector(config: KVTransferConfig, spec_fields: dict, tp_size: int = 1) -> KVConnector:
+    """A prefill or decode worker's connector from --kv-transfer-config and its cache's spec fields
+    (one per rank above 1); a connector that cannot run here is a ValueError naming the fix."""
+    try:
+        return create_engine_connector(config, config.kv_role, KVCacheSpec(**spec_fields), tp_size=tp_size)
+    except ConnectorUnavailableError as e:
+        raise ValueError(f"{e}; or name another kv_connector in --kv-transfer-config") from None
+
+
+class _WorkerConnectors:
+    """common.kv_connector.WorkerConnectors over this module's functions."""
+
+    def default_name(self) -> str:
+        return default_connector_name()
+
+    def build(self, config: KVTransferConfig, spec_fields: dict, tp_size: int) -> KVConnector:
+        return build_worker_connector(config, spec_fields, tp_size)
+
+
+# what a worker role is given to build its connector with
+WORKER_CONNECTORS = _WorkerConnectors()
+

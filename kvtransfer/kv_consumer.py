@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtransfer.connector import PullResults, TransferRecord
+from common.kv_connector import PullResults, TransferRecord
 from kvtransfer.kv_cache_spec import KVCacheSpec
 from kvtransfer.kv_producer import zmq_address
 from kvtransfer.kv_region import KVRegion

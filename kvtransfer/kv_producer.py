@@ -10,7 +10,6 @@ goes on serving. The thread never touches the worker's state beyond the lease ta
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from common.advertised_host import advertised_host
 from kvtransfer.kv_cache_spec import KVCacheSpec
 from kvtransfer.kv_region import KVRegion
 from kvtransfer.lease import LeaseTable
@@ -37,22 +37,12 @@ from kvtransfer.side_channel import (
     parse_request,
 )
 from kvtransfer.transfer_params import RemoteBlocks
+from kvtransfer.wake_pipe import WakePipe
 
 logger = logging.getLogger(__name__)
 
 MAX_READ_BYTES = 256 << 20  # one read's reply; consumers ask in smaller chunks
 NOTIFICATION_POLL_MS = 2
-
-
-WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
-
-
-def advertised_host(bind_host: str, override: str | None) -> str:
-    """The host consumers should dial: the override, else the bind host unless it is a
-    wildcard, in which case this machine's name."""
-    if override:
-        return override
-    return socket.gethostname() if bind_host in WILDCARD_HOSTS else bind_host
 
 
 def zmq_address(host: str, port: int) -> str:
@@ -89,9 +79,7 @@ class KVProducer:
         self._ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)  # a full pipe already holds a wake-up
+        self._wake = WakePipe()
         self.num_exported = 0
         self.num_rejected_messages = 0
         self.num_unauthenticated = 0  # dropped for want of the cluster secret's tag
@@ -162,7 +150,7 @@ class KVProducer:
         self.leases.add(request_id, block_ids, self.lease_duration_s)
         self.num_exported += 1
         if self._notifications is not None:
-            self._wake()  # start polling notifications
+            self._wake.wake()  # start polling notifications
         host, port = self.address
         return RemoteBlocks(
             engine_id=self.engine_id,
@@ -195,27 +183,26 @@ class KVProducer:
     def close(self) -> None:
         if self._thread is not None:
             self._stop.set()
-            self._wake()
+            self._wake.wake()
             self._thread.join(timeout=5)
             self._thread = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wake.close()
 
     # -- the side channel's thread ------------------------------------------------------
 
     def _serve_forever(self, router: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._wake.fileno(), zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 polling = self._notifications is not None and len(self.leases) > 0
                 events = dict(poller.poll(NOTIFICATION_POLL_MS if polling else None))
-                if self._wake_r.fileno() in events:
-                    self._drain_wake()
+                if self._wake.fileno() in events:
+                    self._wake.drain()
                 if polling:
                     self._take_notifications()
                 if router not in events:
@@ -234,19 +221,6 @@ class KVProducer:
             pass
         finally:
             router.close(linger=0)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except BlockingIOError:
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _take_notifications(self) -> None:
         try:

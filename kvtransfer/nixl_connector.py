@@ -35,9 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config.kv_transfer_config import KVTransferConfig
 from kvtransfer.connector import ConnectorUnavailableError
-from kvtransfer.kv_cache_spec import KVCacheSpec
 from kvtransfer.kv_consumer import KVConsumer, Pull, RemoteEngine
 from kvtransfer.kv_region import KVRegion
 from kvtransfer.peer_link import Peer
@@ -222,17 +220,9 @@ class NixlConsumer(KVConsumer):
 class NixlConnector(SideChannelConnector):
     name = "NixlConnector"
 
-    def __init__(
-        self,
-        config: KVTransferConfig,
-        role: str,
-        kv_spec: KVCacheSpec,
-        *,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
+    def _setup(self) -> None:
         api = import_nixl_api()
-        extra = config.kv_connector_extra_config
+        extra = self.config.kv_connector_extra_config
         backends = extra.get("backends", ["UCX"])
         if not isinstance(backends, list) or not backends or not all(isinstance(b, str) for b in backends):
             raise ValueError(
@@ -249,7 +239,7 @@ class NixlConnector(SideChannelConnector):
                 f"kv_connector_extra_config.enable_prog_thread must be true or false, got {progress_thread!r}"
             )
         # a new name at every start: a consumer must never mistake a restarted producer for the old one
-        self.agent_name = f"{config.engine_id}-rank{tp_rank}-{uuid.uuid4().hex[:12]}"
+        self.agent_name = f"{self.config.engine_id}-rank{self.tp_rank}-{uuid.uuid4().hex[:12]}"
         self._agent = api.nixl_agent(
             self.agent_name,
             api.nixl_agent_config(
@@ -265,28 +255,23 @@ class NixlConnector(SideChannelConnector):
                 f"{', '.join(self._agent.get_plugin_list()) or 'none'}); check the NIXL install"
             )
         self._registered: Any = None
-        super().__init__(config, role, kv_spec, tp_rank=tp_rank, tp_size=tp_size)
+        super()._setup()
 
     def _make_consumer(self) -> KVConsumer:
-        return NixlConsumer(
-            agent=self._agent,
-            engine_id=self.config.engine_id,
-            spec=self.kv_spec,
-            tp_size=self.tp_size,
-            timeout_s=self.transfer_timeout_s,
-        )
+        return NixlConsumer(agent=self._agent, **self._consumer_kwargs())
 
-    def _register_memory(self, region: KVRegion) -> NixlAgentInfo | None:
+    def _register_memory(self, region: KVRegion) -> dict[str, Any]:
         self._registered = self._agent.register_memory(region.tensor)
         if not self.is_producer:
-            return None
-        return NixlAgentInfo(
+            return {}
+        info = NixlAgentInfo(
             agent_name=self.agent_name,
             agent_metadata=self._agent.get_agent_metadata(),
             base_addr=region.base_addr,
             device_id=region.device_id,
             mem_type=region.mem_type,
         )
+        return {"nixl": info}
 
     def _notification_source(self) -> Callable[[], list[str]]:
         return self._released_by_notification

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kvtransfer.kv_producer import zmq_address
 from kvtransfer.side_channel import MessageError, decode, encode
+from kvtransfer.wake_pipe import WakePipe
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +63,12 @@ class PeerLink:
         self._on_disconnect = on_disconnect
         self._ctx = zmq.Context()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)  # a full pipe already holds a wake-up
+        self._wake = WakePipe()
         self._xids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
         self._dealers: dict[Peer, _Dealer] = {}
         self._poller = zmq.Poller()
-        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._poller.register(self._wake.fileno(), zmq.POLLIN)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -80,10 +78,7 @@ class PeerLink:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the I/O thread, soon."""
         self._commands.put(fn)
-        try:
-            self._wake_w.send(b"x")
-        except OSError:  # full (a wake-up is pending anyway), or closed with the link
-            pass
+        self._wake.wake()
 
     def call(
         self,
@@ -107,8 +102,7 @@ class PeerLink:
             dealer.socket.close(linger=0)
         self._dealers.clear()
         self._ctx.destroy(linger=0)
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wake.close()
 
     # -- the I/O thread -------------------------------------------------------------------
 
@@ -143,8 +137,8 @@ class PeerLink:
                 if self._stop:
                     break
                 raise
-            if self._wake_r.fileno() in ready:
-                self._drain_wake()
+            if self._wake.fileno() in ready:
+                self._wake.drain()
             while not self._stop:
                 try:
                     command = self._commands.get_nowait()
@@ -172,13 +166,6 @@ class PeerLink:
         except Exception:
             logger.exception("KV transfer I/O step failed")
             return None
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _receive(self, sock: zmq.Socket) -> None:
         while True:

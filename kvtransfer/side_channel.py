@@ -131,8 +131,27 @@ def get_xid(message: dict[str, Any]) -> int | None:
     return xid
 
 
+def get_spec(message: dict[str, Any]) -> KVCacheSpec:
+    try:
+        return KVCacheSpec.from_dict(message.get("kv_spec"))
+    except ValueError as e:
+        raise MessageError(str(e)) from None
+
+
 def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
+
+
+def _handshake(xid: int | None, engine_id: str, compat_hash: str, kv_spec: KVCacheSpec) -> dict[str, Any]:
+    """The fields a handshake and its reply share."""
+    return {
+        "type": "handshake",
+        "xid": xid,
+        "version": PROTOCOL_VERSION,
+        "engine_id": engine_id,
+        "compat_hash": compat_hash,
+        "kv_spec": kv_spec.to_dict(),
+    }
 
 
 # -- requests -----------------------------------------------------------------------
@@ -146,14 +165,7 @@ class HandshakeRequest:
     xid: int | None = None
 
     def to_message(self) -> dict[str, Any]:
-        return {
-            "type": "handshake",
-            "xid": self.xid,
-            "version": PROTOCOL_VERSION,
-            "engine_id": self.engine_id,
-            "compat_hash": self.compat_hash,
-            "kv_spec": self.kv_spec.to_dict(),
-        }
+        return _handshake(self.xid, self.engine_id, self.compat_hash, self.kv_spec)
 
 
 @dataclass(frozen=True)
@@ -186,10 +198,7 @@ def parse_request(message: dict[str, Any], num_blocks: int) -> HandshakeRequest 
                 f"side-channel protocol version {version!r} is not supported; this producer "
                 f"speaks version {PROTOCOL_VERSION}: run the same pdserve release on both sides"
             )
-        try:
-            spec = KVCacheSpec.from_dict(message.get("kv_spec"))
-        except ValueError as e:
-            raise MessageError(str(e)) from None
+        spec = get_spec(message)
         return HandshakeRequest(
             get_str(message, "engine_id"), get_str(message, "compat_hash", 128), spec, xid
         )
@@ -255,13 +264,8 @@ class HandshakeReply:
 
     def to_message(self) -> dict[str, Any]:
         return {
-            "type": "handshake",
-            "xid": self.xid,
-            "version": PROTOCOL_VERSION,
-            "engine_id": self.engine_id,
+            **_handshake(self.xid, self.engine_id, self.compat_hash, self.kv_spec),
             "instance_id": self.instance_id,
-            "compat_hash": self.compat_hash,
-            "kv_spec": self.kv_spec.to_dict(),
             "num_blocks": self.num_blocks,
             "block_len": self.block_len,
             "tp_size": self.tp_size,
@@ -274,10 +278,7 @@ class HandshakeReply:
     def from_message(cls, message: dict[str, Any]) -> HandshakeReply:
         if message["type"] != "handshake":
             raise MessageError(f"expected a handshake reply, got {message['type'][:64]!r}")
-        try:
-            spec = KVCacheSpec.from_dict(message.get("kv_spec"))
-        except ValueError as e:
-            raise MessageError(str(e)) from None
+        spec = get_spec(message)
         nixl = message.get("nixl")
         cuda_ipc = message.get("cuda_ipc")
         if cuda_ipc is not None and not isinstance(cuda_ipc, dict):

@@ -18,13 +18,11 @@ from typing import Any
 
 import torch
 
-from common.config.kv_transfer_config import KVTransferConfig
-from kvtransfer.connector import KVConnector, PullResults, TransferRecord
-from kvtransfer.kv_cache_spec import KVCacheSpec
+from common.kv_connector import PullResults, TransferRecord
+from kvtransfer.connector import ConnectorBase, summed_stats
 from kvtransfer.kv_consumer import KVConsumer
 from kvtransfer.kv_producer import KVProducer
 from kvtransfer.kv_region import KVRegion
-from kvtransfer.side_channel import NixlAgentInfo
 from kvtransfer.tp_plan import is_multi_rank_pull
 
 DEFAULT_LEASE_DURATION_S = 30.0
@@ -48,18 +46,9 @@ def extra_str(extra: dict[str, Any], key: str) -> str | None:
     return value
 
 
-class SideChannelConnector(KVConnector):
-    def __init__(
-        self,
-        config: KVTransferConfig,
-        role: str,
-        kv_spec: KVCacheSpec,
-        *,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> None:
-        super().__init__(config, role, kv_spec, tp_rank=tp_rank, tp_size=tp_size)
-        extra = config.kv_connector_extra_config
+class SideChannelConnector(ConnectorBase):
+    def _setup(self) -> None:
+        extra = self.config.kv_connector_extra_config
         self.lease_duration_s = float(extra_number(extra, "kv_lease_duration", DEFAULT_LEASE_DURATION_S))
         self.transfer_timeout_s = float(extra_number(extra, "transfer_timeout_s", DEFAULT_TRANSFER_TIMEOUT_S))
         advertise_host = extra_str(extra, "side_channel_host")
@@ -71,13 +60,13 @@ class SideChannelConnector(KVConnector):
         if self.is_producer:
             self._producer = KVProducer(
                 connector_name=self.name,
-                engine_id=config.engine_id,
-                spec=kv_spec,
-                host=config.kv_ip,
+                engine_id=self.config.engine_id,
+                spec=self.kv_spec,
+                host=self.config.kv_ip,
                 # one side channel per TP rank; port 0 lets the system pick a free one
-                port=config.kv_port + tp_rank if config.kv_port else 0,
+                port=self.config.kv_port + self.tp_rank if self.config.kv_port else 0,
                 advertise_host=advertise_host,
-                tp_size=tp_size,
+                tp_size=self.tp_size,
                 lease_duration_s=self.lease_duration_s,
             )
         if self.is_consumer:
@@ -88,15 +77,25 @@ class SideChannelConnector(KVConnector):
     def _make_consumer(self) -> KVConsumer:
         raise NotImplementedError
 
-    def _register_memory(self, region: KVRegion) -> NixlAgentInfo | None:
-        """Register `region` with the data path; what the producer announces about it."""
-        return None
+    def _consumer_kwargs(self) -> dict[str, Any]:
+        """What every KVConsumer subclass takes, from this connector's config."""
+        return {
+            "engine_id": self.config.engine_id,
+            "spec": self.kv_spec,
+            "tp_size": self.tp_size,
+            "timeout_s": self.transfer_timeout_s,
+        }
+
+    def _register_memory(self, region: KVRegion) -> dict[str, Any]:
+        """Register `region` with the data path; what the producer announces about it in
+        its handshake, as keyword arguments of KVProducer.start (nixl=, cuda_ipc=)."""
+        return {}
 
     def _notification_source(self) -> Callable[[], list[str]] | None:
         """Request ids released through the data path, polled by the producer's thread."""
         return None
 
-    # -- KVConnector ----------------------------------------------------------------------
+    # -- the Protocol ----------------------------------------------------------------------
 
     @property
     def side_channel_address(self) -> tuple[str, int]:
@@ -113,7 +112,7 @@ class SideChannelConnector(KVConnector):
         self._kv_cache = kv_cache
         announced = self._register_memory(region)
         if self._producer is not None:
-            self._producer.start(region, announced, self._notification_source())
+            self._producer.start(region, notifications=self._notification_source(), **announced)
         if self._consumer is not None:
             self._consumer.start(region)
 
@@ -124,11 +123,7 @@ class SideChannelConnector(KVConnector):
         return self._need_producer("take_freed_requests").take_freed_requests()
 
     def start_pull(
-        self,
-        request_id: str,
-        params: dict[str, Any],
-        local_block_ids: list[int],
-        remote_block_ids: list[int],
+        self, request_id: str, params: dict[str, Any], local_block_ids: list[int], remote_block_ids: list[int]
     ) -> None:
         consumer = self._need_consumer("start_pull")
         if is_multi_rank_pull(params, self.tp_size):  # a tensor-parallel producer: its ranks' heads
@@ -165,15 +160,7 @@ class SideChannelConnector(KVConnector):
         return self._rank_puller
 
     def stats(self) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        if self._producer is not None:
-            stats.update(self._producer.stats())
-        if self._consumer is not None:
-            stats.update(self._consumer.stats())
-        if self._rank_puller is not None:
-            for key, value in self._rank_puller.stats().items():
-                stats[key] = stats.get(key, 0) + value
-        return stats
+        return summed_stats(self._producer, self._consumer, self._rank_puller)
 
     def take_transfer_records(self) -> list[TransferRecord]:
         records = [] if self._consumer is None else self._consumer.take_transfer_records()
@@ -193,17 +180,7 @@ class SideChannelConnector(KVConnector):
             self._producer = None
 
     def _need_producer(self, what: str) -> KVProducer:
-        if self._producer is None:
-            raise RuntimeError(
-                f"{what} is for producers; this {self.name} has kv_role {self.role} "
-                "(use kv_producer or kv_both on prefill workers)"
-            )
-        return self._producer
+        return self._need(self._producer, what, "producers")
 
     def _need_consumer(self, what: str) -> KVConsumer:
-        if self._consumer is None:
-            raise RuntimeError(
-                f"{what} is for consumers; this {self.name} has kv_role {self.role} "
-                "(use kv_consumer or kv_both on decode workers)"
-            )
-        return self._consumer
+        return self._need(self._consumer, what, "consumers")

@@ -104,14 +104,12 @@ class TcpConsumer(KVConsumer):
 
 class TcpConnector(SideChannelConnector):
     name = "TcpConnector"
+    consumer_class: type[TcpConsumer] = TcpConsumer
 
     def _make_consumer(self) -> KVConsumer:
         extra = self.config.kv_connector_extra_config
-        return TcpConsumer(
+        return self.consumer_class(
             chunk_bytes=extra_number(extra, "tcp_chunk_bytes", DEFAULT_CHUNK_BYTES, integer=True),
             window=extra_number(extra, "tcp_window", DEFAULT_WINDOW, integer=True),
-            engine_id=self.config.engine_id,
-            spec=self.kv_spec,
-            tp_size=self.tp_size,
-            timeout_s=self.transfer_timeout_s,
+            **self._consumer_kwargs(),
         )

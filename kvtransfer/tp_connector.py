@@ -31,7 +31,8 @@ import torch
 import zmq
 
 from common.config.kv_transfer_config import KVTransferConfig
-from kvtransfer.connector import ConnectorUnavailableError, KVConnector, PullResults, TransferRecord
+from common.kv_connector import KVConnector, PullResults, TransferRecord
+from kvtransfer.connector import ConnectorBase, summed_stats
 from kvtransfer.factory import create_connector
 from kvtransfer.kv_cache_spec import KVCacheSpec
 from kvtransfer.tp_plan import ENDPOINTS_KEY, rank_spec
@@ -56,16 +57,13 @@ class _PendingPull:
     errors: list[str] = field(default_factory=list)
 
 
-class TensorParallelConnector(KVConnector):
+class TensorParallelConnector(ConnectorBase):
     """Rank 0's connector; `kv_spec` describes the whole model's cache (all KV heads)."""
 
     name = "TensorParallelConnector"
 
-    def __init__(
-        self, config: KVTransferConfig, role: str, kv_spec: KVCacheSpec, *, tp_rank: int = 0, tp_size: int = 1
-    ) -> None:
-        super().__init__(config, role, kv_spec, tp_rank=tp_rank, tp_size=tp_size)
-        if tp_rank != 0:
+    def _setup(self) -> None:
+        if self.tp_rank != 0:
             raise ValueError("a TensorParallelConnector lives in rank 0; the other ranks run RankService")
         self._executor: Any = None
         self._producer: KVConnector | None = None
@@ -84,6 +82,13 @@ class TensorParallelConnector(KVConnector):
 
     def attach_ranks(self, executor: Any) -> None:
         """Start every other rank's part (the engine calls it before register_kv_cache)."""
+        if executor is None:
+            if self.tp_size > 1:
+                raise ValueError(
+                    f"a TensorParallelConnector of {self.tp_size} ranks needs the executor of a "
+                    "tensor-parallel engine to start the other ranks' parts"
+                )
+            return
         self._executor = executor
         executor.start_rank_service(
             SERVICE_TARGET,
@@ -128,11 +133,7 @@ class TensorParallelConnector(KVConnector):
     @property
     def side_channel_address(self) -> tuple[str, int]:
         """Rank 0's side channel (each rank has its own; the params list them all)."""
-        if self._producer is None:
-            raise RuntimeError(
-                f"side_channel_address is for producers; this connector has kv_role {self.role}"
-            )
-        return self._producer.side_channel_address
+        return self._need_producer("side_channel_address").side_channel_address
 
     # -- producer -----------------------------------------------------------------------
 
@@ -220,12 +221,7 @@ class TensorParallelConnector(KVConnector):
     # -- both ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        if self._producer is not None:
-            stats.update(self._producer.stats())
-        if self._puller is not None:
-            stats.update(self._puller.stats())
-        return stats
+        return summed_stats(self._producer, self._puller)
 
     def take_transfer_records(self) -> list[TransferRecord]:
         return [] if self._puller is None else self._puller.take_transfer_records()
@@ -271,14 +267,10 @@ class TensorParallelConnector(KVConnector):
                 self._reports.append(message)
 
     def _need_producer(self, what: str) -> KVConnector:
-        if self._producer is None:
-            raise RuntimeError(f"{what} is for producers; this connector has kv_role {self.role}")
-        return self._producer
+        return self._need(self._producer, what, "producers")
 
     def _need_puller(self, what: str) -> RankPuller:
-        if self._puller is None:
-            raise RuntimeError(f"{what} is for consumers; this connector has kv_role {self.role}")
-        return self._puller
+        return self._need(self._puller, what, "consumers")
 
 
 def _endpoint(producer: Any) -> list[Any]:
@@ -398,24 +390,3 @@ class RankService:
                         }
                     )
                 )
-
-
-def create_engine_connector(
-    config: KVTransferConfig, role: str | None, kv_spec: KVCacheSpec, *, tp_size: int = 1
-) -> KVConnector:
-    """The connector of an engine of `tp_size` ranks: the configured one for a single rank,
-    else a TensorParallelConnector running one per rank (`kv_spec`: all KV heads)."""
-    if tp_size == 1:
-        return create_connector(config, role, kv_spec)
-    role = role or config.kv_role
-    create_connector(config, role, kv_spec).close()  # fails here, naming the fix, if it cannot run
-    return TensorParallelConnector(config, role, kv_spec, tp_size=tp_size)
-
-
-def build_worker_connector(config: KVTransferConfig, spec_fields: dict, tp_size: int = 1) -> KVConnector:
-    """A prefill or decode worker's connector from --kv-transfer-config and its cache's spec fields
-    (one per rank above 1); a connector that cannot run here is a ValueError naming the fix."""
-    try:
-        return create_engine_connector(config, config.kv_role, KVCacheSpec(**spec_fields), tp_size=tp_size)
-    except ConnectorUnavailableError as e:
-        raise ValueError(f"{e}; or name another kv_connector in --kv-transfer-config") from None

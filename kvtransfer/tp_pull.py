@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from common.config.kv_transfer_config import KVTransferConfig
-from kvtransfer.connector import TransferRecord
+from common.kv_connector import TransferRecord
+from kvtransfer.connector import summed_stats
 from kvtransfer.kv_cache_spec import KVCacheSpec
 from kvtransfer.kv_consumer import KVConsumer
 from kvtransfer.side_channel_connector import DEFAULT_TRANSFER_TIMEOUT_S, extra_number
@@ -139,11 +140,7 @@ class RankPuller:
             consumer.notify_done(request_id, _at(params, endpoint))
 
     def stats(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for consumer in self._consumers.values():
-            for key, value in consumer.stats().items():
-                total[key] = total.get(key, 0) + value
-        return total
+        return summed_stats(*self._consumers.values())
 
     def take_transfer_records(self) -> list[TransferRecord]:
         return [r for c in self._consumers.values() for r in c.take_transfer_records()]

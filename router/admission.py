@@ -14,8 +14,8 @@ request whose client goes away leaves the queue. Nothing grows without bound, an
 request that got a slot keeps it until it is answered.
 
 The in-flight limit is --max-concurrent-requests, or by default what the decode workers
-can run at once: the sum of their --max-num-seqs as they report it (LoadReport.extra
-`max_num_seqs`; 256, vLLM's default, for a worker that does not say). The queue limit is
+can run at once: the sum of their --max-num-seqs as they report it (LoadReport.max_num_seqs;
+256, vLLM's default, for a worker that does not say). The queue limit is
 --max-queued-requests, by default the in-flight limit. Retry-After is the time the
 requests ahead are expected to take, from the mean duration of recent requests.
 Torch-free.
@@ -216,10 +216,8 @@ def decode_capacity(pool: WorkerPool) -> Callable[[], int]:
     def capacity() -> int:
         total = 0
         for client in pool.routable(WorkerRole.DECODE):
-            extra = client.last_report.extra if client.last_report is not None else {}
-            seqs = extra.get("max_num_seqs")
-            valid = isinstance(seqs, int) and not isinstance(seqs, bool) and seqs > 0
-            total += seqs if valid else DEFAULT_WORKER_MAX_NUM_SEQS
+            seqs = client.last_report.max_num_seqs if client.last_report is not None else 0
+            total += seqs or DEFAULT_WORKER_MAX_NUM_SEQS  # 0: the worker does not say
         return total or DEFAULT_WORKER_MAX_NUM_SEQS
 
     return capacity

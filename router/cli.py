@@ -5,8 +5,10 @@
 
 The router loads only the tokenizer and the model's config (no weights, no torch), so
 it starts in seconds on any host. Give it the workers' model flags (--model,
---tokenizer, --max-model-len, --generation-config ...) so it validates requests as they
-would. uvicorn runs in this process.
+--tokenizer, --max-model-len, --generation-config ...; declared once for both in
+common/config/shared_args.py) so it validates requests as they would. Its own flags are
+declared here once; `pdserve serve` takes add_router_serving_args as they are. uvicorn
+runs in this process.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from common.config.arg_parser import ConfigFileAction, JsonObjectAction
-from common.config.arg_types import choice, human_int, int_at_least
-from common.frame_auth import SECRET_ENV, SECRET_FILE_ENV, load_cluster_secret
+from common.config.arg_parser import JsonObjectAction, add_config_file_arg
+from common.config.arg_types import choice, human_int, int_at_least, registry_url, seconds
+from common.config.shared_args import add_block_hashing_args, add_cluster_secret_arg, add_model_args
+from common.frame_auth import load_cluster_secret
 from router.config import (
     DEFAULT_HOST,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -41,12 +44,24 @@ logger = logging.getLogger("pdserve.router")
 
 API_KEY_ENV = "PDSERVE_API_KEY"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
-BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
-HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 # uvicorn's own header limit sits above ours, so an oversized header block gets our 431
 # (uvicorn would answer a bare 400) and only a grossly oversized one reaches uvicorn's.
 _UVICORN_HEADER_SLACK = 64 * 1024
+# Help texts that are built, built once: `pdserve serve` shows the very same objects.
+_API_KEY_HELP = (
+    "If given, the /v1 endpoints, /tokenize and /detokenize require 'Authorization: Bearer "
+    "<key>' with one of these keys (401 otherwise). Keys on the command line are visible to "
+    f"other local users (ps); prefer the {API_KEY_ENV} or {VLLM_API_KEY_ENV} environment "
+    "variable (several keys separated by commas); `pdserve serve` hands its --api-key to the "
+    "router that way. (default: no key)"
+)
+_ROUTING_WEIGHTS_HELP = (
+    "Weights of the routing scorers, as JSON: "
+    + ", ".join(f"{f.name} (default {f.default})" for f in fields(PolicyWeights))
+    + ". Set keys one at a time with --routing-weights.KEY VALUE. The defaults are the ones "
+    "`pdserve bench route` chose on the Mooncake trace; docs/routing.md says what each does and why."
+)
 
 
 def register(subparsers: Any) -> None:
@@ -64,131 +79,28 @@ def _address_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _registry_url(text: str) -> str:
-    from common.registry import check_registry_url
-
-    try:
-        return check_registry_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be more than 0 seconds")
-    return value
-
-
 def add_router_args(parser: argparse.ArgumentParser) -> None:
-    server = parser.add_argument_group("server")
-    server.add_argument(
-        "--config",
-        action=ConfigFileAction,
-        default=None,
-        help="Read options from a YAML file whose keys are option names without the leading -- "
-        "(e.g. 'port: 8000'). Options given on the command line win over the file.",
-    )
-    server.add_argument("--host", default=DEFAULT_HOST, help="Host name or address to listen on.")
-    server.add_argument("--port", type=int_at_least(0), default=DEFAULT_PORT, help="Port to listen on.")
-    server.add_argument(
-        "--api-key",
-        nargs="+",
-        default=None,
-        metavar="KEY",
-        help="If given, the /v1 endpoints, /tokenize and /detokenize require 'Authorization: Bearer "
-        "<key>' with one of these keys (401 otherwise). Keys on the command line are visible to "
-        f"other local users (ps); prefer the {API_KEY_ENV} or {VLLM_API_KEY_ENV} environment "
-        "variable (several keys separated by commas). (default: no key)",
-    )
-    server.add_argument(
-        "--metrics-access",
-        type=choice(ENDPOINT_ACCESS),
-        default="public",
-        help="Who may read /metrics: public (anyone, as in vLLM), api-key (only with an --api-key), "
-        "or disabled (404).",
-    )
-    server.add_argument(
-        "--health-access",
-        type=choice(ENDPOINT_ACCESS[:2]),
-        default="public",
-        help="Who may read /health and /ping (they list the workers and their load): public or "
-        "api-key. Load balancers then need the key.",
-    )
-    server.add_argument(
-        "--cluster-secret-file",
-        default=None,
-        metavar="PATH",
-        help="A file holding the cluster secret the workers were given: messages to and from the "
-        "workers carry its HMAC tag, and those without a valid one are dropped. Also read from "
-        f"${SECRET_FILE_ENV}, or the secret itself from ${SECRET_ENV}. (default: none; see "
-        "docs/security.md)",
-    )
-    server.add_argument(
-        "--enable-log-requests",
-        action="store_true",
-        help="Log every request body (prompts included) at INFO. Off by default: prompts are "
-        "never logged otherwise, and API keys never.",
-    )
-    server.add_argument(
-        "--max-log-len",
-        type=int_at_least(0),
-        default=None,
-        help="With --enable-log-requests, the most characters of a request body that are logged. "
-        "(default: no limit)",
-    )
-    server.add_argument(
-        "--enable-request-id-headers",
-        action="store_true",
-        help="Add an X-Request-Id header to every response (a client's own X-Request-Id is always echoed).",
-    )
-    server.add_argument(
-        "--h11-max-incomplete-event-size",
-        type=human_int(minimum=1024),
-        default=DEFAULT_MAX_EVENT_SIZE,
-        help="Largest request header block or body in bytes; larger ones are refused with 431 "
-        "(headers) or 413 (body).",
-    )
-    server.add_argument(
-        "--h11-max-header-count",
-        type=int_at_least(1),
-        default=DEFAULT_MAX_HEADER_COUNT,
-        help="Most header lines a request may have; more are refused with 431.",
-    )
-    server.add_argument(
-        "--max-concurrent-requests",
-        type=int_at_least(1),
-        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
-        help="Generation requests the router answers at once; more wait in a bounded queue "
-        "(--max-queued-requests), and beyond that get 429 with Retry-After. (default: what the "
-        "decode workers can run at once, the sum of their --max-num-seqs)",
-    )
-    server.add_argument(
-        "--max-queued-requests",
-        type=int_at_least(0),
-        default=DEFAULT_MAX_QUEUED_REQUESTS,
-        help="Generation requests that may wait, first come first served, for one in flight to "
-        "finish; beyond it new ones get 429 with Retry-After at once. 0 refuses whatever "
-        "cannot start now. (default: the --max-concurrent-requests limit)",
-    )
-    server.add_argument(
-        "--max-queue-wait",
-        type=_positive_float,
-        default=DEFAULT_MAX_QUEUE_WAIT_S,
-        help="Seconds a queued request waits for its turn before it gets 429 with Retry-After.",
-    )
-    server.add_argument(
-        "--uvicorn-log-level", type=choice(LOG_LEVELS), default="info", help="Log level of the HTTP server."
-    )
-    server.add_argument(
-        "--disable-uvicorn-access-log", action="store_true", help="Do not log every HTTP request."
-    )
+    """Every flag of `pdserve router`."""
+    add_config_file_arg(parser.add_argument_group("config file"))
+    add_router_serving_args(parser)
+    add_router_worker_args(parser.add_argument_group("workers"))
+    model = parser.add_argument_group("model (give the workers' values)")
+    add_model_args(model)
+    add_block_hashing_args(model)
 
-    workers = parser.add_argument_group("workers and routing")
-    workers.add_argument(
+
+def add_router_serving_args(parser: argparse.ArgumentParser) -> None:
+    """The router's flags for serving the API and routing requests: everything but where its
+    workers are, which `pdserve serve` takes as they are and passes on."""
+    _add_server_args(parser.add_argument_group("server"))
+    _add_admission_args(parser.add_argument_group("admission and HTTP limits"))
+    _add_routing_args(parser.add_argument_group("routing"))
+    _add_api_args(parser.add_argument_group("API responses"))
+
+
+def add_router_worker_args(group: Any) -> None:
+    """Which workers the router routes to, and its name towards them."""
+    group.add_argument(
         "--decode-workers",
         type=_address_list,
         action="extend",
@@ -198,7 +110,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "the flag repeated. At least one is needed unless --registry is given; without prefill workers they prefill too "
         "(an aggregated deployment).",
     )
-    workers.add_argument(
+    group.add_argument(
         "--prefill-workers",
         type=_address_list,
         action="extend",
@@ -207,9 +119,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         help="The prefill workers' --worker-address values (tcp://HOST:PORT), comma-separated or "
         "the flag repeated. (default: none)",
     )
-    workers.add_argument(
+    group.add_argument(
         "--registry",
-        type=_registry_url,
+        type=registry_url,
         default=None,
         metavar="redis://HOST:PORT/DB",
         help="Find the workers in this Redis worker registry (the workers' --registry): workers "
@@ -217,7 +129,99 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "known workers stay. Several routers may share one registry. Combines with "
         "--decode-workers / --prefill-workers, which always stay. (default: no registry)",
     )
-    workers.add_argument(
+    group.add_argument(
+        "--router-id", default=None, help="This router's name towards the workers. (default: random)"
+    )
+
+
+def _add_server_args(group: Any) -> None:
+    group.add_argument("--host", default=DEFAULT_HOST, help="Host name or address to listen on.")
+    group.add_argument(
+        "--port", type=int_at_least(0), default=DEFAULT_PORT, help="Port to listen on; 0 picks a free one."
+    )
+    group.add_argument(
+        "--api-key",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help=_API_KEY_HELP,
+    )
+    group.add_argument(
+        "--metrics-access",
+        type=choice(ENDPOINT_ACCESS),
+        default="public",
+        help="Who may read /metrics: public (anyone, as in vLLM), api-key (only with an --api-key), "
+        "or disabled (404).",
+    )
+    group.add_argument(
+        "--health-access",
+        type=choice(ENDPOINT_ACCESS[:2]),
+        default="public",
+        help="Who may read /health and /ping (they list the workers and their load): public or "
+        "api-key. Load balancers then need the key.",
+    )
+    add_cluster_secret_arg(group)
+    group.add_argument(
+        "--enable-log-requests",
+        action="store_true",
+        help="Log every request body (prompts included) at INFO. Off by default: prompts are "
+        "never logged otherwise, and API keys never.",
+    )
+    group.add_argument(
+        "--max-log-len",
+        type=int_at_least(0),
+        default=None,
+        help="With --enable-log-requests, the most characters of a request body that are logged. "
+        "(default: no limit)",
+    )
+    group.add_argument(
+        "--uvicorn-log-level", type=choice(LOG_LEVELS), default="info", help="Log level of the HTTP server."
+    )
+    group.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="Do not log every HTTP request."
+    )
+
+
+def _add_admission_args(group: Any) -> None:
+    group.add_argument(
+        "--h11-max-incomplete-event-size",
+        type=human_int(minimum=1024),
+        default=DEFAULT_MAX_EVENT_SIZE,
+        help="Largest request header block or body in bytes; larger ones are refused with 431 "
+        "(headers) or 413 (body).",
+    )
+    group.add_argument(
+        "--h11-max-header-count",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_HEADER_COUNT,
+        help="Most header lines a request may have; more are refused with 431.",
+    )
+    group.add_argument(
+        "--max-concurrent-requests",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+        help="Generation requests the router answers at once; more wait in a bounded queue "
+        "(--max-queued-requests), and beyond that get 429 with Retry-After. (default: what the "
+        "decode workers can run at once, the sum of their --max-num-seqs)",
+    )
+    group.add_argument(
+        "--max-queued-requests",
+        type=int_at_least(0),
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        help="Generation requests that may wait, first come first served, for one in flight to "
+        "finish; beyond it new ones get 429 with Retry-After at once. 0 refuses whatever "
+        "cannot start now. (default: the --max-concurrent-requests limit)",
+    )
+    group.add_argument(
+        "--max-queue-wait",
+        type=seconds(),
+        default=DEFAULT_MAX_QUEUE_WAIT_S,
+        help="Seconds a queued request waits for its turn before it gets 429 with Retry-After.",
+    )
+
+
+def _add_routing_args(group: Any) -> None:
+    group.add_argument(
         "--local-prefill-threshold",
         type=human_int(minimum=0),
         default=DEFAULT_LOCAL_PREFILL_THRESHOLD,
@@ -226,110 +230,44 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "instead of a prefill worker (conditional disaggregation). 0 sends every prompt to a "
         "prefill worker.",
     )
-    workers.add_argument(
-        "--routing-weights",
-        action=JsonObjectAction,
-        from_dict=PolicyWeights.from_dict,
-        default=PolicyWeights(),
-        help="Weights of the routing scorers, as JSON: "
-        + ", ".join(f"{f.name} (default {f.default})" for f in fields(PolicyWeights))
-        + ". Set keys one at a time with --routing-weights.KEY VALUE. The defaults are the ones "
-        "`pdserve bench route` chose on the Mooncake trace; docs/routing.md says what each does and why.",
-    )
-    workers.add_argument(
-        "--block-size",
-        type=choice(BLOCK_SIZES, int),
-        default=None,
-        help="The workers' KV-cache block size, for hashing prompts into blocks. (default: what the "
-        "workers report, else 16)",
-    )
-    workers.add_argument(
-        "--prefix-caching-hash-algo",
-        type=choice(HASH_ALGOS),
-        default=None,
-        help=f"The workers' prefix-caching hash algorithm, one of {', '.join(HASH_ALGOS)}; it must "
-        "match theirs (and PYTHONHASHSEED must too) for prefix-aware routing. (default: what the "
-        "workers report, else sha256)",
-    )
-    workers.add_argument(
+    add_routing_weights_arg(group)
+    group.add_argument(
         "--worker-health-timeout",
-        type=_positive_float,
+        type=seconds(),
         default=DEFAULT_WORKER_HEALTH_TIMEOUT_S,
         help="Seconds without a load report after which a worker is taken out of routing and the "
         "requests open on it fail.",
     )
-    workers.add_argument(
+    group.add_argument(
         "--worker-reply-timeout",
-        type=_positive_float,
+        type=seconds(),
         default=DEFAULT_WORKER_REPLY_TIMEOUT_S,
         help="Seconds a request waits for its worker's next message before it fails.",
     )
-    workers.add_argument(
-        "--router-id", default=None, help="This router's name towards the workers. (default: random)"
+
+
+def add_routing_weights_arg(group: Any) -> None:
+    """--routing-weights, also taken by `pdserve bench route` to replay the router's policy."""
+    group.add_argument(
+        "--routing-weights",
+        action=JsonObjectAction,
+        from_dict=PolicyWeights.from_dict,
+        default=PolicyWeights(),
+        help=_ROUTING_WEIGHTS_HELP,
     )
 
-    model = parser.add_argument_group("model (give the workers' values)")
-    model.add_argument(
-        "--model",
-        default=None,
-        help="Name or path of the model the workers serve: a local folder, a .gguf file, or a Hub id. "
-        "Only its tokenizer and config are read. (default: the embedded SmolLM2-135M-Instruct)",
-    )
-    model.add_argument(
-        "--tokenizer",
-        default=None,
-        help="Name or path of the tokenizer. If unspecified, the model's is used.",
-    )
-    model.add_argument(
-        "--revision", default=None, help="The model version on the Hub (branch, tag or commit)."
-    )
-    model.add_argument("--download-dir", default=None, help="Where Hub downloads are kept.")
-    model.add_argument(
-        "--hf-config-path", default=None, help="Path of the config.json to use instead of the model's."
-    )
-    model.add_argument(
-        "--served-model-name",
-        nargs="+",
-        default=None,
-        help="The model name(s) used in the API; the first is reported in responses. (default: the "
-        "model's name)",
-    )
-    model.add_argument(
-        "--max-model-len",
-        type=human_int(minimum=1),
-        default=None,
-        help="Model context length (prompt and output); longer requests get 400. (default: the "
-        "model config's)",
-    )
-    model.add_argument(
-        "--max-logprobs",
-        type=int_at_least(-1),
-        default=20,
-        help="Most logprobs a request may ask for; -1 means no cap.",
-    )
-    model.add_argument(
-        "--generation-config",
-        default="auto",
-        help='Where the sampling defaults come from: "auto" the model folder\'s generation_config.json, '
-        '"vllm" none, or a folder holding one.',
-    )
-    model.add_argument(
-        "--override-generation-config",
-        action=JsonObjectAction,
-        default={},
-        help='Overrides or sets generation config defaults, e.g. {"temperature": 0.5}.',
-    )
-    model.add_argument(
-        "--chat-template",
-        default=None,
-        help="The file path to the chat template, or the template in single-line form. (default: the "
-        "tokenizer's)",
-    )
-    model.add_argument("--response-role", default="assistant", help="The role of chat completion responses.")
-    model.add_argument(
+
+def _add_api_args(group: Any) -> None:
+    group.add_argument("--response-role", default="assistant", help="The role of chat completion responses.")
+    group.add_argument(
         "--enable-prompt-tokens-details",
         action="store_true",
         help="Add usage.prompt_tokens_details.cached_tokens to responses.",
+    )
+    group.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="Add an X-Request-Id header to every response (a client's own X-Request-Id is always echoed).",
     )
 
 

@@ -27,7 +27,6 @@ DEFAULT_MAX_QUEUE_WAIT_S = 60.0
 # vLLM's defaults for --h11-max-incomplete-event-size and --h11-max-header-count.
 DEFAULT_MAX_EVENT_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_HEADER_COUNT = 256
-DEFAULT_BLOCK_SIZE = 16
 DEFAULT_HASH_ALGO = "sha256"
 # Who may read /metrics and /health (with /ping): everyone, only holders of an --api-key,
 # or (metrics only) nobody: the route answers 404. docs/security.md.
@@ -48,7 +47,7 @@ class RouterConfig:
     enable_log_requests: bool = False  # log each request's prompt and parameters
     max_log_len: int | None = None  # most prompt characters a logged request shows; None: all
     local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD
-    # None: what the workers report (LoadReport.extra), else the default above
+    # None: what the workers report (their LoadReports), else the default above
     block_size: int | None = None
     prefix_caching_hash_algo: str | None = None
     # defaults tuned with `pdserve bench route` (docs/routing.md)

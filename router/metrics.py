@@ -28,28 +28,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from common.metrics_buckets import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, one_two_five_buckets
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0)  # fmt: skip
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-                480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 _OVERLAP_BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _one_two_five(maximum: int) -> list[float]:
-    """1, 2, 5, 10, 20, 50, ... up to `maximum` (vLLM's token-count buckets)."""
-    buckets: list[float] = []
-    exponent = 0
-    while True:
-        for mantissa in (1, 2, 5):
-            value = mantissa * 10**exponent
-            if value > maximum:
-                return buckets
-            buckets.append(value)
-        exponent += 1
 
 
 class RouterMetrics:
@@ -58,17 +41,17 @@ class RouterMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         reg, model = self.registry, ["model_name"]
-        token_buckets = _one_two_five(max(max_model_len, 1))
+        token_buckets = one_two_five_buckets(max(max_model_len, 1))
 
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token, seen at the router.",
-                              model, buckets=_TTFT_BUCKETS, registry=reg)  # fmt: skip
+                              model, buckets=TTFT_BUCKETS, registry=reg)  # fmt: skip
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between tokens, seen at the router.",
-                             model, buckets=_ITL_BUCKETS, registry=reg)  # fmt: skip
+                             model, buckets=ITL_BUCKETS, registry=reg)  # fmt: skip
         self.tpot = Histogram("vllm:request_time_per_output_token_seconds",
                               "Mean time per output token after the first, per request.",
-                              model, buckets=_ITL_BUCKETS, registry=reg)  # fmt: skip
+                              model, buckets=ITL_BUCKETS, registry=reg)  # fmt: skip
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency from arrival to last token.",
-                             model, buckets=_E2E_BUCKETS, registry=reg)  # fmt: skip
+                             model, buckets=E2E_BUCKETS, registry=reg)  # fmt: skip
         self.prompt_tokens_hist = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
                                             model, buckets=token_buckets, registry=reg)  # fmt: skip
         self.generation_tokens_hist = Histogram("vllm:request_generation_tokens", "Generated tokens per request.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.config.context_length import resolve_max_model_len
 from common.generation_config import read_chat_template, read_generation_config, sampling_defaults
 from common.model_files import resolve_model
 from common.models.config import load_model_config
@@ -44,12 +45,7 @@ def load_served_model(settings: ModelSettings) -> ServedModel:
     model_config = load_model_config(source, settings.hf_config_path)
     tokenizer = load_tokenizer(source, settings.tokenizer)
     model_len = model_config.max_position_embeddings
-    max_model_len = settings.max_model_len if settings.max_model_len is not None else model_len
-    if max_model_len > model_len:
-        raise ValueError(
-            f"--max-model-len {max_model_len} is larger than the model's context length {model_len} "
-            "(max_position_embeddings); lower --max-model-len"
-        )
+    max_model_len = resolve_max_model_len(settings.max_model_len, model_len)
     generation = read_generation_config(
         settings.generation_config, source.path if source.kind == "hf_dir" else None
     )

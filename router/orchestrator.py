@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.openai_api import OpenAIError, SequenceSpec
-from common.protocol import Abort, ErrorMessage, GenerateRequest, TokenDelta, sampling_params_to_wire
+from common.protocol import (
+    Abort,
+    ErrorMessage,
+    GenerateRequest,
+    TokenDelta,
+    WorkerRole,
+    sampling_params_to_wire,
+)
 from router.config import RouterConfig
 from router.errors import RetryLater, no_worker_available
 from router.metrics import RouterMetrics
@@ -44,7 +51,7 @@ from router.policy import (
 from router.prefix_index import request_block_hashes
 from router.worker_client import WorkerClient, WorkerLost, WorkerUnavailable
 from router.worker_pool import WorkerPool
-from router.worker_state import WorkerRole, WorkerState
+from router.worker_state import WorkerState
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,6 @@ from common.protocol import (
     decode_message,
     encode_message,
 )
-from router.worker_state import LoadReport as WorkerLoad
 from router.worker_state import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -291,28 +290,9 @@ class WorkerClient:
         else:
             self.num_malformed += 1  # requests and aborts go to workers, not from them
 
-    def _take_load_report(self, message: LoadReport) -> None:
-        extra = message.extra
-        try:
-            load = WorkerLoad.from_dict(
-                {
-                    "num_running": message.num_running,
-                    "num_waiting": message.num_waiting,
-                    "num_queued_prefill_tokens": message.queued_prefill_tokens,
-                    "kv_cache_usage": min(1.0, max(0.0, float(message.kv_cache_usage))),
-                    "num_kv_blocks": _count_or_zero(extra.get("num_kv_blocks")),
-                }
-            )
-        except ValueError as exc:
-            self.num_malformed += 1
-            logger.warning("bad load report from worker %s dropped: %s", self.worker_id, exc)
-            return
-        self.state.update_load(load)
+    def _take_load_report(self, report: LoadReport) -> None:
+        """A report, checked field by field when it was decoded, is the worker's load as it is."""
+        self.state.update_load(report)
         if self._on_load_report is not None:
-            self._on_load_report(self, message)
-        self.last_report = message
-
-
-def _count_or_zero(value: object) -> int:
-    """An optional count from LoadReport.extra: 0 when absent or not a count."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+            self._on_load_report(self, report)
+        self.last_report = report

@@ -11,12 +11,11 @@ it reports again it is admitted again and its event stream is read from scratch 
 subscriber replays what the worker still buffers), which rebuilds its entries. A report
 from a new instance (its worker id or engine id changed: it restarted) does the same.
 
-What the workers put in `LoadReport.extra` and the router reads:
+Besides the load, the router reads in each LoadReport (common/protocol.py):
 - `kv_events_endpoint`, `kv_replay_endpoint`, `kv_events_topic`: where its KV events are
   published (a bind address such as tcp://*:5557 is read on the worker's own host);
 - `block_size`, `prefix_caching_hash_algo`: how it hashes blocks, which the router must
-  match (its own --block-size / --prefix-caching-hash-algo win when given);
-- `num_kv_blocks`: the size of its KV cache, for the load view.
+  match (its own --block-size / --prefix-caching-hash-algo win when given).
 Torch-free.
 """
 
@@ -30,14 +29,16 @@ from typing import Any
 
 import zmq.asyncio
 
+from common.advertised_host import dialable_endpoint
+from common.config.engine_config import DEFAULT_BLOCK_SIZE
 from common.frame_auth import WORKER_CHANNEL, frame_auth
-from common.protocol import LoadReport
-from router.config import DEFAULT_BLOCK_SIZE, DEFAULT_HASH_ALGO, RouterConfig
+from common.protocol import LoadReport, WorkerRole
+from router.config import DEFAULT_HASH_ALGO, RouterConfig
 from router.kv_event_subscriber import KVEventSubscriber
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
 from router.worker_client import WorkerClient
-from router.worker_state import WorkerRole, WorkerState
+from router.worker_state import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +184,8 @@ class WorkerPool:
             client.fail_streams(f"worker {state.worker_id} restarted while the request was running on it")
             self._feeds_open.pop(state.worker_id, None)  # forces a fresh subscription
             self.prefix_index.remove_worker(state.worker_id)
-        self._learn_hashing(state.worker_id, report.extra)
-        feed = _event_feed(state.address, report.extra)
+        self._learn_hashing(state.worker_id, report)
+        feed = _event_feed(state.address, report)
         if feed is not None:
             self._feeds_wanted[state.worker_id] = feed
         else:
@@ -256,15 +257,15 @@ class WorkerPool:
                     continue
                 self._feeds_open[wid] = feed
 
-    def _learn_hashing(self, worker_id: str, extra: dict[str, Any]) -> None:
-        block_size = extra.get("block_size")
-        algo = extra.get("prefix_caching_hash_algo")
-        if isinstance(block_size, int) and not isinstance(block_size, bool) and block_size > 0:
+    def _learn_hashing(self, worker_id: str, report: LoadReport) -> None:
+        block_size = report.block_size
+        algo = report.prefix_caching_hash_algo
+        if block_size > 0:
             if self._learned_block_size is None:
                 self._learned_block_size = block_size
             if block_size != self.block_size:
                 self._warn_mismatch(worker_id, "block size", block_size, self.block_size, "--block-size")
-        if isinstance(algo, str) and algo:
+        if algo:
             if self._learned_hash_algo is None:
                 self._learned_hash_algo = algo
             if algo != self.hash_algo:
@@ -283,28 +284,14 @@ class WorkerPool:
         )  # fmt: skip
 
 
-def _event_feed(worker_address: str, extra: dict[str, Any]) -> EventFeed | None:
-    endpoint = extra.get("kv_events_endpoint")
-    if not isinstance(endpoint, str) or not endpoint:
+def _event_feed(worker_address: str, report: LoadReport) -> EventFeed | None:
+    """Where the router reads the worker's KV events (a wildcard bind host is read on the
+    host of the worker's own address); None when it publishes none."""
+    endpoint, replay = report.kv_events_endpoint, report.kv_replay_endpoint
+    if not endpoint:
         return None
-    replay = extra.get("kv_replay_endpoint")
-    topic = extra.get("kv_events_topic", "")
     return (
-        connectable(endpoint, worker_address),
-        connectable(replay, worker_address) if isinstance(replay, str) and replay else None,
-        topic if isinstance(topic, str) else "",
+        dialable_endpoint(endpoint, worker_address),
+        dialable_endpoint(replay, worker_address) if replay else None,
+        report.kv_events_topic,
     )
-
-
-def connectable(endpoint: str, worker_address: str) -> str:
-    """A bind address (tcp://*:5557, tcp://0.0.0.0:5557) as the router reaches it: on the
-    host of the worker's own address."""
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    host, _, port = endpoint[len("tcp://") :].rpartition(":")
-    if host not in ("*", "0.0.0.0", "[::]", "::"):
-        return endpoint
-    worker_host = (
-        worker_address[len("tcp://") :].rpartition(":")[0] if worker_address.startswith("tcp://") else ""
-    )
-    return f"tcp://{worker_host or '127.0.0.1'}:{port}"

@@ -1,14 +1,14 @@
 """The router's view of one worker: who it is, where to reach it, whether it is healthy,
 and how loaded it is.
 
-Load comes from two places. Workers send load reports (the figures of their own
-Prometheus gauges); they count every router's requests, but they are a little old when
-they arrive. The router also notes each request it sends until the worker's next report
-takes it into account (or the request leaves the worker), so a burst of requests does
-not all land on the worker that looked idle a moment ago; with no reports at all, these
-notes alone are the load. The properties
-(`queued_prefill_tokens`, `num_active_requests`, `kv_usage`, `active_kv_blocks`) add
-the two; they are what the routing scorers read. Torch-free.
+Load comes from two places. Workers send load reports (common/protocol.py's LoadReport,
+the figures of their own Prometheus gauges), kept here as they arrive; they count every
+router's requests, but they are a little old when they arrive. The router also notes
+each request it sends until the worker's next report takes it into account (or the
+request leaves the worker), so a burst of requests does not all land on the worker that
+looked idle a moment ago; with no reports at all, these notes alone are the load. The
+properties (`queued_prefill_tokens`, `num_active_requests`, `kv_usage`,
+`active_kv_blocks`) add the two; they are what the routing scorers read. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,44 +16,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
-from common.protocol import WorkerRole
-
-
-@dataclass
-class LoadReport:
-    """A worker's load as it reports it."""
-
-    num_running: int = 0  # sequences in its running batch (vllm:num_requests_running)
-    num_waiting: int = 0  # requests queued, not yet scheduled (vllm:num_requests_waiting)
-    num_queued_prefill_tokens: int = 0  # prompt tokens accepted but not yet prefilled
-    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0 to 1 (vllm:kv_cache_usage_perc)
-    num_kv_blocks: int = 0  # size of its KV cache in blocks; 0 when not known
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoadReport:
-        """Read a report off the wire; raise ValueError saying which field is wrong."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a load report must be a map, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"load report has unknown fields {unknown}; known: {sorted(known)}")
-        report = cls(**data)
-        for name in ("num_running", "num_waiting", "num_queued_prefill_tokens", "num_kv_blocks"):
-            value = getattr(report, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"load report field {name} must be a non-negative int, got {value!r}")
-        usage = report.kv_cache_usage
-        if isinstance(usage, bool) or not isinstance(usage, (int, float)) or not 0.0 <= usage <= 1.0:
-            raise ValueError(f"load report field kv_cache_usage must be a number from 0 to 1, got {usage!r}")
-        report.kv_cache_usage = float(usage)
-        return report
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+from common.protocol import LoadReport, WorkerRole
 
 
 @dataclass
@@ -67,8 +32,6 @@ class WorkerState:
     worker_id: str
     role: WorkerRole
     address: str  # where requests go
-    kv_events_endpoint: str | None = None
-    kv_replay_endpoint: str | None = None
     healthy: bool = True
     load: LoadReport = field(default_factory=LoadReport)
     load_received_at: float = -math.inf  # on `clock`

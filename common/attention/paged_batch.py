@@ -1,4 +1,5 @@
-"""Random paged-attention batches: what the kernel tests and `pdserve bench kernels` run on.
+"""Random paged-attention batches, a test fixture: what the kernel tests and the kernel
+benchmark run on, each kernel checked against its torch reference.
 
 A batch is a list of requests, each with some new tokens (query_len) at the end of its
 context (seq_len). Blocks are handed out in a shuffled order, so block tables are not

@@ -26,6 +26,9 @@ from typing import Any, NoReturn
 from common.config.arg_types import json_object
 
 _OPTION_NAME_RE = re.compile(r"--[^=.]+")
+# Where a parse keeps the JSON objects given to JSON options, before from_dict made config
+# objects of them: what the user wrote, for handing the option on (common/config/argv_of.py).
+_JSON_GIVEN = "_json_given"
 
 
 class JsonObjectAction(argparse.Action):
@@ -73,6 +76,24 @@ class RefusedFlagAction(argparse.Action):
         if option_string is None or not option_string.startswith("--no-"):
             parser.error(self.refusal)
         setattr(namespace, self.dest, False)
+
+
+def add_config_file_arg(group: Any) -> None:
+    """`--config FILE.yaml`, read by PdserveArgumentParser before the command line."""
+    group.add_argument(
+        "--config",
+        action=ConfigFileAction,
+        default=None,
+        help="Read CLI options from a config file. Must be a YAML with the options of this command "
+        "as keys (option names without the leading --, with - or _), e.g. 'max-model-len: 4096'. "
+        "Options given on the command line win over the file.",
+    )
+
+
+def json_given(namespace: argparse.Namespace, dest: str) -> dict[str, Any] | None:
+    """The JSON object given to the JSON option `dest` (whole, by dotted keys or in a --config
+    file, merged), as written; None when it was not given."""
+    return getattr(namespace, _JSON_GIVEN, {}).get(dest)
 
 
 @dataclass
@@ -169,6 +190,7 @@ class PdserveArgumentParser(argparse.ArgumentParser):
         return kept, dotted
 
     def _finish_json_options(self, namespace: argparse.Namespace, dotted: list[_DottedKey]) -> None:
+        given = dict(getattr(namespace, _JSON_GIVEN, {}))
         for action in self._actions:
             if not isinstance(action, JsonObjectAction):
                 continue
@@ -180,12 +202,16 @@ class PdserveArgumentParser(argparse.ArgumentParser):
                     _set_path(value, d.keys, d.value, d.append)
             elif isinstance(value, dict):
                 value = copy.deepcopy(value)  # never hand out the parser's default object
+            if mine or (isinstance(value, dict) and value != action.default):
+                given[action.dest] = copy.deepcopy(value)
             if isinstance(value, dict) and action.from_dict is not None:
                 try:
                     value = action.from_dict(value)
                 except ValueError as e:
                     self.error(f"argument {action.option_strings[0]}: {e}")
             setattr(namespace, action.dest, value)
+        if given:
+            setattr(namespace, _JSON_GIVEN, given)
 
     # --- --config FILE.yaml -----------------------------------------------------------
 

@@ -106,6 +106,37 @@ def fraction(text: str) -> float:
     return value
 
 
+def seconds(minimum: float = 0.0, *, inclusive: bool = False, subject: str = "") -> Callable[[str], float]:
+    """A converter for a duration in seconds, more than `minimum` (at least it, if `inclusive`);
+    `subject` names the value in the message ("the TTL must be at least 1 second")."""
+    bound = f"{'at least' if inclusive else 'more than'} {minimum:g} second{'' if minimum == 1 else 's'}"
+    prefix = f"{subject} " if subject else ""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: expected a number of seconds"
+            ) from None
+        if not (value >= minimum if inclusive else value > minimum):  # refuses nan too
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {prefix}must be {bound}")
+        return value
+
+    convert.__name__ = "seconds"
+    return convert
+
+
+def registry_url(text: str) -> str:
+    """A Redis worker-registry URL, redis://HOST:PORT/DB (common/registry.py checks it)."""
+    from common.registry import check_registry_url  # only for this flag: it pulls in msgpack
+
+    try:
+        return check_registry_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def choice(choices: Sequence[T], convert: Callable[[str], T] | None = None) -> Callable[[str], T]:
     """A converter that accepts only `choices` (after `convert`), naming them all when it refuses."""
     allowed = ", ".join(str(c) for c in choices)

@@ -14,22 +14,26 @@ from dataclasses import fields
 from typing import Any
 
 from common.config.arg_parser import (
-    ConfigFileAction,
     JsonObjectAction,
     PdserveArgumentParser,
     RefusedFlagAction,
+    add_config_file_arg,
 )
 from common.config.arg_types import any_int, choice, fraction, human_int, int_at_least
 from common.config.engine_config import EngineConfig
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KNOWN_KV_CONNECTORS, KVTransferConfig
+from common.config.shared_args import (
+    JSON_HELP,
+    SIZE_SUFFIXES_HELP,
+    add_block_hashing_args,
+    add_model_args,
+)
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
-PREFIX_CACHING_HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -37,12 +41,6 @@ TRUST_REMOTE_CODE_REFUSAL = (
     "--trust-remote-code is not supported: pdserve never runs code from a model repository; "
     "it runs the architectures it implements itself (Llama, Mistral, Qwen2, Qwen3, SmolLM2), "
     "so drop the flag"
-)
-
-_SIZE_SUFFIXES = "Accepts human-readable k/m/g/K/M/G: 1k -> 1,000, 1K -> 1,024, 25.6k -> 25,600."
-_JSON_HELP = (
-    "Should either be a valid JSON string or JSON keys passed individually "
-    "(--{flag}.KEY VALUE, nested --{flag}.KEY.SUBKEY VALUE, list items --{flag}.KEY+ VALUE)."
 )
 
 
@@ -64,11 +62,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig of parsed flags (fields the namespace lacks keep their defaults)."""
+    """The EngineConfig of parsed flags (fields the namespace lacks or leaves None keep their
+    defaults: --prefix-caching-hash-algo is None unless given, since the router reads None as
+    "what the workers report")."""
     values: dict[str, Any] = {}
     for f in fields(EngineConfig):
-        if hasattr(ns, f.name):
-            value = getattr(ns, f.name)
+        value = getattr(ns, f.name, None)
+        if value is not None:  # a flag left unset keeps the engine's default
             values[f.name] = copy.deepcopy(value) if isinstance(value, dict | list) else value
     if "dtype" in values:
         values["dtype"] = _DTYPE_ALIASES.get(values["dtype"], values["dtype"])
@@ -80,14 +80,7 @@ def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
 
 
 def _add_general_args(group: Any) -> None:
-    group.add_argument(
-        "--config",
-        action=ConfigFileAction,
-        default=None,
-        help="Read CLI options from a config file. Must be a YAML with the options of this command "
-        "as keys (option names without the leading --, with - or _), e.g. 'max-model-len: 4096'. "
-        "Options given on the command line win over the file.",
-    )
+    add_config_file_arg(group)
     group.add_argument("--disable-log-stats", action="store_true", help="Disable logging statistics.")
     group.add_argument(
         "--device",
@@ -99,19 +92,7 @@ def _add_general_args(group: Any) -> None:
 
 
 def _add_model_args(group: Any) -> None:
-    group.add_argument(
-        "--model",
-        default=None,
-        help="Name or path of the Hugging Face model to use: a local folder, a .gguf file, or a Hub "
-        "id. It is also used as the content for the model_name tag in metrics output when "
-        "served_model_name is not specified. (default: the embedded SmolLM2-135M-Instruct)",
-    )
-    group.add_argument(
-        "--tokenizer",
-        default=None,
-        help="Name or path of the Hugging Face tokenizer to use. If unspecified, model name or path "
-        "will be used.",
-    )
+    add_model_args(group)  # the flags the router takes too
     group.add_argument(
         "--trust-remote-code",
         action=RefusedFlagAction,
@@ -132,29 +113,10 @@ def _add_model_args(group: Any) -> None:
     )
     group.add_argument("--seed", type=any_int, default=0, help="Random seed for reproducibility.")
     group.add_argument(
-        "--hf-config-path",
-        default=None,
-        help="Name or path of the Hugging Face config to use. If unspecified, model name or path "
-        "will be used.",
-    )
-    group.add_argument(
-        "--revision",
-        default=None,
-        help="The specific model version to use. It can be a branch name, a tag name, or a commit "
-        "id. If unspecified, will use the default version.",
-    )
-    group.add_argument(
         "--tokenizer-revision",
         default=None,
         help="The specific revision to use for the tokenizer on the Hugging Face Hub. It can be a "
         "branch name, a tag name, or a commit id. If unspecified, will use the default version.",
-    )
-    group.add_argument(
-        "--max-model-len",
-        type=human_int(minimum=1),
-        default=None,
-        help="Model context length (prompt and output). If unspecified, will be automatically "
-        f"derived from the model config. {_SIZE_SUFFIXES}",
     )
     group.add_argument(
         "--enforce-eager",
@@ -163,50 +125,6 @@ def _add_model_args(group: Any) -> None:
         help="Whether to always use eager-mode PyTorch. If True, we will disable CUDA graph and "
         "always execute the model in eager mode. If False, we will use CUDA graph and eager "
         "execution in hybrid for maximal performance and flexibility.",
-    )
-    group.add_argument(
-        "--max-logprobs",
-        type=int_at_least(-1),
-        default=20,
-        help="Maximum number of log probabilities to return when logprobs is specified in "
-        "SamplingParams. The default value comes from the default for the OpenAI Chat Completions "
-        "API. -1 means no cap, i.e. all (output_length * vocab_size) logprobs are allowed to be "
-        "returned and it may cause OOM.",
-    )
-    group.add_argument(
-        "--served-model-name",
-        nargs="+",
-        default=None,
-        help="The model name(s) used in the API. If multiple names are provided, the server will "
-        "respond to any of the provided names. The model name in the model field of a response "
-        "will be the first name in this list. If not specified, the model name will be the same "
-        "as the --model argument. Noted that this name(s) will also be used in model_name tag "
-        "content of prometheus metrics, if multiple names provided, metrics tag will take the "
-        "first one.",
-    )
-    group.add_argument(
-        "--generation-config",
-        default="auto",
-        help='The folder path to the generation config. Defaults to "auto", the generation config '
-        'will be loaded from model path. If set to "vllm", no generation config is loaded, '
-        "pdserve's defaults will be used. If set to a folder path, the generation config will be "
-        "loaded from the specified folder path. If max_new_tokens is specified in generation "
-        "config, then it sets a server-wide limit on the number of output tokens for all requests.",
-    )
-    group.add_argument(
-        "--override-generation-config",
-        action=JsonObjectAction,
-        default={},
-        help='Overrides or sets generation config. e.g. {"temperature": 0.5}. If used with '
-        "--generation-config auto, the override parameters will be merged with the default config "
-        "from the model. If used with --generation-config vllm, only the override parameters are "
-        "used. " + _JSON_HELP.format(flag="override-generation-config"),
-    )
-    group.add_argument(
-        "--chat-template",
-        default=None,
-        help="The file path to the chat template, or the template in single-line form for the "
-        "specified model.",
     )
 
 
@@ -222,22 +140,10 @@ def _add_load_args(group: Any) -> None:
         '(dequantized at load). "dummy" initializes the weights with random values, which is '
         "mainly for profiling.",
     )
-    group.add_argument(
-        "--download-dir",
-        default=None,
-        help="Directory to download and load the weights, default to the default cache dir of Hugging Face.",
-    )
 
 
 def _add_cache_args(group: Any) -> None:
-    group.add_argument(
-        "--block-size",
-        type=choice(BLOCK_SIZES, int),
-        choices=BLOCK_SIZES,
-        default=None,
-        help="Size of a contiguous cache block in number of tokens. This config has no static "
-        "default: if left unspecified, it is set for the current platform (16).",
-    )
+    add_block_hashing_args(group)  # the router hashes prompts as the workers do
     group.add_argument(
         "--gpu-memory-utilization",
         type=fraction,
@@ -257,7 +163,7 @@ def _add_cache_args(group: Any) -> None:
         "infers the KV cache size from gpu_memory_utilization. However, users may want to manually "
         "specify the KV cache memory size. kv_cache_memory_bytes allows more fine-grain control of "
         "how much memory gets used when compared with using gpu_memory_utilization. Note that "
-        f"kv_cache_memory_bytes (when not-None) ignores gpu_memory_utilization. {_SIZE_SUFFIXES}",
+        f"kv_cache_memory_bytes (when not-None) ignores gpu_memory_utilization. {SIZE_SUFFIXES_HELP}",
     )
     group.add_argument(
         "--kv-cache-dtype",
@@ -280,17 +186,6 @@ def _add_cache_args(group: Any) -> None:
         default=None,
         help="Whether to enable prefix caching. Enabled by default.",
     )
-    group.add_argument(
-        "--prefix-caching-hash-algo",
-        type=choice(PREFIX_CACHING_HASH_ALGOS),
-        choices=PREFIX_CACHING_HASH_ALGOS,
-        default="sha256",
-        help='Set the hash algorithm for prefix caching. "sha256" hashes a canonical serialization '
-        '(pdserve never uses pickle for it). "sha256_cbor" provides a reproducible, '
-        "cross-language compatible hash: it serializes objects using canonical CBOR and hashes them "
-        'with SHA-256. "xxhash" and "xxhash_cbor" use the faster, non-cryptographic xxh3-128. '
-        "Every worker and the router must use the same algorithm.",
-    )
 
 
 def _add_scheduler_args(group: Any) -> None:
@@ -300,7 +195,7 @@ def _add_scheduler_args(group: Any) -> None:
         default=None,
         help="Maximum number of tokens to be processed in a single iteration. This config has no "
         "static default. If left unspecified by the user, it will be set based on the usage "
-        f"context. {_SIZE_SUFFIXES}",
+        f"context. {SIZE_SUFFIXES_HELP}",
     )
     group.add_argument(
         "--max-num-seqs",
@@ -378,7 +273,7 @@ def _add_parallel_args(group: Any) -> None:
         f"({', '.join(KNOWN_KV_CONNECTORS)}), kv_role (kv_producer, kv_consumer, kv_both), "
         "engine_id, kv_buffer_device, kv_ip, kv_port, kv_connector_extra_config, "
         "kv_connector_module_path, kv_load_failure_policy (fail, recompute), ... "
-        + _JSON_HELP.format(flag="kv-transfer-config"),
+        + JSON_HELP.format(flag="kv-transfer-config"),
     )
     group.add_argument(
         "--kv-events-config",
@@ -387,7 +282,7 @@ def _add_parallel_args(group: Any) -> None:
         default=None,
         help="The configurations for event publishing: enable_kv_cache_events, publisher (zmq, "
         "null), endpoint, replay_endpoint, buffer_steps, hwm, max_queue_size, topic. "
-        + _JSON_HELP.format(flag="kv-events-config"),
+        + JSON_HELP.format(flag="kv-events-config"),
     )
 
 

@@ -1,7 +1,9 @@
 """The engine's settings, named as vLLM's flags (dest names), with vLLM's defaults.
 
 Filled from the command line by common/config/engine_args.py. `None` means "resolve
-from the model or device" (see resolve_defaults).
+from the model or device" (common/engine/engine_setup.py resolve_engine_config), with
+the defaults below: their one home, torch-free, so the router and the command line
+read them without loading the engine.
 """
 
 from __future__ import annotations
@@ -11,6 +13,15 @@ from typing import Any
 
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KVTransferConfig
+
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_SEQS = 256
+# Token budget per step with chunked prefill. vLLM's default is 2048 for serving (8192
+# and up on large GPUs); a CPU step of 2048 tokens already takes seconds, so more would
+# only delay the running decodes, while a GPU forward of 8192 tokens keeps it busy.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+# Without chunked prefill a whole prompt must fit in one step.
+MIN_UNCHUNKED_BATCHED_TOKENS = 2048
 
 
 @dataclass
@@ -33,7 +44,7 @@ class EngineConfig:
     chat_template: str | None = None
     # device and cache
     device: str = "auto"  # auto | cpu | cuda
-    block_size: int | None = None  # None -> 16
+    block_size: int | None = None  # None -> DEFAULT_BLOCK_SIZE
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from common.config.field_checks import check_choice, check_int, check_known_fields, check_str
 
-# The connectors pdserve ships; kvtransfer's factory maps these names to classes.
+# The connectors pdserve ships; the connector factory maps these names to classes.
 KNOWN_KV_CONNECTORS = ("NixlConnector", "TcpConnector", "MultiConnector", "CudaIpcConnector")
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")

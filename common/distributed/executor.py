@@ -5,8 +5,8 @@ fresh interpreters (`python -m common.distributed.rank_worker`, so no CUDA state
 forked and, unlike multiprocessing's spawn, the caller's main module is never
 re-imported: a script needs no `if __name__ == "__main__"` guard), waits until each
 has joined, and forms the process group with them. Each rank then loads its own
-shard and sizes its cache in step with rank 0 (LLMEngine._from_config_tensor_parallel
-and rank_worker.py run the same calls).
+shard and sizes its cache in step with rank 0 (every rank runs
+common/engine/engine_setup.py's set_up_engine).
 
 Steps travel as msgpack messages (step_message.py) over a local ZMQ PUSH socket per
 rank (ipc:// in a private temporary folder), not through a collective: an idle engine

@@ -1,10 +1,10 @@
 """A tensor-parallel rank other than 0: its process's whole life.
 
 Started by rank 0's executor (executor.py) as `python -m common.distributed.rank_worker
-ARGS_JSON`: join the group, load this rank's shard, size the cache with the others,
-then run every step rank 0 sends until "shutdown", or until rank 0's process is gone
-(checked each second while idle; during a step a dead peer breaks the collective, which
-raises). Arguments are JSON, steps msgpack (step_message.py); nothing is unpickled.
+ARGS_JSON`: join the group, load this rank's shard and size the cache with the others
+(common/engine/engine_setup.py, as rank 0 does), then run every step rank 0 sends until
+"shutdown", or until rank 0's process is gone (checked each second while idle; during a
+step a dead peer breaks the collective, which raises). Arguments are JSON, steps msgpack (step_message.py); nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ RANK_CONFIG_FIELDS = (
 
 @dataclass(frozen=True)
 class RankArgs:
-    config: EngineConfig  # resolved by rank 0 (resolve_engine_config)
+    config: EngineConfig  # resolved by rank 0 (engine_setup.resolve_engine_config)
     rank: int
     size: int
     device: str  # the engine's device; the rank picks its own from it (rank_device)
@@ -83,16 +83,12 @@ def joined_key(rank: int) -> str:
 
 def run_rank(args: RankArgs) -> None:
     """The rank's process: returns when rank 0 says shutdown or is gone."""
-    from common.attention.backend_select import get_attention_backend
-    from common.engine.llm_engine import kv_cache_num_blocks
+    from common.engine.engine_setup import set_up_engine
     from common.engine.model_runner import ModelRunner
-    from common.model_files import resolve_model
-    from common.models.loader import load_model
 
     logging.basicConfig(level=logging.WARNING, format=f"tp rank {args.rank}: %(levelname)s %(message)s")
     # Ctrl-C reaches the whole process group: rank 0 decides when the ranks stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    config = args.config
     device = rank_device(torch.device(args.device), args.rank, args.size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -106,26 +102,17 @@ def run_rank(args: RankArgs) -> None:
     store.set(joined_key(args.rank), "1")
     group = TensorParallelGroup(store, args.rank, args.size, device, args.backend)
     try:
-        torch.manual_seed(config.seed)
-        source = resolve_model(config.model, config.revision, config.download_dir)
-        model, model_config = load_model(
-            source,
-            load_format=config.load_format,
-            dtype=config.dtype,
-            device=device,
-            attn_backend=get_attention_backend(device, config.kv_cache_dtype, config.max_model_len),
-            hf_config_path=config.hf_config_path,
-            seed=config.seed,
-            tp_group=group,
-        )
+        # the same setup as rank 0's, in step with it (the shard and the cache agreement)
+        setup = set_up_engine(args.config, device, tp_group=group)
+        config = setup.config
         runner = ModelRunner(
-            model,
-            model_config,
-            num_blocks=kv_cache_num_blocks(config, model, model_config, device, group),
+            setup.model,
+            setup.model_config,
+            num_blocks=setup.num_blocks,
             block_size=config.block_size,
             kv_cache_dtype=config.kv_cache_dtype,
             device=device,
-            dtype=next(model.parameters()).dtype,
+            dtype=next(setup.model.parameters()).dtype,
             seed=config.seed,
             max_model_len=config.max_model_len,
             enforce_eager=True,

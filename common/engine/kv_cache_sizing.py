@@ -10,6 +10,10 @@ In order of precedence, as vLLM decides it:
      no more than --max-num-seqs requests of --max-model-len tokens can fill.
 In every case the cache must hold at least one request of --max-model-len tokens.
 The count includes block 0, the null block the block pool never hands out.
+
+kv_cache_num_blocks applies this to a resolved EngineConfig and a loaded model: the
+profiling forward (profile_forward) and, under tensor parallelism, the ranks agreeing
+on one count.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from common.config.engine_config import EngineConfig
+from common.engine.kv_cache_tensor import cache_model_config, resolve_kv_cache_dtype
+from common.engine.model_runner import ModelRunner
+from common.engine.request import Request
+from common.engine.scheduled_batch import ScheduledBatch
+from common.sampling_params import SamplingParams
 
 CPU_KV_CACHE_SPACE_BYTES = 4 * 2**30
 
@@ -97,3 +108,107 @@ def _cuda_kv_cache_bytes(
     # memory held outside torch's allocator (CUDA context, NCCL, other processes)
     non_torch = (total - free) - torch.cuda.memory_reserved(device)
     return int(total * gpu_memory_utilization) - torch_peak - non_torch
+
+
+def kv_cache_num_blocks(
+    config: EngineConfig, model, model_config, device: torch.device, tp_group=None
+) -> int:
+    """Blocks of the KV cache for a resolved config (determine_num_blocks decides). Every
+    rank of `tp_group` calls it at once, sizing its own cache (its own KV heads, on CUDA its
+    own profiling forward, run in step by all ranks); they agree on the smallest count."""
+    dtype = next(model.parameters()).dtype
+    kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
+
+    def profile() -> None:
+        profile_forward(
+            model,
+            model_config,
+            num_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
+            kv_cache_dtype=kv_cache_dtype,
+            device=device,
+            dtype=dtype,
+        )
+
+    def determine() -> int:
+        return determine_num_blocks(
+            model_config=cache_model_config(model, model_config),
+            block_size=config.block_size,
+            kv_cache_dtype=kv_cache_dtype,
+            device=device,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            num_gpu_blocks_override=config.num_gpu_blocks_override,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            profile_forward=profile,
+        )
+
+    if tp_group is None:
+        return determine()
+    error = None
+    try:
+        num_blocks = determine()
+    except ValueError as e:  # still join the agreement, or the other ranks would wait forever
+        num_blocks, error = 0, e
+    agreed = tp_group.min_int(num_blocks)
+    if agreed == 0:
+        if error is not None:
+            raise error
+        raise ValueError(
+            "another tensor-parallel rank has no room for the KV cache (its error is in its output); "
+            "lower --max-model-len or give the cache more room"
+        )
+    return agreed
+
+
+def profile_forward(
+    model,
+    model_config,
+    *,
+    num_tokens: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    block_size: int,
+    kv_cache_dtype: str | torch.dtype,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> None:
+    """One step at the largest size the scheduler may build, on a throwaway cache.
+
+    The prompts are split at --max-model-len, and logits are computed for
+    --max-num-seqs rows, so the activation peak is the one serving can reach.
+    """
+    lengths = [max_model_len] * (num_tokens // max_model_len)
+    if num_tokens % max_model_len:
+        lengths.append(num_tokens % max_model_len)
+    tables, next_block = [], 0
+    for length in lengths:
+        n = -(-length // block_size)
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    runner = ModelRunner(
+        model,
+        model_config,
+        num_blocks=next_block,
+        block_size=block_size,
+        kv_cache_dtype=kv_cache_dtype,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        enforce_eager=True,
+    )
+    requests = [
+        Request(f"profile-{i}", [0] * length, SamplingParams(temperature=0.0))
+        for i, length in enumerate(lengths)
+    ]
+    with torch.inference_mode():
+        inputs = runner.prepare_inputs(ScheduledBatch(requests, lengths, tables))
+        hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
+        rows = torch.zeros(max_num_seqs, dtype=torch.int64, device=hidden.device)
+        logits = model.compute_logits(hidden[rows])
+        if logits is not None:  # None on tensor-parallel ranks other than 0
+            runner.sampler(logits, [requests[0]] * max_num_seqs)
+    del runner, hidden, logits

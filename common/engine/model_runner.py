@@ -1,14 +1,15 @@
 """Tensors in, tokens out: run one scheduled step on the model and sample.
 
 The runner owns the paged KV cache, one tensor shaped
-[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (DESIGN.md). A step
-packs the new tokens of every scheduled request into one flat batch, runs one forward,
-and samples only for the requests whose scheduled tokens reach the end of their known
-tokens (a prefill chunk that stops mid-prompt samples nothing).
+[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (DESIGN.md;
+kv_cache_tensor.py allocates it). A step packs the new tokens of every scheduled
+request into one flat batch, runs one forward, and samples only for the requests whose
+scheduled tokens reach the end of their known tokens (a prefill chunk that stops
+mid-prompt samples nothing).
 
-Inputs are packed on the host into persistent buffers; on CUDA those are pinned and
-copied to persistent device buffers without blocking, so the only host synchronization
-in a step is the sampler reading the chosen tokens back. On CUDA (unless enforce_eager),
+Inputs are packed on the host into persistent buffers (step_buffers.py); on CUDA those
+are pinned and copied to persistent device buffers without blocking, so the only host
+synchronization in a step is the sampler reading the chosen tokens back. On CUDA (unless enforce_eager),
 a pure-decode step replays a CUDA graph captured at the next batch size up
 (common/engine/cuda_graphs.py); mixed and prefill steps, and decode batches larger than
 the largest captured size, run eagerly. The CPU path never uses graphs.
@@ -23,108 +24,19 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common.attention.metadata import AttentionMetadata
+from common.config.engine_config import DEFAULT_MAX_NUM_SEQS
 from common.distributed import step_message
 from common.engine import cuda_graphs as graphs_module
+from common.engine.kv_cache_tensor import allocate_kv_cache, cache_model_config, resolve_kv_cache_dtype
 from common.engine.outputs import SampledToken
-from common.engine.request import Request
 from common.engine.sampler import Sampler
 from common.engine.scheduled_batch import ScheduledBatch
-from common.sampling_params import SamplingParams
-
-_KV_CACHE_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3": torch.float8_e4m3fn,
-}
-DEFAULT_MAX_NUM_SEQS = 256
-
-
-def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype as a torch dtype; "auto" stores K/V in the model's dtype."""
-    if isinstance(kv_cache_dtype, torch.dtype):
-        return kv_cache_dtype
-    if kv_cache_dtype == "auto":
-        return model_dtype
-    try:
-        return _KV_CACHE_DTYPES[kv_cache_dtype]
-    except KeyError:
-        raise ValueError(
-            f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; use auto or one of {', '.join(_KV_CACHE_DTYPES)}"
-        ) from None
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T] int64 (T padded to the graph's size for a graph step)
-    positions: torch.Tensor  # [T] int64
-    attn_metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # [n] int64: packed row of each sampling request's last token
-    sample_requests: list[Request]
-    num_reqs: int  # real requests; rows past it are padding
-    graph_size: int | None = None  # the captured batch size this step replays, if any
-
-
-class StepHandle:
-    """A launched step (ModelRunner.launch) whose sampled tokens are on their way to the host."""
-
-    def __init__(
-        self,
-        row_of: dict[str, int],
-        token_ids: torch.Tensor,
-        host: torch.Tensor,
-        ready: torch.cuda.Event | None,
-    ) -> None:
-        self.row_of = row_of  # request id -> its row in token_ids
-        self.token_ids = token_ids  # [n] int64 where the step ran
-        self._host = host
-        self._ready = ready
-
-    def result(self) -> dict[str, SampledToken]:
-        """The sampled token of every request, by id; waits for the step to end."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        tokens = self._host.tolist()
-        return {rid: SampledToken(tokens[row]) for rid, row in self.row_of.items()}
-
-
-# name -> dtype of each flat step buffer
-_BUFFERS = {
-    "input_ids": torch.int64,
-    "positions": torch.int64,
-    "slot_mapping": torch.int64,
-    "seq_lens": torch.int32,
-    "query_start_loc": torch.int32,
-    "block_tables": torch.int32,  # [rows, width] row-major in the first rows * width entries
-    "sample_rows": torch.int64,
-    "token_ids_a": torch.int64,  # a launched step's sampled tokens, read back (two in turn)
-    "token_ids_b": torch.int64,
-}
-
-
-class _StepBuffers:
-    """One flat tensor per step input, grown (never shrunk) to fit; pinned when asked."""
-
-    def __init__(self, device: torch.device, pin: bool) -> None:
-        self.device = device
-        self.pin = pin
-        self.tensors = {name: self._new(name, 64) for name in _BUFFERS}
-
-    def _new(self, name: str, size: int) -> torch.Tensor:
-        return torch.zeros(size, dtype=_BUFFERS[name], device=self.device, pin_memory=self.pin)
-
-    def get(self, name: str, size: int) -> torch.Tensor:
-        tensor = self.tensors[name]
-        if tensor.shape[0] < size:
-            tensor = self.tensors[name] = self._new(name, max(size, 2 * tensor.shape[0]))
-        return tensor[:size]
+from common.engine.step_buffers import StepBuffers, StepHandle, StepInputs
 
 
 class ModelRunner:
@@ -158,13 +70,13 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len or model_config.max_position_embeddings
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
-        self.kv_cache = _allocate_kv_cache(
+        self.kv_cache = allocate_kv_cache(
             cache_model_config(model, model_config), num_blocks, block_size, self.kv_cache_dtype, self.device
         )
         self.sampler = Sampler(seed)
         on_cuda = self.device.type == "cuda"
-        self._host = _StepBuffers(torch.device("cpu"), pin=on_cuda)
-        self._eager = _StepBuffers(self.device, pin=False) if on_cuda else self._host
+        self._host = StepBuffers(torch.device("cpu"), pin=on_cuda)
+        self._eager = StepBuffers(self.device, pin=False) if on_cuda else self._host
         self._copies_done: torch.cuda.Event | None = None
         self._token_buffer_turn = 0
         self._rows: torch.Tensor | None = None
@@ -491,81 +403,3 @@ def _backend_supports_cuda_graphs(model) -> bool:
     # The plain-torch backend reads lengths back to the host and masks with host-side
     # shapes; only the Triton kernels launch grids fixed by the batch size.
     return getattr(getattr(model, "attn_backend", None), "name", None) == "triton"
-
-
-def cache_model_config(model, model_config):
-    """The config whose KV heads this process's cache holds: a tensor-parallel rank's own
-    (common/models/parallel_layers.py), else the model's."""
-    return getattr(model, "rank_config", model_config)
-
-
-def _allocate_kv_cache(
-    model_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    cache = torch.empty(
-        num_blocks,
-        model_config.num_hidden_layers,
-        2,
-        model_config.num_key_value_heads,
-        block_size,
-        model_config.head_dim,
-        dtype=dtype,
-        device=device,
-    )
-    # Backends never read a slot past a sequence's end (they mask it and zero it), so on
-    # CPU the cache is left unwritten: the OS then commits only the pages that K/V reach,
-    # and a default 4 GiB cache costs what it holds. On a GPU zeros are cheap (written as
-    # bytes, which every dtype, fp8 included, reads as 0).
-    if device.type == "cuda":
-        cache.view(torch.uint8).zero_()
-    return cache
-
-
-def profile_forward(
-    model,
-    model_config,
-    *,
-    num_tokens: int,
-    max_model_len: int,
-    max_num_seqs: int,
-    block_size: int,
-    kv_cache_dtype: str | torch.dtype,
-    device: torch.device | str,
-    dtype: torch.dtype,
-) -> None:
-    """One step at the largest size the scheduler may build, on a throwaway cache.
-
-    The prompts are split at --max-model-len, and logits are computed for
-    --max-num-seqs rows, so the activation peak is the one serving can reach.
-    """
-    lengths = [max_model_len] * (num_tokens // max_model_len)
-    if num_tokens % max_model_len:
-        lengths.append(num_tokens % max_model_len)
-    tables, next_block = [], 0
-    for length in lengths:
-        n = -(-length // block_size)
-        tables.append(list(range(next_block, next_block + n)))
-        next_block += n
-    runner = ModelRunner(
-        model,
-        model_config,
-        num_blocks=next_block,
-        block_size=block_size,
-        kv_cache_dtype=kv_cache_dtype,
-        device=device,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        enforce_eager=True,
-    )
-    requests = [
-        Request(f"profile-{i}", [0] * length, SamplingParams(temperature=0.0))
-        for i, length in enumerate(lengths)
-    ]
-    with torch.inference_mode():
-        inputs = runner.prepare_inputs(ScheduledBatch(requests, lengths, tables))
-        hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
-        rows = torch.zeros(max_num_seqs, dtype=torch.int64, device=hidden.device)
-        logits = model.compute_logits(hidden[rows])
-        if logits is not None:  # None on tensor-parallel ranks other than 0
-            runner.sampler(logits, [requests[0]] * max_num_seqs)
-    del runner, hidden, logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.sampling_params import SamplingParams
 
@@ -55,6 +56,11 @@ class Request:
     priority: int = 0  # lower runs first under --scheduling-policy priority
     arrival_time: float = field(default_factory=time.monotonic)
     cache_salt: str | None = None
+    # consumer side: where a producer holds this prompt's KV (its first token is then
+    # already an output); the scheduler pulls the blocks its own prefix cache lacks
+    kv_transfer_params: dict[str, Any] | None = None
+    # producer side: done here after the first token, its blocks held for a consumer
+    prefill_only: bool = False
 
     # prompt + output; the single source of truth for this request's tokens
     all_token_ids: list[int] = field(init=False)
@@ -70,6 +76,11 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def awaits_remote_kv_admission(self) -> bool:
+        """Its prompt's KV is at a producer and it has no blocks here yet."""
+        return self.kv_transfer_params is not None and self.status == RequestStatus.WAITING
 
     @property
     def num_prompt_tokens(self) -> int:

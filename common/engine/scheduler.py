@@ -13,58 +13,31 @@ The scheduler never touches tensors. The engine loop calls schedule(), runs the 
 (even an empty one) and hands the sampled tokens to update_from_output(), which also
 returns the requests the scheduler finished on its own since the last call.
 
-Disaggregation adds two states (docs/disaggregation-flow.md):
-
-- Held (prefill side): a `prefill_only` request finishes after its first token
-  (FINISHED_REMOTE_DECODE) but keeps its blocks in `held` until `free_held()`, called
-  when the KV connector says the consumer is done with them or their lease ran out.
-- Waiting for remote KV (decode side): a request added with `kv_transfer_params` (its
-  first token already an output) is admitted like any other: it gets blocks for its
-  prompt and reuses its own prefix-cache hits. The blocks it still lacks become a
-  `KVPull` for the engine to start; until `finish_kv_pull()` the request sits in
-  `pulling`, holds its seat and its blocks, and is never scheduled nor preempted, while
-  the running requests go on. A full local hit, a request that cannot pull and an abort
-  before admission become a `KVRelease` (the producer may free its blocks). A failed
-  pull is recomputed here from the local hits, or fails the request, as
-  kv_load_failure_policy says. An abort during a pull keeps the blocks until the pull
-  ends, since the transfer writes into them until then.
+Disaggregation adds two states (remote_kv_states.py) and hands out transfer orders as
+data (`KVPull`, `KVRelease`) for the worker's role to act on. A `prefill_only` request
+finishes after its first token but its blocks stay held until `free_held()`. A request
+with `kv_transfer_params` is admitted like any other (blocks for its prompt, its own
+prefix hits reused), then waits, never scheduled nor preempted, while a `KVPull` fills
+the blocks it lacks; `finish_kv_pull()` joins it to the batch, and after a failure the
+role picks `requeue_failed_pull()` (compute the prompt here) or `fail_pull()`.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
+from common.config.context_length import context_length_error
 from common.config.engine_config import EngineConfig
 from common.engine.kv_cache_manager import KVCacheManager
 from common.engine.outputs import RequestOutput, SampledToken
+from common.engine.remote_kv_states import KVPull, KVRelease, RemoteKVStates
 from common.engine.request import Request, RequestStatus
+from common.engine.schedule_ahead import schedule_ahead
 from common.engine.scheduled_batch import ScheduledBatch
 from common.engine.stop_conditions import check_stop
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
-KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
-
-
-@dataclass
-class KVPull:
-    """Copy a request's `remote_block_ids` (at the producer its params name) into its
-    `local_block_ids`, pairwise: the prompt blocks it lacks after its own prefix hits."""
-
-    request_id: str
-    params: dict[str, Any]
-    local_block_ids: list[int]
-    remote_block_ids: list[int]
-
-
-@dataclass
-class KVRelease:
-    """Tell the producer of a request's KV that it may free the blocks: nothing will be pulled."""
-
-    request_id: str
-    params: dict[str, Any]
 
 
 class Scheduler:
@@ -120,13 +93,6 @@ class Scheduler:
                 f"--block-size {config.block_size}"
             )
         self.kv = kv_cache_manager
-        transfer = config.kv_transfer_config
-        self.kv_load_failure_policy = transfer.kv_load_failure_policy if transfer is not None else "fail"
-        if self.kv_load_failure_policy not in KV_LOAD_FAILURE_POLICIES:
-            raise ValueError(
-                f"kv_load_failure_policy {self.kv_load_failure_policy!r} is not one of "
-                f"{', '.join(KV_LOAD_FAILURE_POLICIES)}"
-            )
 
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         # in the order they are admitted: fcfs = arrival with preempted requests in front,
@@ -135,19 +101,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # finished since the last schedule()
-        self._pending_outputs: list[RequestOutput] = []  # finished inside schedule()
-
-        # decode side: params of waiting requests whose prompt KV is remote, by id
-        self._remote_params: dict[str, dict[str, Any]] = {}
-        self.pulling: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV, by id
-        # aborted while pulling: their blocks are freed when the pull ends
-        self._abandoned_pulls: dict[str, Request] = {}
-        self._kv_pulls: list[KVPull] = []  # for the engine to start
-        self._kv_releases: list[KVRelease] = []  # for the engine to send
-        self.num_kv_load_failures = 0
-        # prefill side
-        self._prefill_only: set[str] = set()
-        self.held: dict[str, Request] = {}  # FINISHED_REMOTE_DECODE with their blocks, by id
+        # finished outside update_from_output (inside schedule(), a failed pull): handed
+        # out by the next update_from_output
+        self._pending_outputs: list[RequestOutput] = []
+        self.remote = RemoteKVStates(kv_cache_manager)  # pulling and held requests
 
     # -- state ------------------------------------------------------------------
 
@@ -173,20 +130,22 @@ class Scheduler:
 
     @property
     def num_waiting_for_remote_kv(self) -> int:
-        return len(self.pulling)
+        return len(self.remote.pulling)
 
     @property
     def num_held(self) -> int:
-        return len(self.held)
+        return len(self.remote.held)
+
+    @property
+    def num_kv_load_failures(self) -> int:
+        return self.remote.num_load_failures
 
     @property
     def num_queued_prefill_tokens(self) -> int:
         """Prompt tokens accepted and still to compute here (a remote-KV request's count
         none: its prompt arrives by transfer)."""
         waiting = sum(
-            r.num_tokens - r.num_computed_tokens
-            for r in self.waiting
-            if r.request_id not in self._remote_params
+            r.num_tokens - r.num_computed_tokens for r in self.waiting if not r.awaits_remote_kv_admission
         )
         running = sum(r.num_tokens - r.num_computed_tokens for r in self.running if _is_prefilling(r))
         return waiting + running
@@ -201,31 +160,26 @@ class Scheduler:
 
     def has_kv_transfers(self) -> bool:
         """Pulls in flight, blocks held for consumers, or transfer orders not yet taken."""
-        return bool(self.pulling or self._abandoned_pulls or self.held or self._kv_pulls or self._kv_releases)
+        return self.remote.has_work()
 
     # -- requests in and out ----------------------------------------------------
 
-    def add_request(
-        self,
-        request: Request,
-        *,
-        kv_transfer_params: dict[str, Any] | None = None,
-        prefill_only: bool = False,
-    ) -> None:
+    def add_request(self, request: Request) -> None:
         """Queue a new request. Raises ValueError for a duplicate id, an empty prompt or one
         longer than max_model_len (the engine validates before, so these are its bugs).
 
-        prefill_only: hold the blocks after the first token (see the module's docstring).
-        kv_transfer_params: the prompt's KV is at a producer; the request already holds
-        its first token as an output.
+        request.prefill_only: hold the blocks after the first token (see the module's
+        docstring). request.kv_transfer_params: the prompt's KV is at a producer; the
+        request already holds its first token as an output.
         """
         rid = request.request_id
-        if rid in self.requests or rid in self._abandoned_pulls or rid in self.held:
+        kv_transfer_params = request.kv_transfer_params
+        if rid in self.requests or rid in self.remote:
             raise ValueError(
                 f"request id {rid!r} is already in the scheduler (running, ending a KV pull, or "
                 "holding blocks for a consumer); give every request a unique id"
             )
-        if prefill_only and kv_transfer_params is not None:
+        if request.prefill_only and kv_transfer_params is not None:
             raise ValueError(
                 f"request {rid}: prefill_only and kv_transfer_params exclude each other "
                 "(a request is either prefilled for a consumer or pulls its prompt's KV)"
@@ -236,23 +190,17 @@ class Scheduler:
             )
         if request.num_prompt_tokens == 0:
             raise ValueError(f"request {request.request_id}: the prompt is empty")
-        if request.num_prompt_tokens > self.max_model_len:
-            raise ValueError(
-                f"request {request.request_id}: prompt has {request.num_prompt_tokens} tokens, more "
-                f"than --max-model-len {self.max_model_len}; shorten it or raise --max-model-len"
-            )
+        too_long = context_length_error(request.num_prompt_tokens, 0, self.max_model_len)
+        if too_long is not None:
+            raise ValueError(f"request {rid}: {too_long}")
         request.status = RequestStatus.WAITING
         self.requests[rid] = request
-        if prefill_only:
-            self._prefill_only.add(rid)
         if kv_transfer_params is not None:
             status = check_stop(request, self.max_model_len)
-            if status is not None:  # the producer's first token already ends it
-                self._kv_releases.append(KVRelease(rid, kv_transfer_params))
+            if status is not None:  # the producer's first token already ends it (_finish releases)
                 self._finish(request, status)
                 self._pending_outputs.append(self._output(request, None))
                 return
-            self._remote_params[rid] = kv_transfer_params
         self._enqueue_waiting(request, front=False)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -264,9 +212,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
                 # the transfer still writes into its blocks: free them when it ends
-                del self.pulling[request_id]
+                self.remote.abandon(request)
                 del self.requests[request_id]
-                self._abandoned_pulls[request_id] = request
                 request.status = RequestStatus.FINISHED_ABORTED
                 self._finished_ids.append(request_id)
             else:
@@ -278,16 +225,12 @@ class Scheduler:
 
     def take_kv_transfer_orders(self) -> tuple[list[KVPull], list[KVRelease]]:
         """The pulls to start and the releases to send since the last call."""
-        pulls, self._kv_pulls = self._kv_pulls, []
-        releases, self._kv_releases = self._kv_releases, []
-        return pulls, releases
+        return self.remote.take_orders()
 
     def finish_kv_pull(self, request_id: str) -> None:
         """The request's pull landed: its whole prompt is computed, and it joins the running
         batch (its next step computes the first token's KV and samples the second)."""
-        if self._end_abandoned_pull(request_id):
-            return
-        request = self.pulling.pop(request_id, None)
+        request = self.remote.end_pull(request_id, failed=False)
         if request is None:
             return
         request.num_computed_tokens = request.num_prompt_tokens
@@ -295,91 +238,52 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
-    def fail_kv_pull(self, request_id: str, reason: str) -> RequestOutput | None:
-        """The request's pull failed (its pulled blocks hold nothing usable): recompute its
-        prompt from its own hits, or fail it, by kv_load_failure_policy. The failed output,
-        if it failed."""
-        if self._end_abandoned_pull(request_id):
-            return None
-        request = self.pulling.pop(request_id, None)
+    def requeue_failed_pull(self, request_id: str) -> None:
+        """The request's pull failed (its pulled blocks hold nothing usable): compute the
+        prompt here instead, by chunks, from its own prefix hits (its blocks stay)."""
+        request = self.remote.end_pull(request_id, failed=True)
         if request is None:
-            return None
-        return self._kv_load_failed(request, reason)
+            return
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def fail_pull(self, request_id: str, error: str) -> None:
+        """The request's pull failed: finish it as aborted, its output carrying `error`
+        (handed out by the next update_from_output)."""
+        request = self.remote.end_pull(request_id, failed=True)
+        if request is None:
+            return
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        output = self._output(request, None)
+        output.error = error
+        self._pending_outputs.append(output)
 
     def free_held(self, request_id: str) -> bool:
         """Free a held request's blocks (its consumer is done, or the lease ran out)."""
-        request = self.held.pop(request_id, None)
-        if request is None:
-            return False
-        self.kv.free(request)
-        return True
+        return self.remote.free_held(request_id)
 
-    def _end_abandoned_pull(self, request_id: str) -> bool:
-        request = self._abandoned_pulls.pop(request_id, None)
-        if request is None:
-            return False
-        self.kv.free(request)
-        return True
+    def held_request(self, request_id: str) -> Request | None:
+        """The finished prefill_only request whose blocks are held under this id, if any."""
+        return self.remote.held.get(request_id)
 
-    def _admit_remote(self, request: Request, params: dict[str, Any]) -> bool:
+    def _admit_remote(self, request: Request) -> bool:
         """Give a remote-KV request blocks for its prompt, with its local prefix hits, and
         order the pull of the rest; False (nothing touched) when the blocks are not there."""
-        rid = request.request_id
         num_prompt = request.num_prompt_tokens
         hits, num_hit_tokens = self.kv.get_computed_blocks(request)
         # the prompt's blocks now; the first token's slot comes with its decode step
         if self.kv.allocate_slots(request, num_prompt - num_hit_tokens, hits) is None:
             return False
         self.waiting.pop(0)
-        del self._remote_params[rid]
         request.num_computed_tokens = num_hit_tokens
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit_tokens
-        bs = self.kv.block_size
-        num_prompt_blocks = -(-num_prompt // bs)
-        first_missing = num_hit_tokens // bs
-        remote_ids = params.get("remote_block_ids")
-        remote_tokens = params.get("remote_num_tokens")
-        problem = None
-        if not isinstance(remote_ids, list) or len(remote_ids) != num_prompt_blocks:
-            count = len(remote_ids) if isinstance(remote_ids, list) else "no"
-            problem = (
-                f"kv_transfer_params name {count} remote blocks, but a {num_prompt}-token prompt "
-                f"fills {num_prompt_blocks} blocks of {bs} tokens (a different prompt or block size?)"
-            )
-        elif remote_tokens is not None and remote_tokens != num_prompt:
-            problem = f"the producer computed {remote_tokens} tokens, but the prompt has {num_prompt}"
-        if problem is not None or first_missing == num_prompt_blocks:
-            self._kv_releases.append(KVRelease(rid, params))
-            if problem is not None:
-                self._pending_outputs += [o for o in [self._kv_load_failed(request, problem)] if o]
-            else:  # every prompt block was a local hit: nothing to pull
-                request.num_computed_tokens = num_prompt
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-            return True
-        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
-        self.pulling[rid] = request
-        local_ids = self.kv.get_block_ids(rid)
-        self._kv_pulls.append(
-            KVPull(rid, params, local_ids[first_missing:num_prompt_blocks], list(remote_ids[first_missing:]))
-        )
-        return True
-
-    def _kv_load_failed(self, request: Request, reason: str) -> RequestOutput | None:
-        self.num_kv_load_failures += 1
-        if self.kv_load_failure_policy == "recompute":
-            # its blocks stay; the prompt past its local hits is computed here, by chunks
+        if not self.remote.park(request, num_hit_tokens):  # every prompt block was a local hit
+            self.remote.release(request)
+            request.num_computed_tokens = num_prompt
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            return None
-        self._finish(request, RequestStatus.FINISHED_ABORTED)
-        output = self._output(request, None)
-        output.error = (
-            f"loading the prompt's KV cache from the prefill worker failed: {reason} "
-            "(kv_load_failure_policy is fail; set it to recompute to compute the prompt here instead)"
-        )
-        return output
+        return True
 
     # -- one step -----------------------------------------------------------------
 
@@ -424,16 +328,15 @@ class Scheduler:
             for r in self.running
             if r.num_computed_tokens + num_scheduled.get(r.request_id, 0) < r.num_tokens
         )
-        while not preempted and self.waiting and len(self.running) + len(self.pulling) < self.max_num_seqs:
+        while not preempted and self.waiting and len(self.running) + len(self.remote.pulling) < self.max_num_seqs:
             request = self.waiting[0]
             if request.num_tokens > capacity:
                 self.waiting.pop(0)
                 self._finish_unrunnable(request)
                 continue
-            params = self._remote_params.get(request.request_id)
-            if params is not None:
+            if request.awaits_remote_kv_admission:
                 # admitting it computes nothing this step, so it needs no budget
-                if not self._admit_remote(request, params):
+                if not self._admit_remote(request):
                     break
                 continue
             if budget == 0:
@@ -471,48 +374,9 @@ class Scheduler:
     def schedule_ahead(
         self, batch: ScheduledBatch, may_run_ahead: Callable[[Request], bool]
     ) -> ScheduledBatch | None:
-        """The decode step after `batch`, scheduled before `batch`'s tokens are known
-        (--async-scheduling): each of its requests one token further, fed the token `batch`
-        samples for it. None when the next step must be scheduled with schedule() instead:
-        `batch` was not pure decode, requests wait for admission, a request joined the batch
-        (a landed pull), a request fails `may_run_ahead` (its sampling reads its own history),
-        or the cache has no block to spare. A request whose `batch` token ends it by length
-        is left out; one that `batch`'s token stops (EOS, a stop token) runs one step in
-        vain, and update_from_output() skips it.
-
-        Call it before update_from_output(batch), and update with this batch after it.
-        """
-        if self.waiting or any(n != 1 for n in batch.num_scheduled_tokens):
-            return None
-        in_batch = {id(r) for r in batch.requests}
-        if any(id(r) not in in_batch for r in self.running):
-            return None
-        requests = []
-        for request in batch.requests:
-            if request.status != RequestStatus.RUNNING or self.requests.get(request.request_id) is not request:
-                continue  # finished or aborted since
-            # once `batch` appends its token: num_output_tokens + 1 outputs, num_tokens + 1 tokens
-            if (
-                request.num_output_tokens + 1 >= request.sampling_params.max_tokens
-                or request.num_tokens + 1 >= self.max_model_len
-                or request.num_computed_tokens + 1 != request.num_tokens
-            ):
-                continue
-            if request.request_id in self._prefill_only or not may_run_ahead(request):
-                return None
-            requests.append(request)
-        if not requests:
-            return None
-        for request in requests:
-            # slots for the token `batch` computes and the one this step computes
-            if self.kv.allocate_slots(request, 2) is None:
-                return None
-        return ScheduledBatch(
-            requests=requests,
-            num_scheduled_tokens=[1] * len(requests),
-            block_tables=[self.kv.get_block_ids(r.request_id) for r in requests],
-            ahead=True,
-        )
+        """The decode step after `batch`, scheduled before its tokens are known
+        (--async-scheduling); None when schedule() must plan it (schedule_ahead.py)."""
+        return schedule_ahead(self, batch, may_run_ahead)
 
     def update_from_output(
         self, batch: ScheduledBatch, sampled: dict[str, SampledToken]
@@ -543,7 +407,7 @@ class Scheduler:
             status = check_stop(request, self.max_model_len)
             if status is not None:
                 self._finish(request, status)
-            elif request.request_id in self._prefill_only:
+            elif request.prefill_only:
                 self._hold(request)
             outputs.append(self._output(request, token))
         return outputs
@@ -588,10 +452,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        params = self._remote_params.pop(rid, None)
-        if params is not None:  # never admitted: nothing will be pulled
-            self._kv_releases.append(KVRelease(rid, params))
-        self._prefill_only.discard(rid)
+        if request.awaits_remote_kv_admission:  # never admitted: nothing will be pulled
+            self.remote.release(request)
         request.status = status
         self.kv.free(request)
         del self.requests[rid]
@@ -599,13 +461,10 @@ class Scheduler:
 
     def _hold(self, request: Request) -> None:
         """A prefill_only request has its first token: it leaves the batch, its blocks stay."""
-        rid = request.request_id
         self.running.remove(request)
-        self._prefill_only.discard(rid)
-        request.status = RequestStatus.FINISHED_REMOTE_DECODE
-        del self.requests[rid]
-        self.held[rid] = request
-        self._finished_ids.append(rid)
+        self.remote.hold(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
 
     def _finish_unrunnable(self, request: Request) -> None:
         """A request longer than the whole KV cache: waiting would never end, so abort it."""

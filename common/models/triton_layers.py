@@ -377,7 +377,7 @@ _MATMUL_CONFIGS = _configs(
 _GATE_UP_SILU_CONFIGS = _configs(
     [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (16, 128, 4, 6)]
 )
-# More shapes for the cold-weight sweep (`python -m pdserve.bench.decode_step --gemv-sweep`).
+# More shapes for the cold-weight sweep (the decode-step benchmark's --gemv-sweep).
 SWEEP_CONFIGS = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
     for n, k, w, st in [

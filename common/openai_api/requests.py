@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
+from common.config.context_length import context_length_error
 from common.openai_api.errors import bad_request, from_validation_error
 from common.openai_api.json_body import json_type_name
 from common.openai_api.served_model import ServedModel
@@ -211,7 +212,9 @@ class _GenerationRequest(BaseModel):
         max_tokens = self._requested_max_tokens()
         if max_tokens is not None and max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
-        _check_context_length(num_prompt_tokens, max_tokens, served.max_model_len)
+        too_long = context_length_error(num_prompt_tokens, max_tokens, served.max_model_len)
+        if too_long is not None:
+            raise bad_request(too_long, "messages")
         if max_tokens is None:
             max_tokens = served.max_model_len - num_prompt_tokens
             default_cap = defaults.get("max_tokens", defaults.get("max_new_tokens"))
@@ -419,24 +422,6 @@ def _check_message(i: int, message: Any) -> None:
             )
         if not isinstance(part.get("text"), str):
             raise ValueError(f"{where}.content[{j}].text must be a string")
-
-
-def _check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-    if max_tokens is None:
-        if num_prompt_tokens >= max_model_len:
-            raise bad_request(
-                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                f"{num_prompt_tokens} tokens in the messages, leaving no room for the completion. "
-                "Please reduce the length of the messages.",
-                "messages",
-            )
-    elif num_prompt_tokens + max_tokens > max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in "
-            "the completion). Please reduce the length of the messages or completion.",
-            "messages",
-        )
 
 
 def _field_named_in(message: str) -> str | None:

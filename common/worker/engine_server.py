@@ -27,9 +27,11 @@ from typing import Any
 import msgpack
 import zmq
 
-from common.engine.llm_engine import EngineStats, LLMEngine
+from common.engine.engine_stats import EngineStats
+from common.engine.llm_engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.frame_auth import FrameAuth, FrameRejected
+from common.kv_connector import KVConnector
 from common.protocol import (
     MAX_FRAME_BYTES,
     Abort,
@@ -77,7 +79,7 @@ class EngineServer:
         reporter: LoadReporter,
         publisher: Any = None,
         metrics: WorkerMetrics | None = None,
-        connector: Any = None,
+        connector: KVConnector | None = None,
         context: zmq.Context | None = None,
         auth: FrameAuth | None = None,
     ) -> None:
@@ -186,10 +188,10 @@ class EngineServer:
                 self._progressing = bool(outputs) or engine.num_steps != steps_before
                 return outputs
             if engine.has_kv_transfers():
-                outputs = engine.process_kv_transfers()
-                # a landed pull makes its request schedulable: step at once, no stalled nap
+                # a landed or failed pull makes its request schedulable: the next turn steps
+                # at once, no stalled nap, and hands out a failed one's output
+                engine.process_kv_transfers()
                 self._progressing = True
-                return outputs
         except Exception as e:
             logger.exception("engine step failed; failing the requests in flight")
             self._fail_all(500, f"the engine failed while running the request: {type(e).__name__}: {e}")

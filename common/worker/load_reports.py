@@ -2,23 +2,32 @@
 
 A router that sent `Hello` gets a LoadReport at once, then after each change of the
 worker's load but at most every 50 ms, and every second when nothing changes (a
-heartbeat: the router marks a worker down after 3 s without one). Torch-free.
+heartbeat: the router marks a worker down after 3 s without one). Each report carries
+the load of the serving loop's last turn and what the worker says about itself (`info`,
+the --ready-file map, of which the report takes the fields it has). Torch-free.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
-from common.protocol import LoadReport
+from common.protocol import LoadReport, WorkerRole
 
 MIN_INTERVAL_S = 0.05
 HEARTBEAT_S = 1.0
 # Routers are known by their socket identity; a router that went away leaves a stale one,
 # so only the most recent ones are kept.
 MAX_ROUTERS = 256
+# what a report takes from the worker's info (the rest of it is for launchers): neither
+# the reporter's own fields nor the load, which comes from the engine's stats
+_LOAD_FIELDS = ("num_running", "num_waiting", "num_queued_prefill_tokens", "kv_cache_usage")
+_INFO_FIELDS = frozenset(f.name for f in fields(LoadReport)) - {
+    "worker_id", "role", "engine_id", "request_id", *_LOAD_FIELDS,
+}  # fmt: skip
 
 
 class LoadReporter:
@@ -28,13 +37,13 @@ class LoadReporter:
         worker_id: str,
         role: str,
         engine_id: str,
-        extra: dict[str, Any],
+        info: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.worker_id = worker_id
-        self.role = role
+        self.role = WorkerRole(role)
         self.engine_id = engine_id
-        self.extra = extra
+        self.info: Mapping[str, Any] = info if info is not None else {}
         self._clock = clock
         self.routers: OrderedDict[bytes, str] = OrderedDict()  # socket identity -> router id
         self._last_sent = -float("inf")
@@ -51,12 +60,9 @@ class LoadReporter:
         return LoadReport(
             worker_id=self.worker_id,
             role=self.role,
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting + stats.num_waiting_for_remote_kv,
-            kv_cache_usage=float(stats.kv_cache_usage),
-            queued_prefill_tokens=stats.num_queued_prefill_tokens,
             engine_id=self.engine_id,
-            extra=self.extra,
+            **load_of(stats),
+            **{name: value for name, value in self.info.items() if name in _INFO_FIELDS},
         )
 
     def due(self, stats: Any) -> LoadReport | None:
@@ -81,10 +87,18 @@ class LoadReporter:
         return max(0.0, HEARTBEAT_S - since)
 
 
+def load_of(stats: Any) -> dict[str, Any]:
+    """The load figures of EngineStats `stats`, named as LoadReport's fields."""
+    return {
+        "num_running": stats.num_running,
+        "num_waiting": stats.num_waiting + stats.num_waiting_for_remote_kv,
+        "num_queued_prefill_tokens": stats.num_queued_prefill_tokens,
+        "kv_cache_usage": float(stats.kv_cache_usage),
+    }
+
+
 def _load_of(stats: Any) -> tuple:
-    return (
-        stats.num_running,
-        stats.num_waiting + stats.num_waiting_for_remote_kv,
-        round(stats.kv_cache_usage, 4),
-        stats.num_queued_prefill_tokens,
-    )
+    """What a change of load is judged by: usage changes under 0.01 % are no change."""
+    load = load_of(stats)
+    load["kv_cache_usage"] = round(load["kv_cache_usage"], 4)
+    return tuple(load[name] for name in _LOAD_FIELDS)

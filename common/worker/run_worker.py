@@ -1,5 +1,6 @@
-"""Start a worker of either role: the engine, its KV connector, the KV-event publisher,
-the metrics endpoint and the serving loop, until SIGTERM or SIGINT; then stop them all.
+"""Start a worker of either role: the engine, its KV connector and the role's hooks, the
+KV-event publisher, the metrics endpoint and the serving loop, until SIGTERM or SIGINT;
+then stop them all. What differs between the roles comes in through the Role (role.py).
 
 Once the worker serves, it prints one line
 `pdserve <role> worker <worker id> ready at <address>` and, with --ready-file, writes a
@@ -17,8 +18,9 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from common.advertised_host import advertise_endpoint, advertised_host
 from common.config.engine_args import engine_config_from_args
 from common.config.engine_config import EngineConfig
 from common.frame_auth import (
@@ -27,21 +29,24 @@ from common.frame_auth import (
     installed_frame_auth,
     load_cluster_secret,
 )
+from common.kv_connector import KVConnector
 from common.model_files import resolve_model
 from common.worker.load_reports import LoadReporter
+from common.worker.role import Role, kv_transfer_config_for
 from common.worker.worker_args import WorkerOptions, worker_options_from_args
-from common.worker.worker_role import WorkerRole, kv_transfer_config_for
+
+if TYPE_CHECKING:
+    from common.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
-_WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::", "")
 
-
-def run_worker(args: argparse.Namespace, role: WorkerRole) -> int:
+def run_worker(args: argparse.Namespace, role: Role) -> int:
     """`pdserve prefill` / `pdserve decode`: serve until a signal; the exit status."""
     options = worker_options_from_args(args)
+    name = role.name.value
     logging.basicConfig(
-        level=options.log_level.upper(), format=f"%(asctime)s %(levelname)s {role.name} %(name)s: %(message)s"
+        level=options.log_level.upper(), format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s"
     )
     try:
         config = engine_config_from_args(args)
@@ -52,12 +57,12 @@ def run_worker(args: argparse.Namespace, role: WorkerRole) -> int:
         # the KV side channel, built inside the connector, finds it installed (docs/security.md)
         install_cluster_secret(load_cluster_secret(options.cluster_secret_file))
     except ValueError as e:
-        print(f"pdserve {role.name}: {e}", file=sys.stderr)
+        print(f"pdserve {name}: {e}", file=sys.stderr)
         return 2
     try:
         worker = WorkerProcess(config, role, options, model_name)
     except ValueError as e:  # settings that do not fit the model, a busy port ...
-        print(f"pdserve {role.name}: {e}", file=sys.stderr)
+        print(f"pdserve {name}: {e}", file=sys.stderr)
         return 1
     with worker:
         worker.serve()
@@ -68,7 +73,7 @@ class WorkerProcess:
     """The parts of a running worker, built in order and closed in reverse."""
 
     def __init__(
-        self, config: EngineConfig, role: WorkerRole, options: WorkerOptions, model_name: str
+        self, config: EngineConfig, role: Role, options: WorkerOptions, model_name: str
     ) -> None:
         from common.engine.llm_engine import LLMEngine
         from common.kv_event_publisher import make_kv_event_publisher
@@ -77,7 +82,7 @@ class WorkerProcess:
         self.role = role
         self.options = options
         self.model_name = model_name
-        self.connector: Any = None
+        self.connector: KVConnector | None = None
         self.publisher: Any = None
         self.metrics: Any = None
         self.server: EngineServer | None = None
@@ -85,12 +90,13 @@ class WorkerProcess:
         try:
             self.engine = engine = LLMEngine.from_config(config)
             config = engine.config
-            self.connector = role.build_connector(
+            self.connector = connector = role.connectors.build(
                 config.kv_transfer_config,
                 kv_cache_spec_fields(engine, model_name),
                 config.tensor_parallel_size,
             )
-            engine.attach_kv_connector(self.connector)
+            # only this role's hooks, even under kv_both: routers send it nothing else
+            engine.attach_kv_transfer(connector, [role.build_hooks(engine, connector)])
             self.publisher = make_kv_event_publisher(config.kv_events_config)
             self.metrics_port = None
             if options.metrics_port is not None:
@@ -99,7 +105,7 @@ class WorkerProcess:
                 self.metrics = WorkerMetrics(
                     model_name=served_name(config, model_name),
                     engine=config.kv_transfer_config.engine_id,
-                    role=role.name,
+                    role=role.name.value,
                     max_model_len=config.max_model_len,
                 )
                 self.metrics_port = self.metrics.serve_http(options.metrics_host, options.metrics_port)
@@ -109,7 +115,7 @@ class WorkerProcess:
 
                 reporter_type = RecordingLoadReporter
             self.reporter = reporter_type(
-                worker_id="", role=role.name, engine_id=config.kv_transfer_config.engine_id, extra={}
+                worker_id="", role=role.name.value, engine_id=config.kv_transfer_config.engine_id
             )
             self.server = EngineServer(
                 engine,
@@ -120,28 +126,28 @@ class WorkerProcess:
                 connector=self.connector,
                 auth=installed_frame_auth(WORKER_CHANNEL),
             )
-            self.worker_id = options.worker_id or default_worker_id(role.name, self.server.address)
+            self.worker_id = options.worker_id or default_worker_id(role.name.value, self.server.address)
             self.reporter.worker_id = self.worker_id
-            self.reporter.extra = self.ready_info()
+            self.reporter.info = self.ready_info()
         except BaseException:
             self.close()
             raise
 
     def ready_info(self) -> dict[str, Any]:
         """What routers and launchers need to know about this worker (msgpack- and JSON-safe):
-        also sent as LoadReport.extra."""
+        a LoadReport carries the fields of it that it has (common/worker/load_reports.py)."""
         config = self.engine.config
         transfer = config.kv_transfer_config
         server = self.server
         assert server is not None
         advertise = advertised_host(server.address)
         side_channel = None
-        if self.connector is not None and getattr(self.connector, "is_producer", False):
+        if self.connector is not None and self.connector.is_producer:
             host, port = self.connector.side_channel_address
             side_channel = f"{host}:{port}"
         return {
             "worker_id": self.worker_id,
-            "role": self.role.name,
+            "role": self.role.name.value,
             "address": server.address,
             "engine_id": transfer.engine_id,
             "model": self.model_name,
@@ -174,10 +180,10 @@ class WorkerProcess:
             for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            info = self.reporter.extra
+            info = self.reporter.info
             if self.options.ready_file:
                 write_json_atomically(Path(self.options.ready_file), info)
-            print(f"pdserve {self.role.name} worker {self.worker_id} ready at {server.address}", flush=True)
+            print(f"pdserve {self.role.name.value} worker {self.worker_id} ready at {server.address}", flush=True)
             if self.options.registry:
                 self.heartbeat = self._start_heartbeat(info)
             server.run()
@@ -194,7 +200,7 @@ class WorkerProcess:
         assert self.server is not None and self.options.registry
         record = WorkerRecord(
             worker_id=self.worker_id,
-            role=self.role.name,
+            role=self.role.name.value,
             address=advertise_endpoint(self.server.address, advertised_host(self.server.address)) or "",
             model=self.model_name,
             engine_id=info["engine_id"],
@@ -226,8 +232,8 @@ class WorkerProcess:
         self.close()
 
 
-def kv_cache_spec_fields(engine: Any, model_name: str) -> dict[str, Any]:
-    """The KVCacheSpec fields of an engine (kvtransfer/kv_cache_spec.py): what a peer's
+def kv_cache_spec_fields(engine: LLMEngine, model_name: str) -> dict[str, Any]:
+    """The KVCacheSpec fields of an engine (the connector's cache spec): what a peer's
     cache must match before blocks move between them."""
     model_config = engine.model_config
     dtype = next(engine.model.parameters()).dtype
@@ -249,22 +255,6 @@ def served_name(config: EngineConfig, model_name: str) -> str:
 def default_worker_id(role: str, address: str) -> str:
     port = address.rpartition(":")[2]
     return f"{role}-{socket.gethostname()}-{port}"
-
-
-def advertised_host(address: str) -> str:
-    """The host others dial to reach a worker bound at `address` (a wildcard: this machine's name)."""
-    host = address.removeprefix("tcp://").rpartition(":")[0]
-    return socket.gethostname() if host in _WILDCARD_HOSTS else host
-
-
-def advertise_endpoint(endpoint: str | None, host: str) -> str | None:
-    """A bound ZMQ endpoint as others dial it: a wildcard host becomes `host`."""
-    if endpoint is None or not endpoint.startswith("tcp://"):
-        return endpoint
-    bound_host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if bound_host in _WILDCARD_HOSTS:
-        return f"tcp://{host}:{port}"
-    return endpoint
 
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:

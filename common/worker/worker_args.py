@@ -1,5 +1,6 @@
 """The flags of `pdserve prefill` and `pdserve decode`: every engine flag (vLLM's names,
-common/config/engine_args.py) plus where the worker listens and reports. Torch-free.
+common/config/engine_args.py) plus the worker-only ones, where the worker listens and
+reports, declared here once. Torch-free.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config.arg_parser import PdserveArgumentParser
-from common.config.arg_types import choice, int_at_least
+from common.config.arg_types import choice, int_at_least, registry_url, seconds
 from common.config.engine_args import add_engine_args
-from common.registry import DEFAULT_TTL_S, check_registry_url
+from common.config.shared_args import add_cluster_secret_arg
+from common.registry import DEFAULT_TTL_S
 
 # Where each role listens unless --worker-address says otherwise.
 DEFAULT_WORKER_PORTS = {"prefill": 8100, "decode": 8200}
@@ -42,23 +44,6 @@ def worker_address(text: str) -> str:
         if not sep or not host or not (port.isdigit() or port == "*"):
             raise argparse.ArgumentTypeError(f"{text!r} needs a host and a port: tcp://127.0.0.1:8100")
     return text
-
-
-def registry_url(text: str) -> str:
-    try:
-        return check_registry_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def registry_ttl(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of seconds") from None
-    if not value >= 1.0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: the TTL must be at least 1 second")
-    return value
 
 
 def add_worker_args(parser: PdserveArgumentParser, role: str) -> None:
@@ -95,16 +80,7 @@ def add_worker_args(parser: PdserveArgumentParser, role: str) -> None:
         "id, metrics port, KV-event endpoints and KV side channel (for launchers and tests).",
     )
     add_registry_args(group)
-    group.add_argument(
-        "--cluster-secret-file",
-        default=None,
-        metavar="PATH",
-        help="A file holding the cluster secret (16 bytes or more): messages from routers and KV "
-        "side-channel requests without its HMAC tag are dropped, and this worker's own messages "
-        "carry it. Give routers and workers the same one. Also read from $PDSERVE_CLUSTER_SECRET_FILE "
-        "or the secret itself from $PDSERVE_CLUSTER_SECRET. (default: none, messages are not "
-        "authenticated; see docs/security.md)",
-    )
+    add_cluster_secret_arg(group)
     group.add_argument(
         "--log-level", type=choice(LOG_LEVELS), choices=LOG_LEVELS, default="info", help="Logging level."
     )
@@ -123,7 +99,7 @@ def add_registry_args(group: Any) -> None:
     )
     group.add_argument(
         "--registry-ttl",
-        type=registry_ttl,
+        type=seconds(1.0, inclusive=True, subject="the TTL"),
         default=DEFAULT_TTL_S,
         metavar="SECONDS",
         help="How long the worker's registry record outlives its last heartbeat (the heartbeat "

@@ -1,6 +1,6 @@
 """CPU throughput: `pdserve run-batch` against transformers' `generate`, same model, same requests.
 
-    python -m pdserve.bench.cpu_throughput [--num-requests 64] [--input-len 128] [--output-len 128]
+    pdserve bench cpu-throughput [--num-requests 64] [--input-len 128] [--output-len 128]
 
 Every request is a /v1/completions body with a prompt of `--input-len` random token
 ids and `max_tokens` `--output-len`, greedy, ignore_eos, so both sides generate
@@ -26,10 +26,7 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pdserve.bench.cpu_throughput", description=__doc__.split("\n\n")[0]
-    )
+def add_cpu_throughput_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -48,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Measure transformers only (on a shared machine, run each side when it is quiet).",
     )
-    args = parser.parse_args(argv)
 
+
+def run_cpu_throughput(args: argparse.Namespace) -> int:
+    """Measure both sides, print the JSON report and the table rows; 0 when both ran."""
     import torch
 
     if args.threads:
@@ -192,7 +191,3 @@ def _machine(torch) -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

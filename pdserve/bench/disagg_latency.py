@@ -2,7 +2,7 @@
 worker → KV transfer → decode worker) against the same stack prefilling on the decode
 worker (the aggregated path), on the same requests, one at a time.
 
-    python -m pdserve.bench.disagg_latency [--num-requests 8] [--prompt-words 300] [--max-tokens 32]
+    pdserve bench disagg-latency [--num-requests 8] [--prompt-words 300] [--max-tokens 32]
 
 A first look until `pdserve bench serve` exists; prints a small table.
 """
@@ -97,13 +97,15 @@ def _measure(threshold: int, args: argparse.Namespace, prompts: list[str]) -> tu
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_disagg_latency_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=8, help="Requests per mode, sent one at a time.")
     parser.add_argument("--prompt-words", type=int, default=300, help="Words in each (distinct) prompt.")
     parser.add_argument("--max-tokens", type=int, default=32, help="Output tokens per request (ignore_eos).")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="Served model name.")
-    args = parser.parse_args()
+
+
+def run_disagg_latency(args: argparse.Namespace) -> int:
+    """Measure both paths on the same prompts and print the table."""
     words = "river stone light garden number window market paper cloud music".split()
     prompts = [
         f"Request {i}: " + " ".join(words[(i + j) % len(words)] for j in range(args.prompt_words))
@@ -120,7 +122,3 @@ def main() -> int:
             f"{statistics.median(tpot) * 1e3:.1f} | {max(tpot) * 1e3:.1f} |"
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 with the embedded model's tokenizer (so its vocabulary), for `pdserve serve --load-format dummy`
 and `pdserve bench serve --tokenizer DIR` (docs/benchmarks.md, "End to end on one H100").
 
-    python -m pdserve.bench.make_bench_model OUT_DIR [--model-config llama-3-8b]
+    pdserve bench make-model OUT_DIR [--model-config llama-3-8b]
 
 Needs transformers (the test extra) to export the tokenizer from the GGUF.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -34,16 +33,14 @@ def make_bench_model(out_dir: Path, model_config: str = "llama-3-8b") -> Path:
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_make_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
     parser.add_argument(
         "--model-config", default="llama-3-8b", help="a bundled config name or a config.json path"
     )
-    args = parser.parse_args(argv)
+
+
+def run_make_model(args: argparse.Namespace) -> int:
+    """Write the folder and print its path."""
     print(make_bench_model(args.out_dir, args.model_config))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

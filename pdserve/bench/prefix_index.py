@@ -8,7 +8,7 @@ them. There is no time model: a request counts as running for the next
 `requests_in_flight` requests. Issue-level routing quality (TTFT, hot spots) is
 `pdserve bench route`'s job; this measures the router's own cost.
 
-    python -m pdserve.bench.prefix_index [TRACE.jsonl] [--num-workers 8]
+    pdserve bench prefix-index [TRACE.jsonl] [--num-workers 8]
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch, encode_batch
+from common.protocol import WorkerRole
+from pdserve.bench.trace import load_trace
 from router.policy import PolicyWeights, RoutingPolicy
 from router.prefix_index import PrefixIndex
-from router.worker_state import WorkerRole, WorkerState
+from router.worker_state import WorkerState
 
 
 @dataclass
@@ -37,12 +39,6 @@ class BenchResult:
     hit_rate: float  # prompt blocks found cached on the chosen worker / prompt blocks
     load_imbalance: float  # max / mean of per-worker uncached prompt blocks
     total_s: float
-
-
-def load_trace(path: str) -> list[list[int]]:
-    """The `hash_ids` of each request of a Mooncake-format JSONL trace."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["hash_ids"] for line in f if line.strip()]
 
 
 def synthetic_trace(num_requests: int = 4000, num_prefixes: int = 200, seed: int = 0) -> list[list[int]]:
@@ -135,21 +131,18 @@ def run_benchmark(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_prefix_index_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", nargs="?", help="Mooncake-format JSONL trace; synthetic when left out")
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument(
         "--blocks-per-worker", type=int, default=None, help="default: a tenth of the distinct blocks"
     )
     parser.add_argument("--requests-in-flight", type=int, default=16)
-    args = parser.parse_args(argv)
-    trace = load_trace(args.trace) if args.trace else synthetic_trace()
+
+
+def run_prefix_index_bench(args: argparse.Namespace) -> int:
+    """Replay the trace (or a synthetic one) and print the figures as JSON."""
+    trace = [list(r.hash_ids) for r in load_trace(args.trace)] if args.trace else synthetic_trace()
     result = run_benchmark(trace, args.num_workers, args.blocks_per_worker, args.requests_in_flight)
     print(json.dumps(vars(result), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,6 +1,6 @@
 """Check tensor parallelism on a machine: TP=N greedy tokens against one process, and step time.
 
-    python -m pdserve.bench.tp_check --tp 2 [--device cuda] [--model PATH] [--dtype float32]
+    pdserve bench tp-check --tp 2 [--device cuda] [--model PATH] [--dtype float32]
 
 Runs the same prompts greedily through an engine of one process and one of --tp ranks
 (common/distributed/) and prints whether every token matches, with the wall time of each
@@ -21,22 +21,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from common.config.engine_config import EngineConfig
-from common.engine.llm_engine import LLMEngine
-from common.model_files import resolve_model
-from common.models.loader import load_model_config
-from common.sampling_params import SamplingParams
+if TYPE_CHECKING:
+    from common.config.engine_config import EngineConfig
 
 
 def write_random_checkpoint(folder: Path, num_layers: int) -> str:
     """A Hugging Face folder of SmolLM2's shape with `num_layers` layers and random weights."""
+    import torch
     from safetensors.torch import save_file
 
     from common.attention.reference import TorchAttentionBackend
@@ -72,12 +68,17 @@ def write_random_checkpoint(folder: Path, num_layers: int) -> str:
 
 
 def _prompts(num: int, vocab_size: int) -> list[list[int]]:
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     lengths = [5, 17, 64, 200][:num] + [33] * max(0, num - 4)
     return [torch.randint(10, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
 def _run(config: EngineConfig, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
+    from common.engine.llm_engine import LLMEngine
+    from common.sampling_params import SamplingParams
+
     engine = LLMEngine.from_config(config)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -89,10 +90,7 @@ def _run(config: EngineConfig, prompts: list[list[int]], max_tokens: int) -> tup
         engine.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_tp_check_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=2, help="Tensor-parallel size to compare with one process.")
     parser.add_argument("--model", default=None, help="Model path (default: the embedded SmolLM2 GGUF).")
     parser.add_argument(
@@ -104,7 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=4, help="Prompts generated together.")
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per prompt.")
     parser.add_argument("--max-model-len", type=int, default=1024, help="--max-model-len of both engines.")
-    args = parser.parse_args(argv)
+
+
+def run_tp_check(args: argparse.Namespace) -> int:
+    """Generate with one process and with --tp ranks, print the comparison as JSON; 0 when
+    every token matches."""
+    import torch
+
+    from common.config.engine_config import EngineConfig
+    from common.model_files import resolve_model
+    from common.models.loader import load_model_config
+
     model = args.model
     if args.random_layers is not None:
         model = write_random_checkpoint(
@@ -152,7 +160,3 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0 if not mismatches else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,43 +1,100 @@
-"""`pdserve bench`: the benchmarks that measure pdserve (results belong in docs/benchmarks.md)."""
+"""`pdserve bench NAME`: the one way to run each benchmark (results belong in docs/benchmarks.md).
+
+Every benchmark's flags live in a module that imports no torch; torch and the engine load
+inside the run, so `pdserve bench -h`, `pdserve bench serve` and `pdserve bench route`
+start without them.
+"""
 
 from __future__ import annotations
 
-import importlib
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-# The router's trace replay; named by string so that common never imports router itself.
-ROUTE_BENCH_MODULE = "pdserve.bench.route_sim.bench_command"
+from pdserve.bench.cpu_throughput import add_cpu_throughput_args, run_cpu_throughput
+from pdserve.bench.decode_step.command import add_decode_step_args, run_decode_step_bench
+from pdserve.bench.disagg_latency import add_disagg_latency_args, run_disagg_latency
+from pdserve.bench.kernels.command import add_kernel_bench_args, run_kernel_bench
+from pdserve.bench.make_bench_model import add_make_model_args, run_make_model
+from pdserve.bench.prefix_index import add_prefix_index_args, run_prefix_index_bench
+from pdserve.bench.route_sim.command import add_route_args, run_route_bench
+from pdserve.bench.serve.cli_args import add_bench_serve_args
+from pdserve.bench.serve.command import run_bench_serve
+from pdserve.bench.tp_check import add_tp_check_args, run_tp_check
+from pdserve.bench.transfer.command import add_transfer_args, run_transfer_bench
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "serve": Benchmark(
+        "Load a running OpenAI-compatible server and report TTFT, TPOT, ITL, throughput (as vllm bench serve).",
+        add_bench_serve_args,
+        run_bench_serve,
+    ),
+    "kernels": Benchmark(
+        "Check each attention kernel against its reference and time it (GPU).",
+        add_kernel_bench_args,
+        run_kernel_bench,
+    ),
+    "decode-step": Benchmark(
+        "Time a whole-model decode step against the weight-read floor (GPU).",
+        add_decode_step_args,
+        run_decode_step_bench,
+    ),
+    "transfer": Benchmark(
+        "KV-transfer throughput between two processes through each connector; on a GPU, every "
+        "data path against a device copy (--gpu-table).",
+        add_transfer_args,
+        run_transfer_bench,
+    ),
+    "route": Benchmark(
+        "Replay a request trace (Mooncake format) through the router's routing policies against "
+        "simulated workers: cache hit rate against the oracle, load balance, simulated TTFT.",
+        add_route_args,
+        run_route_bench,
+    ),
+    "prefix-index": Benchmark(
+        "The router's own cost on a trace: routing decisions and KV events indexed per second.",
+        add_prefix_index_args,
+        run_prefix_index_bench,
+    ),
+    "cpu-throughput": Benchmark(
+        "CPU output tokens/s: pdserve run-batch against transformers' generate on the same requests.",
+        add_cpu_throughput_args,
+        run_cpu_throughput,
+    ),
+    "disagg-latency": Benchmark(
+        "TTFT and TPOT through pdserve serve, remote prefill against prefill on the decode worker.",
+        add_disagg_latency_args,
+        run_disagg_latency,
+    ),
+    "tp-check": Benchmark(
+        "Tensor parallelism on this machine: TP=N greedy tokens against one process, and generate time.",
+        add_tp_check_args,
+        run_tp_check,
+    ),
+    "make-model": Benchmark(
+        "Write a model folder with a bundled config's shapes and the embedded tokenizer, for "
+        "pdserve serve --load-format dummy and pdserve bench serve --tokenizer DIR.",
+        add_make_model_args,
+        run_make_model,
+    ),
+}
 
 
 def register(subparsers: Any) -> None:
-    from pdserve.bench.decode_step import add_decode_step_args, run_decode_step_bench
-    from pdserve.bench.kernels import add_kernel_bench_args, run_kernel_bench
-    from pdserve.bench.serve.cli_args import add_bench_serve_args
-    from pdserve.bench.serve.command import run_bench_serve
-
-    parser = subparsers.add_parser("bench", help="Run a pdserve benchmark.")
+    parser = subparsers.add_parser(
+        "bench", help="Run a pdserve benchmark.", description="Run a pdserve benchmark."
+    )
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    serve = benches.add_parser(
-        "serve",
-        help="Load a running OpenAI-compatible server and report TTFT, TPOT, ITL, throughput (as vllm bench serve).",
-    )
-    add_bench_serve_args(serve)
-    serve.set_defaults(func=run_bench_serve)
-    kernels = benches.add_parser(
-        "kernels", help="Check each attention kernel against its reference and time it (GPU)."
-    )
-    add_kernel_bench_args(kernels)
-    kernels.set_defaults(func=run_kernel_bench)
-    decode = benches.add_parser(
-        "decode-step", help="Time a whole-model decode step against the weight-read floor (GPU)."
-    )
-    add_decode_step_args(decode)
-    decode.set_defaults(func=run_decode_step_bench)
-    route = benches.add_parser(
-        "route",
-        help="Replay a request trace (Mooncake format) through the router's routing policies against "
-        "simulated workers: cache hit rate against the oracle, load balance, simulated TTFT.",
-    )
-    route_bench = importlib.import_module(ROUTE_BENCH_MODULE)
-    route_bench.add_route_args(route)
-    route.set_defaults(func=route_bench.run_route_bench)
+    for name, bench in BENCHMARKS.items():
+        sub = benches.add_parser(name, help=bench.help, description=bench.help)
+        bench.add_args(sub)
+        sub.set_defaults(func=bench.run)

@@ -1,43 +1,103 @@
 """`pdserve`: one console script, one subcommand per job.
 
 Each subcommand lives in its own module, imported only when that subcommand runs (so
-`pdserve router` never imports torch). The module provides `register(subparsers) -> None`,
-which adds the subcommand's parser and sets `func`, a callable(args) -> exit status.
-`pdserve -h` lists every subcommand from the table below without importing any of them.
+`pdserve router` never imports torch): the table below holds, for each, its help and a
+function that imports the module with a plain import statement and returns its
+`register(subparsers) -> None`, which adds the subcommand's parser and sets `func`, a
+callable(args) -> exit status. `pdserve -h` lists every subcommand from the table
+without importing any of them.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from common.config.arg_parser import PdserveArgumentParser
+
+Register = Callable[[Any], None]
+# the packages of this project: a module of theirs that is missing is a subcommand this
+# build does not have, not a dependency to install
+_OWN_PACKAGES = ("pdserve", "common", "router", "prefill_worker", "decode_worker", "kvtransfer")
 
 
 @dataclass(frozen=True)
 class Subcommand:
-    module: str
     help: str
+    load: Callable[[], Register]  # imports the subcommand's module; its register function
+
+
+def _serve() -> Register:
+    from pdserve.cli import serve
+
+    return serve.register
+
+
+def _router() -> Register:
+    from router import cli
+
+    return cli.register
+
+
+def _prefill() -> Register:
+    from prefill_worker import cli
+
+    return cli.register
+
+
+def _decode() -> Register:
+    from decode_worker import cli
+
+    return cli.register
+
+
+def _chat() -> Register:
+    from pdserve.cli import chat
+
+    return chat.register
+
+
+def _complete() -> Register:
+    from pdserve.cli import complete
+
+    return complete.register
+
+
+def _bench() -> Register:
+    from pdserve.cli import bench
+
+    return bench.register
+
+
+def _collect_env() -> Register:
+    from pdserve.cli import collect_env
+
+    return collect_env.register
+
+
+def _run_batch() -> Register:
+    from pdserve.cli import run_batch
+
+    return run_batch.register
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "serve": Subcommand(
-        "pdserve.cli.serve",
         "Start a router, a prefill and a decode worker on this machine (OpenAI-compatible API server).",
+        _serve,
     ),
-    "router": Subcommand("router.cli", "Start the OpenAI-compatible router in front of the workers."),
-    "prefill": Subcommand("prefill_worker.cli", "Start a prefill worker."),
-    "decode": Subcommand("decode_worker.cli", "Start a decode worker."),
-    "chat": Subcommand("pdserve.cli.chat", "Generate chat completions via the running API server."),
+    "router": Subcommand("Start the OpenAI-compatible router in front of the workers.", _router),
+    "prefill": Subcommand("Start a prefill worker.", _prefill),
+    "decode": Subcommand("Start a decode worker.", _decode),
+    "chat": Subcommand("Generate chat completions via the running API server.", _chat),
     "complete": Subcommand(
-        "pdserve.cli.complete",
-        "Generate text completions based on the given prompt via the running API server.",
+        "Generate text completions based on the given prompt via the running API server.", _complete
     ),
-    "bench": Subcommand("pdserve.cli.bench", "pdserve bench subcommands (serving and throughput benchmarks)."),
-    "collect-env": Subcommand("pdserve.cli.collect_env", "Start collecting environment information."),
-    "run-batch": Subcommand("pdserve.cli.run_batch", "Run batch prompts and write results to file."),
+    "bench": Subcommand("pdserve bench subcommands (serving and throughput benchmarks).", _bench),
+    "collect-env": Subcommand("Start collecting environment information.", _collect_env),
+    "run-batch": Subcommand("Run batch prompts and write results to file.", _run_batch),
 }
 
 
@@ -66,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return _exit_status(e.code)
     func = getattr(args, "func", None)
     if func is None:
-        raise RuntimeError(f"{SUBCOMMANDS[args.subcommand].module}.register() did not set func")
+        raise RuntimeError(f"pdserve {args.subcommand}: its register() did not set func")
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
@@ -76,22 +136,18 @@ def main(argv: list[str] | None = None) -> int:
 def _register(command: str, sub: Subcommand, subparsers: object) -> int | None:
     """Import the subcommand's module and let it add its parser; an exit status if it cannot."""
     try:
-        present = importlib.util.find_spec(sub.module) is not None
-    except ModuleNotFoundError:
-        present = False
-    if not present:
-        print(f"pdserve {command}: not available in this build yet", file=sys.stderr)
-        return 2
-    try:
-        module = importlib.import_module(sub.module)
+        register = sub.load()
     except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in _OWN_PACKAGES:
+            print(f"pdserve {command}: not available in this build yet", file=sys.stderr)
+            return 2
         print(
             f"pdserve {command}: needs the Python package {e.name!r}, which is not installed; "
             "install it (pip install it, or pip install -e . in the repository)",
             file=sys.stderr,
         )
         return 1
-    module.register(subparsers)
+    register(subparsers)
     return None
 
 

@@ -3,11 +3,13 @@
     pdserve serve                      # the embedded model: 1 prefill, 1 decode worker, a router
     pdserve serve --model /models/llama --num-decode-workers 2 --port 8080
 
-It only launches processes (`python -m pdserve.cli.main prefill|decode|router ...`) and
-imports nothing from the workers or the router. Every engine flag goes to every worker
-as given; each worker also gets a free --worker-address, free KV-event and KV-transfer
-ports, a --metrics-port and a --ready-file where it says where it listens. Once every
-worker is ready the router starts with their addresses and the model flags, and when
+It only launches processes (`python -m pdserve.cli.main prefill|decode|router ...`). Its
+parser is composed of the router's and the engine's own declarations (router/cli.py,
+common/config/engine_args.py), and each child's command line is written from the parsed
+values of the options that child's parser declares (common/config/argv_of.py): engine
+flags go to every worker, router flags to the router, the model flags to both. Each
+worker also gets a free --worker-address, free KV-event and KV-transfer ports, a
+--metrics-port and a --ready-file where it says where it listens. Once every worker is ready the router starts with their addresses and the model flags, and when
 its /health answers 200 the URL is printed. Ctrl-C or SIGTERM stops them all: the
 children share one process group, get SIGTERM, then SIGKILL after a grace period, and
 on Linux also die with this process if it is killed outright (no orphans).
@@ -27,86 +29,53 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.advertised_host import is_wildcard
 from common.config.arg_parser import PdserveArgumentParser
-from common.config.arg_types import human_int, int_at_least
+from common.config.arg_types import int_at_least
+from common.config.argv_of import argv_of
+from common.config.engine_args import add_engine_args
 from common.frame_auth import load_cluster_secret
+from common.worker.worker_args import add_registry_args, add_worker_args
+from router.cli import add_router_args, add_router_serving_args
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 _STOP_GRACE_S = 15.0
 _POLL_S = 0.1
+# what serve gives the router itself: the port it picked, the workers it started, and the
+# API keys, which go in the router's environment, never on its command line (`ps`)
+_SET_FOR_THE_ROUTER = ("port", "api_key", "decode_workers", "prefill_workers")
 
-# serve's own flags: never passed to the workers
-_SERVE_FLAGS = ("--num-prefill-workers", "--num-decode-workers", "--startup-timeout")
-# the router's flags serve accepts and passes to the router only: (flag, argparse kwargs)
-_ROUTER_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--host", {"default": DEFAULT_HOST, "help": "Host name or address the router listens on."}),
-    ("--port", {"type": int_at_least(0), "default": DEFAULT_PORT, "help": "Port the router listens on; 0 picks a free one."}),
-    ("--api-key", {"nargs": "+", "default": None, "metavar": "KEY",
-                   "help": "If given, the /v1 endpoints require 'Authorization: Bearer <key>' with one of these keys; "
-                   "the router gets them in its environment, never on its command line (prefer setting "
-                   "$PDSERVE_API_KEY or $VLLM_API_KEY yourself). (default: no key)"}),
-    ("--metrics-access", {"default": None, "help": "Who may read the router's /metrics: public, api-key or disabled. (default: public)"}),
-    ("--health-access", {"default": None, "help": "Who may read the router's /health and /ping: public or api-key. (default: public)"}),
-    ("--enable-log-requests", {"action": "store_true", "help": "The router logs every request body (prompts included)."}),
-    ("--max-log-len", {"type": int_at_least(0), "default": None, "help": "With --enable-log-requests, the most characters of a body logged. (default: all)"}),
-    ("--local-prefill-threshold", {"type": human_int(minimum=0), "default": None,
-                                   "help": "Prompts whose uncached part on the chosen decode worker is shorter than this many "
-                                   "tokens are prefilled on that decode worker; 0 sends every prompt to a prefill worker. "
-                                   "(default: the router's)"}),
-    ("--routing-weights", {"default": None, "metavar": "JSON", "help": "Weights of the router's scorers, as JSON (see pdserve router -h)."}),
-    ("--response-role", {"default": None, "help": "The role of chat completion responses. (default: assistant)"}),
-    ("--enable-prompt-tokens-details", {"action": "store_true", "help": "Add usage.prompt_tokens_details.cached_tokens to responses."}),
-    ("--enable-request-id-headers", {"action": "store_true", "help": "Add an X-Request-Id header to every response."}),
-    ("--worker-health-timeout", {"default": None, "help": "Seconds without a load report before the router takes a worker out. (default: 3)"}),
-    ("--worker-reply-timeout", {"default": None, "help": "Seconds a request waits for its worker's next message. (default: 300)"}),
-    ("--max-concurrent-requests", {"type": int_at_least(1), "default": None, "help": "Requests the router answers at once; more wait in its queue. (default: the decode workers' --max-num-seqs, summed)"}),
-    ("--max-queued-requests", {"type": int_at_least(0), "default": None, "help": "Requests that may wait for a slot; beyond it 429 with Retry-After. (default: the --max-concurrent-requests limit)"}),
-    ("--max-queue-wait", {"default": None, "help": "Seconds a queued request waits before 429. (default: 60)"}),
-    ("--h11-max-incomplete-event-size", {"type": human_int(minimum=1024), "default": None, "help": "Largest request header block or body in bytes. (default: 4 MiB)"}),
-    ("--h11-max-header-count", {"type": int_at_least(1), "default": None, "help": "Most header lines a request may have. (default: 256)"}),
-    ("--uvicorn-log-level", {"default": None, "help": "Log level of the router's HTTP server. (default: info)"}),
-    ("--disable-uvicorn-access-log", {"action": "store_true", "help": "Do not log every HTTP request."}),
-)  # fmt: skip
-# engine flags the router needs too (it validates and tokenizes as the workers would)
-_SHARED_WITH_ROUTER = (
-    "model", "tokenizer", "revision", "download_dir", "hf_config_path", "served_model_name", "max_model_len",
-    "max_logprobs", "generation_config", "override_generation_config", "chat_template", "block_size",
-    "prefix_caching_hash_algo",
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class ChildFlags:
+    """Which of serve's options each child gets: those its own parser declares, so a flag
+    added to the router's or the workers' parser reaches them with no change here."""
+
+    router: tuple[argparse.Action, ...]
+    worker: tuple[argparse.Action, ...]
 
 
 def register(subparsers: Any) -> None:
-    from common.config.engine_args import add_engine_args
-
     parser = subparsers.add_parser(
         "serve",
         help="Start a router, a prefill and a decode worker on this machine (OpenAI-compatible API server).",
         description="Start the disaggregated system on this machine: prefill workers, decode workers and "
         "the OpenAI-compatible router in front of them, on the embedded model unless --model says "
-        "otherwise. Engine flags go to every worker. Ctrl-C stops everything.",
+        "otherwise. The router's flags go to the router, the engine flags to every worker (the model "
+        "flags to both). Ctrl-C stops everything.",
     )
-    _add_serve_args(parser)
+    _add_serve_args(parser.add_argument_group("serve"))
+    add_router_serving_args(parser)
     add_engine_args(parser)
-    parser.set_defaults(func=run)
-    # the workers get the engine flags exactly as written: keep the words this parser reads
-    parse_known_args = parser.parse_known_args
-
-    def recording(args: Any = None, namespace: Any = None) -> Any:
-        parsed, extras = parse_known_args(args, namespace)
-        parsed.serve_argv = list(sys.argv[1:] if args is None else args)
-        return parsed, extras
-
-    parser.parse_known_args = recording  # type: ignore[method-assign]
+    parser.set_defaults(func=run, child_flags=_child_flags(parser))
 
 
-def _add_serve_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("serve")
+def _add_serve_args(group: Any) -> None:
     group.add_argument("--num-prefill-workers", type=int_at_least(0), default=1,
                        help="Prefill workers to start; 0 starts none (the decode workers prefill: aggregated).")  # fmt: skip
     group.add_argument(
@@ -114,64 +83,36 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                        help="Seconds to wait for every process to be ready before giving up.")  # fmt: skip
-    # the workers register in it (these flags reach them as written) and the router watches it
-    from common.worker.worker_args import add_registry_args
+    add_registry_args(group)  # the workers register in it and the router watches it
 
-    add_registry_args(group)
-    group.add_argument(
-        "--cluster-secret-file",
-        default=None,
-        metavar="PATH",
-        help="A file holding the cluster secret (16 bytes or more), given to every worker and the "
-        "router: messages between them and on the KV side channel carry its HMAC tag and those "
-        "without one are dropped. Also read from $PDSERVE_CLUSTER_SECRET_FILE or, the secret itself, "
-        "$PDSERVE_CLUSTER_SECRET. (default: none; see docs/security.md)",
+
+def _child_flags(parser: argparse.ArgumentParser) -> ChildFlags:
+    def taken_by(
+        add_args: Callable[[PdserveArgumentParser], None], set_by_serve: Sequence[str] = ()
+    ) -> tuple[argparse.Action, ...]:
+        child = PdserveArgumentParser(add_help=False)
+        add_args(child)
+        dests = {action.dest for action in child._actions} - set(set_by_serve)
+        return tuple(action for action in parser._actions if action.dest in dests)
+
+    return ChildFlags(
+        router=taken_by(add_router_args, _SET_FOR_THE_ROUTER),
+        worker=taken_by(lambda child: add_worker_args(child, role="decode")),
     )
-    router = parser.add_argument_group("router")
-    for flag, kwargs in _ROUTER_FLAGS:
-        router.add_argument(flag, **kwargs)
 
 
-def worker_argv(serve_argv: list[str]) -> list[str]:
-    """`serve_argv` without serve's and the router's own flags: what every worker gets."""
-    own = PdserveArgumentParser(prog="pdserve serve", add_help=False)
-    for flag in _SERVE_FLAGS:
-        own.add_argument(flag)
-    for flag, kwargs in _ROUTER_FLAGS:
-        own.add_argument(flag, **{k: v for k, v in kwargs.items() if k == "action"})
-    _, rest = own.parse_known_args(serve_argv)
-    return rest
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """What every worker gets: the options its parser declares, with the values serve parsed."""
+    return argv_of(args, args.child_flags.worker)
 
 
 def router_argv(args: argparse.Namespace, prefill: list[str], decode: list[str], port: int) -> list[str]:
-    argv = ["--host", args.host, "--port", str(port), "--decode-workers", ",".join(decode)]
+    """What the router gets: the workers' addresses, its port, and the options its parser
+    declares (the model flags included) with the values serve parsed."""
+    argv = ["--port", str(port), "--decode-workers", ",".join(decode)]
     if prefill:
         argv += ["--prefill-workers", ",".join(prefill)]
-    if getattr(args, "registry", None):
-        argv += ["--registry", args.registry]
-    if args.cluster_secret_file:  # the workers get it too, as written (worker_argv)
-        argv += ["--cluster-secret-file", args.cluster_secret_file]
-    for flag, kwargs in _ROUTER_FLAGS:
-        dest = flag[2:].replace("-", "_")
-        if dest in ("host", "port", "api_key"):  # the key goes in the environment (router_env)
-            continue
-        value = getattr(args, dest)
-        if kwargs.get("action") == "store_true":
-            argv += [flag] if value else []
-        elif value is not None:
-            argv += [flag, str(value)]
-    for dest in _SHARED_WITH_ROUTER:
-        value = getattr(args, dest, None)
-        if value is None or value == {}:
-            continue
-        flag = "--" + dest.replace("_", "-")
-        if isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return argv + argv_of(args, args.child_flags.router)
 
 
 def worker_env() -> dict[str, str]:
@@ -281,7 +222,7 @@ def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
         load_cluster_secret(args.cluster_secret_file)
     except ValueError as exc:
         raise _StartupFailed(str(exc)) from None
-    common = worker_argv(args.serve_argv)
+    common = worker_argv(args)
     for role, count in (("prefill", args.num_prefill_workers), ("decode", args.num_decode_workers)):
         for i in range(count):
             ready_file = launcher.workdir / f"{role}-{i}.json"
@@ -398,9 +339,9 @@ def _die_with_parent() -> None:
 
 def _free_port(host: str) -> int:
     with socket.socket() as s:
-        s.bind((host if host not in ("", "0.0.0.0", "::") else "127.0.0.1", 0))
+        s.bind(("127.0.0.1" if is_wildcard(host) else host, 0))
         return s.getsockname()[1]
 
 
 def _url_host(host: str) -> str:
-    return "127.0.0.1" if host in ("", "0.0.0.0", "::", "*") else host
+    return "127.0.0.1" if is_wildcard(host) else host

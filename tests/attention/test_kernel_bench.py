@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pdserve.bench.kernels import add_kernel_bench_args, run_kernel_bench
+from pdserve.bench.kernels.command import add_kernel_bench_args, run_kernel_bench
 
 
 def test_kernel_bench_smoke_checks_every_kernel_and_prints_the_table(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.stack import ServeStack
+from tests.harness.stack import ServeStack
 
 API_KEY = "cli-secret"
 MAX_MODEL_LEN = 512

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pdserve.cli.main import main
-from tests.e2e.stack import ServeStack, alive, free_port, metric
+from tests.harness.stack import ServeStack, alive, free_port, metric
 
 MAX_MODEL_LEN = 256
 ENGINE_FLAGS = [

@@ -12,7 +12,7 @@ import httpx
 from pdserve.cli.api_client import ApiClient
 from pdserve.cli.chat import ChatSession
 from tests.cli.conftest import API_KEY
-from tests.e2e.stack import REPO, free_port
+from tests.harness.stack import REPO, free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 GREEDY = ["--max-tokens", "12", "--temperature", "0"]

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from tests.e2e.stack import REPO
+from tests.harness.stack import REPO
 
 SECTIONS = ["system", "python", "packages", "torch", "cuda", "gpus", "nixl", "ucx", "environment"]
 

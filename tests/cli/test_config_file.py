@@ -6,23 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config.arg_parser import PdserveArgumentParser
-from common.config.engine_args import add_engine_args
-
-
-def parse(*argv: str):
-    parser = PdserveArgumentParser(prog="pdserve serve")
-    add_engine_args(parser)
-    return parser.parse_args(list(argv))
-
-
-def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        parse(*argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err.strip()
+from tests.cli.engine_flag_parsing import parse, parse_error
 
 
 def write(tmp_path: Path, text: str) -> str:

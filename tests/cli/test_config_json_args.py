@@ -10,26 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config.arg_parser import PdserveArgumentParser
-from common.config.engine_args import add_engine_args
+from tests.cli.engine_flag_parsing import parse, parse_error
 
 REPO = Path(__file__).resolve().parents[2]
 FLAG = "--override-generation-config"  # a JSON option with no field checks of its own
-
-
-def parse(*argv: str):
-    parser = PdserveArgumentParser(prog="pdserve serve")
-    add_engine_args(parser)
-    return parser.parse_args(list(argv))
-
-
-def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        parse(*argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err.strip()
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_defaults_are_vllms() -> None:
         "num_gpu_blocks_override": None,
         "kv_cache_dtype": "auto",
         "enable_prefix_caching": None,
-        "prefix_caching_hash_algo": "sha256",
+        "prefix_caching_hash_algo": None,  # unset: the engine's sha256 (below), the router's learned one
         "max_num_batched_tokens": None,
         "max_num_seqs": None,
         "enable_chunked_prefill": None,
@@ -76,6 +76,7 @@ def test_defaults_are_vllms() -> None:
         "config": None,
     }
     assert {k: getattr(ns, k) for k in expected} == expected
+    assert engine_config_from_args(ns).prefix_caching_hash_algo == "sha256"
 
 
 @pytest.mark.parametrize(

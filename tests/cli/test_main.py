@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import json
 import os
 import shutil
 import subprocess
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.cli import main as cli
+from tests.harness.torch_free import assert_imports_without_torch
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_SUBCOMMANDS = [
@@ -47,6 +48,11 @@ def run(args):
 '''
 
 
+def loader(module: str):
+    """A Subcommand's load for a test module (the real table imports with plain statements)."""
+    return lambda: importlib.import_module(module).register
+
+
 @pytest.fixture
 def fake_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`fake` (a working subcommand), `boom` (fails on import) and `needy` (needs a missing package)."""
@@ -58,10 +64,10 @@ def fake_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         cli,
         "SUBCOMMANDS",
         {
-            "fake": cli.Subcommand("pdserve_fake_cmd", "A fake subcommand."),
-            "boom": cli.Subcommand("pdserve_boom_cmd", "Explodes when imported."),
-            "needy": cli.Subcommand("pdserve_needy_cmd", "Needs a missing package."),
-            "later": cli.Subcommand("pdserve.cli.pdserve_not_written_yet", "Comes in a later build."),
+            "fake": cli.Subcommand("A fake subcommand.", loader("pdserve_fake_cmd")),
+            "boom": cli.Subcommand("Explodes when imported.", loader("pdserve_boom_cmd")),
+            "needy": cli.Subcommand("Needs a missing package.", loader("pdserve_needy_cmd")),
+            "later": cli.Subcommand("Comes in a later build.", loader("pdserve.cli.pdserve_not_written_yet")),
         },
     )
     for name in ("pdserve_fake_cmd", "pdserve_boom_cmd", "pdserve_needy_cmd"):
@@ -145,9 +151,16 @@ def test_no_subcommand_and_unknown_subcommand_exit_2_in_one_line(
     assert line.startswith("pdserve: error: argument subcommand: invalid choice: 'nope'") and "'fake'" in line
 
 
+def test_each_entry_imports_the_module_it_launches() -> None:
+    expected = {"router": "router.cli", "serve": "pdserve.cli.serve", "run-batch": "pdserve.cli.run_batch"}
+    for name, module in expected.items():
+        register = cli.SUBCOMMANDS[name].load()
+        assert register is sys.modules[module].register
+
+
 def test_table_holds_the_designed_subcommands() -> None:
     assert list(cli.SUBCOMMANDS) == ALL_SUBCOMMANDS
-    assert cli.SUBCOMMANDS["run-batch"].module == "pdserve.cli.run_batch"
+    assert cli.SUBCOMMANDS["run-batch"].load().__module__ == "pdserve.cli.run_batch"
     assert all(sub.help for sub in cli.SUBCOMMANDS.values())
 
 
@@ -180,7 +193,8 @@ def test_bad_value_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) -> No
         """
         import sys
         from pdserve.cli import main as cli
-        cli.SUBCOMMANDS["fake"] = cli.Subcommand("pdserve_fake_cmd", "fake")
+        import importlib
+        cli.SUBCOMMANDS["fake"] = cli.Subcommand("fake", lambda: importlib.import_module("pdserve_fake_cmd").register)
         sys.exit(cli.main(sys.argv[1:]))
         """
     )
@@ -195,21 +209,21 @@ def test_bad_value_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) -> No
 
 
 def test_config_and_cli_stay_torch_free() -> None:
-    script = textwrap.dedent(
-        """
-        import contextlib, io, json, sys
-        import common.config.engine_args
-        from pdserve.cli import main as cli
-        cli.SUBCOMMANDS["later"] = cli.Subcommand("pdserve.cli.pdserve_not_written_yet", "later")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            statuses = [cli.main(["-h"]), cli.main(["later"]), cli.main(["--version"])]
-        from common.config.arg_parser import PdserveArgumentParser
-        parser = PdserveArgumentParser(prog="x")
-        common.config.engine_args.add_engine_args(parser)
-        common.config.engine_args.engine_config_from_args(parser.parse_args(["--kv-transfer-config.kv_role", "kv_both"]))
-        print(json.dumps({"statuses": statuses, "torch": "torch" in sys.modules}))
-        """
+    assert_imports_without_torch(
+        "common.config.engine_args",
+        then="""
+            import contextlib, importlib, io
+            from pdserve.cli import main as cli
+            cli.SUBCOMMANDS["later"] = cli.Subcommand(
+                "later", lambda: importlib.import_module("pdserve.cli.pdserve_not_written_yet").register
+            )
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                statuses = [cli.main(["-h"]), cli.main(["later"]), cli.main(["--version"])]
+            assert statuses == [0, 2, 0], statuses
+            from common.config.arg_parser import PdserveArgumentParser
+            parser = PdserveArgumentParser(prog="x")
+            common.config.engine_args.add_engine_args(parser)
+            args = parser.parse_args(["--kv-transfer-config.kv_role", "kv_both"])
+            common.config.engine_args.engine_config_from_args(args)
+        """,
     )
-    proc = run(sys.executable, "-c", script)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"statuses": [0, 2, 0], "torch": False}

@@ -8,7 +8,7 @@ import json
 from tests.cli.conftest import API_KEY, MAX_MODEL_LEN
 from tests.cli.test_chat_cli import pdserve
 from tests.cli.test_complete_cli import direct_completion
-from tests.e2e.stack import free_port
+from tests.harness.stack import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 

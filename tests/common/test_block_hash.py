@@ -21,6 +21,7 @@ from common.block_hash import (
     hash_request_blocks,
     none_hash,
 )
+from tests.harness.torch_free import assert_imports_without_torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARENT = bytes(range(32))
@@ -225,5 +226,4 @@ def test_event_hash_is_the_low_64_bits_big_endian_unsigned():
 
 
 def test_hashing_and_kv_events_import_without_torch():
-    out = _run_python("import sys, common.block_hash, common.kv_events; print('torch' in sys.modules)", {})
-    assert out == "False"
+    assert_imports_without_torch("common.block_hash", "common.kv_events")

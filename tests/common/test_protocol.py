@@ -38,7 +38,7 @@ def _generate(**overrides):
         TokenDelta("r1", [5, 6], logprobs=[[5, -0.1, 1, [[5, -0.1]]]], finish_reason="stop", stop_reason=2),
         ErrorMessage("r1", 400, "bad"),
         Hello("router-1"),
-        LoadReport("w1", "decode", 3, 1, 0.25, 100, extra={"x": 1}),
+        LoadReport("w1", "decode", "e1", 3, 1, 100, 0.25, block_size=16, kv_events_endpoint="tcp://h:5557"),
     ],
 )
 def test_messages_round_trip(msg):
@@ -55,6 +55,8 @@ def _frame(body) -> bytes:
 
 
 GOOD = {"type": "generate", "request_id": "r", "prompt_token_ids": [1], "sampling_params": {}}
+LOAD = {"type": "load", "worker_id": "w", "role": "decode", "num_running": 1, "num_waiting": 0,
+        "kv_cache_usage": 0.5, "num_queued_prefill_tokens": 0}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -81,13 +83,22 @@ GOOD = {"type": "generate", "request_id": "r", "prompt_token_ids": [1], "samplin
         _frame({"type": "hello", "router_id": 7}),
         _frame({"type": "delta", "request_id": "r", "token_ids": [1], "finish_reason": "exploded"}),
         _frame({"type": "error", "request_id": "r", "code": "500", "message": "x"}),
-        _frame({"type": "load", "worker_id": "w", "role": "decode", "num_running": 1, "num_waiting": 0,
-                "kv_cache_usage": "full", "queued_prefill_tokens": 0}),
+        _frame({**LOAD, "kv_cache_usage": "full"}),
+        _frame({**LOAD, "role": "both"}),
+        _frame({**LOAD, "num_kv_blocks": -1}),
+        _frame({**LOAD, "extra": {"block_size": 16}}),
+        _frame({k: v for k, v in LOAD.items() if k != "num_running"}),
     ],
 )
 def test_malformed_frames_are_refused(frame):
     with pytest.raises(ProtocolError):
         decode_message(frame)
+
+
+def test_a_minimal_load_frame_is_a_load_report():
+    assert decode_message(_frame(LOAD)) == LoadReport(
+        worker_id="w", role="decode", num_running=1, kv_cache_usage=0.5
+    )
 
 
 @given(st.binary(max_size=256))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config.kv_transfer_config import KVTransferConfig
-from common.worker.worker_role import kv_transfer_config_for
+from common.worker.role import kv_transfer_config_for
 from decode_worker.role import DECODE_ROLE
 from kvtransfer.factory import default_connector_name
 from pdserve.cli.main import main

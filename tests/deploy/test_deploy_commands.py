@@ -10,7 +10,7 @@ import pytest
 
 from common.config.arg_parser import PdserveArgumentParser
 from common.config.engine_args import engine_config_from_args
-from common.worker.worker_role import kv_transfer_config_for
+from common.worker.role import kv_transfer_config_for
 from pdserve.cli.main import SUBCOMMANDS
 from tests.deploy.deploy_files import (
     KUSTOMIZE_DIRS,
@@ -49,7 +49,7 @@ INVOCATIONS = all_invocations()
 def parse(argv: list[str]):
     parser = PdserveArgumentParser(prog="pdserve")
     subparsers = parser.add_subparsers(dest="subcommand")
-    importlib.import_module(SUBCOMMANDS[argv[0]].module).register(subparsers)
+    SUBCOMMANDS[argv[0]].load()(subparsers)
     return parser.parse_args(argv)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.deploy.deploy_files import DASHBOARD_FILE
-from tests.e2e.stack import ServeStack
+from tests.harness.stack import ServeStack
 
 # labels Prometheus adds to every scraped series (the target's), not exported by pdserve
 TARGET_LABELS = {"job", "instance", "component", "namespace", "pod"}

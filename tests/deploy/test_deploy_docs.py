@@ -11,7 +11,7 @@ import pytest
 
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KVTransferConfig
-from common.worker.worker_role import kv_transfer_config_for
+from common.worker.role import kv_transfer_config_for
 from decode_worker.role import DECODE_ROLE
 from prefill_worker.role import PREFILL_ROLE
 from tests.deploy.deploy_files import REPO

@@ -10,31 +10,20 @@ import faulthandler
 import json
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from common.attention.reference import TorchAttentionBackend
 from common.model_files import ModelSource
 from common.models.config import ModelConfig
 from common.models.llama import LlamaForCausalLM
+from tests.tiny_llama import randomize, tiny_hf_config
 
 # A vocabulary and MLP width that 4 ranks split unevenly, and biases on q/k/v and o_proj
 # (o_proj's must be added once, after the all-reduce).
-TINY_TP_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 62,
-    "hidden_size": 32,
-    "intermediate_size": 50,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "attention_bias": True,
-    "torch_dtype": "float32",
-}
+TINY_TP_CONFIG = tiny_hf_config(
+    vocab_size=62, hidden_size=32, intermediate_size=50, tie_word_embeddings=False, attention_bias=True,
+    torch_dtype="float32",
+)
 # Long enough for a slow shared CI machine to start 4 ranks; short enough that a
 # deadlocked collective fails the run instead of hanging it.
 HANG_LIMIT_S = 600
@@ -44,14 +33,7 @@ HANG_LIMIT_S = 600
 def tiny_tp_folder(tmp_path_factory) -> ModelSource:
     folder = tmp_path_factory.mktemp("tiny-tp")
     (folder / "config.json").write_text(json.dumps(TINY_TP_CONFIG))
-    model = LlamaForCausalLM(ModelConfig.from_hf_config(TINY_TP_CONFIG), TorchAttentionBackend())
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:  # wide, so greedy choices are far from ties
-                param.normal_(0.0, 0.3, generator=generator)
+    model = randomize(LlamaForCausalLM(ModelConfig.from_hf_config(TINY_TP_CONFIG), TorchAttentionBackend()))
     tensors = {name: t.clone().contiguous() for name, t in model.weight_targets().items()}
     save_file(tensors, str(folder / "model.safetensors"))
     return ModelSource("hf_dir", folder, "tiny-tp")

@@ -6,24 +6,15 @@ import pytest
 
 from common.distributed.shard_plan import plan_shards, rank_model_config
 from common.models.config import ModelConfig
+from tests.tiny_llama import tiny_config
 
 
 def config(q_heads: int, kv_heads: int, vocab: int = 49152, intermediate: int = 1536) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=vocab,
-        hidden_size=q_heads * 64,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=q_heads,
-        num_key_value_heads=kv_heads,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope_theta=1e5,
-        rope_scaling=None,
-        max_position_embeddings=8192,
+    return tiny_config(
+        vocab_size=vocab, hidden_size=q_heads * 64, intermediate_size=intermediate, num_attention_heads=q_heads,
+        num_key_value_heads=kv_heads, head_dim=64, rope_theta=1e5, max_position_embeddings=8192,
         tie_word_embeddings=True,
-    )
+    )  # fmt: skip
 
 
 def covers(ranges: list[tuple[int, int]], n: int) -> bool:

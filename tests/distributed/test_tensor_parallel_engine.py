@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from common.config.engine_config import EngineConfig
-from common.engine.llm_engine import LLMEngine, resolve_engine_config
+from common.engine.engine_setup import resolve_engine_config
+from common.engine.llm_engine import LLMEngine
 from common.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -16,8 +16,10 @@ from common.config.kv_transfer_config import KVTransferConfig
 from common.engine.llm_engine import LLMEngine
 from common.sampling_params import SamplingParams
 from common.worker.run_worker import kv_cache_spec_fields
+from decode_worker.consumer import ConsumerHooks
+from kvtransfer.factory import create_engine_connector
 from kvtransfer.kv_cache_spec import KVCacheSpec
-from kvtransfer.tp_connector import create_engine_connector
+from prefill_worker.producer import ProducerHooks
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = [
@@ -33,7 +35,9 @@ def engine_with_connector(model: str, tp: int, role: str) -> LLMEngine:
     )
     transfer = KVTransferConfig(kv_connector="TcpConnector", kv_role=role, kv_port=0)
     spec = KVCacheSpec(**kv_cache_spec_fields(engine, "smollm2"))
-    engine.attach_kv_connector(create_engine_connector(transfer, role, spec, tp_size=tp))
+    connector = create_engine_connector(transfer, role, spec, tp_size=tp)
+    hooks = ProducerHooks if role == "kv_producer" else ConsumerHooks
+    engine.attach_kv_transfer(connector, [hooks.for_engine(engine, connector)])
     return engine
 
 
@@ -42,7 +46,11 @@ def run_until(engine: LLMEngine, request_id: str) -> list:
     deadline = time.monotonic() + STEP_LIMIT_S
     while not (outputs and outputs[-1].finished):
         assert time.monotonic() < deadline, f"request {request_id} did not finish"
-        step = engine.step() if engine.has_schedulable_requests() else engine.process_kv_transfers()
+        if engine.has_schedulable_requests():
+            step = engine.step()
+        else:
+            engine.process_kv_transfers()
+            step = []
         outputs += [o for o in step if o.request_id == request_id]
         if not step:
             time.sleep(0.005)

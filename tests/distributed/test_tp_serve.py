@@ -10,7 +10,7 @@ import pytest
 from common.config.engine_config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.sampling_params import SamplingParams
-from tests.e2e.stack import ServeStack
+from tests.harness.stack import ServeStack
 
 PROMPTS = [[1, 504, 3458, 282, 4649, 314, 7042, 30, 2], list(range(100, 160))]
 MAX_TOKENS = 12

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from common.sampling_params import SamplingParams
-from tests.e2e.stack import RouterProcess, ServeStack, alive, metric
+from tests.harness.stack import RouterProcess, ServeStack, alive, metric
 
 API_KEY = "e2e-secret"
 MAX_MODEL_LEN = 512

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from common.sampling_params import SamplingParams
-from tests.e2e.stack import RouterProcess, WorkerProcess, metric
+from tests.harness.stack import RouterProcess, WorkerProcess, metric
 
 MAX_MODEL_LEN = 1024
 ENGINE_FLAGS = [

@@ -20,25 +20,18 @@ from common.engine.scheduled_batch import ScheduledBatch
 from common.models.config import ModelConfig
 from common.models.llama import LlamaForCausalLM
 from common.sampling_params import SamplingParams
+from tests.tiny_llama import tiny_config as tiny_llama_config
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tiny_config(head_dim: int = 8, max_positions: int = 128) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
+    return tiny_llama_config(
         vocab_size=128,
         hidden_size=4 * head_dim,
         intermediate_size=8 * head_dim,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=head_dim,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
     )
 
 
@@ -60,6 +53,14 @@ def tiny_model(config: ModelConfig, device: str, dtype: torch.dtype, std: float 
             else:  # wide enough that greedy choices are far from ties
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model.eval()
+
+
+def cpu_runner(config: ModelConfig, num_blocks: int = 8, **settings) -> ModelRunner:
+    """A runner of a random tiny model on CPU, fp32, blocks of 4 tokens."""
+    return ModelRunner(
+        tiny_model(config, "cpu", torch.float32), config, num_blocks=num_blocks, block_size=4,
+        kv_cache_dtype="auto", device="cpu", dtype=torch.float32, **settings,
+    )  # fmt: skip
 
 
 def decode_request(request_id: str, prompt: list[int], outputs: list[int]) -> Request:
@@ -96,10 +97,7 @@ def test_a_batch_pads_to_the_next_captured_size():
 
 def test_a_padded_decode_step_has_the_graph_layout():
     config = tiny_config(max_positions=100)
-    runner = ModelRunner(
-        tiny_model(config, "cpu", torch.float32), config, num_blocks=32, block_size=4,
-        kv_cache_dtype="auto", device="cpu", dtype=torch.float32, max_model_len=50,
-    )  # fmt: skip
+    runner = cpu_runner(config, num_blocks=32, max_model_len=50)
     a = decode_request("a", [5, 6, 7, 8, 9], [10])  # position 5 in its 2nd block (3)
     b = decode_request("b", [11, 12], [13, 14])  # position 3 in its 1st block (7)
     c = Request("c", list(range(20, 29)), SamplingParams())  # a 1-token chunk mid-prompt
@@ -126,10 +124,7 @@ def test_a_padded_decode_step_has_the_graph_layout():
 
 def test_only_a_pure_decode_batch_that_fits_may_be_padded():
     config = tiny_config()
-    runner = ModelRunner(
-        tiny_model(config, "cpu", torch.float32), config, num_blocks=8, block_size=4,
-        kv_cache_dtype="auto", device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+    runner = cpu_runner(config)
     prefill = ScheduledBatch([Request("p", [1, 2, 3], SamplingParams())], [3], [[1]])
     with pytest.raises(ValueError, match="pure decode"):
         runner.prepare_inputs(prefill, pad_to=4)
@@ -174,10 +169,7 @@ def test_padding_changes_neither_the_real_rows_nor_the_cache():
 
 def test_step_buffers_are_reused_across_steps():
     config = tiny_config()
-    runner = ModelRunner(
-        tiny_model(config, "cpu", torch.float32), config, num_blocks=8, block_size=4,
-        kv_cache_dtype="auto", device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+    runner = cpu_runner(config)
     first = runner.prepare_inputs(ScheduledBatch([decode_request("a", [1, 2], [3])], [1], [[1]]))
     second = runner.prepare_inputs(
         ScheduledBatch([decode_request("b", [4], [5]), decode_request("c", [6], [7])], [1, 1], [[2], [3]])
@@ -189,10 +181,7 @@ def test_step_buffers_are_reused_across_steps():
 
 def test_the_cpu_path_never_captures_graphs():
     config = tiny_config()
-    runner = ModelRunner(
-        tiny_model(config, "cpu", torch.float32), config, num_blocks=8, block_size=4,
-        kv_cache_dtype="auto", device="cpu", dtype=torch.float32, enforce_eager=False,
-    )  # fmt: skip
+    runner = cpu_runner(config, enforce_eager=False)
     assert runner.cuda_graphs is None
     batch = ScheduledBatch([decode_request("a", [1, 2], [3])], [1], [[1]])
     assert runner.graph_size_for(batch) is None

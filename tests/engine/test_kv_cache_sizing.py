@@ -11,7 +11,9 @@ from common.engine.kv_cache_sizing import (
     CPU_KV_CACHE_SPACE_BYTES,
     determine_num_blocks,
     kv_cache_bytes_per_block,
+    profile_forward,
 )
+from tests.tiny_llama import tiny_llama
 
 # SmolLM2-135M's KV shape: 30 layers, 3 KV heads of 64
 SMOLLM2 = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, head_dim=64)
@@ -62,3 +64,19 @@ def test_a_cache_smaller_than_one_max_length_request_is_refused():
     message = str(excinfo.value)
     assert "--max-model-len 1024" in message and "--kv-cache-memory-bytes" in message
     assert blocks(num_gpu_blocks_override=65) == 65
+
+
+def test_profile_forward_runs_the_largest_step():
+    model, config = tiny_llama(max_position_embeddings=128)
+    # 40 tokens at a max length of 16: requests of 16, 16 and 8 tokens, 5 sampling rows
+    profile_forward(
+        model,
+        config,
+        num_tokens=40,
+        max_model_len=16,
+        max_num_seqs=5,
+        block_size=4,
+        kv_cache_dtype="auto",
+        device="cpu",
+        dtype=torch.float32,
+    )

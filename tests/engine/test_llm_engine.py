@@ -11,7 +11,8 @@ import torch
 
 from common.config.engine_config import EngineConfig
 from common.config.kv_events_config import KVEventsConfig
-from common.engine.llm_engine import LLMEngine, resolve_engine_config
+from common.engine.engine_setup import resolve_engine_config
+from common.engine.llm_engine import LLMEngine
 from common.kv_events import BlockStored
 from common.sampling_params import SamplingParams
 

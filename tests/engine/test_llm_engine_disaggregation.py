@@ -1,145 +1,35 @@
-"""LLMEngine with a KV connector: a prefill engine exports, a decode engine pulls, and
-the decode engine's tokens are the aggregated engine's.
+"""LLMEngine with a KV connector and the roles' hooks: a prefill engine exports, a decode
+engine pulls, and the decode engine's tokens are the aggregated engine's.
 
-The connector here is an in-process stand-in that copies blocks between the two engines'
-KV tensors and follows the connector contract (exactly one pull or release per request,
-results reported by poll()); the real connectors run in tests/worker/.
+The connector is the in-process stand-in of direct_kv_transfer.py. The policies
+themselves (export, free, recompute or fail) are tested in tests/prefill_worker and
+tests/decode_worker; here, what the engine does with hooks attached or without.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from common.config.engine_config import EngineConfig
-from common.config.kv_transfer_config import KVTransferConfig
-from common.engine.llm_engine import LLMEngine
 from common.sampling_params import SamplingParams
+from decode_worker.consumer import ConsumerHooks
+from prefill_worker.producer import ProducerHooks
+from tests.engine.direct_kv_transfer import (
+    BLOCK_SIZE,
+    GREEDY,
+    PROMPTS,
+    DirectConnector,
+    Link,
+    make_engine,
+    pair,
+    run_decode,
+    run_prefill,
+)
 from tests.tiny_llama import tiny_llama
-
-BLOCK_SIZE = 4
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_llama()
-
-
-class Link:
-    """What the two stand-in connectors share: the producer's cache and its leases."""
-
-    def __init__(self) -> None:
-        self.producer_cache: torch.Tensor | None = None
-        self.leases: dict[str, list[int]] = {}
-        self.released: list[str] = []
-        self.fail_next = False
-        self.refuse_next = False
-
-
-class DirectConnector:
-    def __init__(self, link: Link, role: str) -> None:
-        self.link = link
-        self.is_producer = role == "kv_producer"
-        self.is_consumer = role == "kv_consumer"
-        self.cache: torch.Tensor | None = None
-        self.pulls: list[tuple[str, list[int], list[int]]] = []
-        self._results: list[tuple[str, str | None]] = []
-        self.held_back: set[str] = set()  # pulls that stay in flight until let go
-
-    def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        self.cache = kv_cache
-        if self.is_producer:
-            self.link.producer_cache = kv_cache
-
-    def export_blocks(self, request_id, block_ids, num_tokens):
-        self.link.leases[request_id] = list(block_ids)
-        return {
-            "remote_block_ids": list(block_ids),
-            "remote_num_tokens": num_tokens,
-            "remote_request_id": request_id,
-        }
-
-    def take_freed_requests(self):
-        freed, self.link.released = self.link.released, []
-        for rid in freed:
-            self.link.leases.pop(rid, None)
-        return freed
-
-    def start_pull(self, request_id, params, local_block_ids, remote_block_ids):
-        if self.link.refuse_next:
-            self.link.refuse_next = False
-            raise ValueError("local block ids [0] are outside 1..63")
-        assert request_id not in [p[0] for p in self.pulls], "one pull per request"
-        self.pulls.append((request_id, list(local_block_ids), list(remote_block_ids)))
-        if self.link.fail_next:
-            self.link.fail_next = False
-            self._results.append((request_id, "the producer is gone"))
-        else:
-            self.cache[local_block_ids] = self.link.producer_cache[remote_block_ids]
-            self._results.append((request_id, None))
-        self.link.released.append(params["remote_request_id"])
-
-    def poll(self):
-        ready = [r for r in self._results if r[0] not in self.held_back]
-        self._results = [r for r in self._results if r[0] in self.held_back]
-        return [rid for rid, err in ready if err is None], [
-            (rid, err) for rid, err in ready if err is not None
-        ]
-
-    def notify_done(self, request_id, params):
-        self.link.released.append(params["remote_request_id"])
-
-
-def make_engine(tiny, role: str | None = None, policy: str = "fail") -> LLMEngine:
-    model, model_config = tiny
-    transfer = None
-    if role is not None:
-        transfer = KVTransferConfig(kv_connector="TcpConnector", kv_role=role, kv_load_failure_policy=policy)
-    config = EngineConfig(
-        device="cpu",
-        block_size=BLOCK_SIZE,
-        num_gpu_blocks_override=64,
-        max_model_len=128,
-        max_num_batched_tokens=32,
-        kv_transfer_config=transfer,
-    )
-    return LLMEngine.from_config(config, model=model, model_config=model_config)
-
-
-def pair(tiny, policy: str = "fail"):
-    link = Link()
-    prefill, decode = make_engine(tiny, "kv_producer"), make_engine(tiny, "kv_consumer", policy)
-    prefill.attach_kv_connector(DirectConnector(link, "kv_producer"))
-    decode.attach_kv_connector(DirectConnector(link, "kv_consumer"))
-    return link, prefill, decode
-
-
-def run_prefill(engine: LLMEngine, rid: str, prompt: list[int], params: SamplingParams):
-    engine.add_request(rid, prompt, params, prefill_only=True)
-    while True:
-        for out in engine.step():
-            if out.request_id == rid:
-                assert out.finished
-                return out
-
-
-def run_decode(engine: LLMEngine, requests: dict[str, tuple[list[int], dict]], params: SamplingParams):
-    tokens = {rid: [] for rid in requests}
-    done: dict[str, str | None] = {}
-    for rid, (prompt, kv_params) in requests.items():
-        engine.add_request(rid, prompt, params, kv_transfer_params=kv_params)
-    for _ in range(500):
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-            if out.finished:
-                done[out.request_id] = out.error or out.finish_reason
-        if len(done) == len(requests):
-            return tokens, done
-    raise AssertionError("the decode engine did not finish")
-
-
-PROMPTS = [[(7 * i + 3 * k) % 64 for k in range(n)] for i, n in enumerate((5, 13, 16, 30))]
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def test_prefill_then_pull_then_decode_gives_the_aggregated_greedy_tokens(tiny):
@@ -164,27 +54,20 @@ def test_prefill_then_pull_then_decode_gives_the_aggregated_greedy_tokens(tiny):
     assert decode.stats().kv_cache_usage == 0.0
 
 
-def test_a_failed_pull_is_recomputed_locally_under_the_recompute_policy(tiny):
-    prompt = PROMPTS[3]
+def test_one_engine_with_both_hook_sets_prefills_for_itself_and_pulls_from_itself(tiny):
+    prompt = PROMPTS[2]
     expected = make_engine(tiny).generate([prompt], GREEDY)[0]
-    link, prefill, decode = pair(tiny, policy="recompute")
-    out = run_prefill(prefill, "r", prompt, GREEDY)
-    link.fail_next = True
-    tokens, done = run_decode(
-        decode, {"r": (prompt, {**out.kv_transfer_params, "first_token_id": expected[0]})}, GREEDY
+    engine = make_engine(tiny, "kv_both")
+    connector = DirectConnector(Link(), "kv_both")
+    engine.attach_kv_transfer(
+        connector, [ProducerHooks.for_engine(engine, connector), ConsumerHooks.for_engine(engine, connector)]
     )
-    assert tokens["r"] == expected[1:] and done == {"r": "length"}
-    assert decode.stats().num_kv_load_failures == 1
-
-
-def test_a_failed_pull_fails_the_request_under_the_fail_policy(tiny):
-    link, prefill, decode = pair(tiny, policy="fail")
-    out = run_prefill(prefill, "r", PROMPTS[1], GREEDY)
-    link.fail_next = True
+    out = run_prefill(engine, "p", prompt, GREEDY)
     params = {**out.kv_transfer_params, "first_token_id": out.new_token_ids[0]}
-    tokens, done = run_decode(decode, {"r": (PROMPTS[1], params)}, GREEDY)
-    assert tokens["r"] == [] and "the producer is gone" in done["r"]
-    assert decode.stats().kv_cache_usage == 0.0
+    tokens, done = run_decode(engine, {"d": (prompt, params)}, GREEDY)
+    assert out.new_token_ids + tokens["d"] == expected and done == {"d": "length"}
+    engine.process_kv_transfers()
+    assert engine.stats().num_held_requests == 0 and engine.stats().kv_cache_usage == 0.0
 
 
 def test_running_requests_decode_while_another_request_waits_for_its_pull(tiny):
@@ -201,29 +84,18 @@ def test_running_requests_decode_while_another_request_waits_for_its_pull(tiny):
     assert decode.stats().num_waiting_for_remote_kv == 1
 
 
-def test_prefill_only_and_kv_transfer_params_need_a_connector_of_that_role(tiny):
+def test_prefill_only_and_kv_transfer_params_need_the_hooks_of_that_side(tiny):
     plain = make_engine(tiny)
     with pytest.raises(ValueError, match="kv_producer"):
         plain.add_request("a", [1, 2, 3], GREEDY, prefill_only=True)
     with pytest.raises(ValueError, match="kv_consumer"):
         plain.add_request("b", [1, 2, 3], GREEDY, kv_transfer_params={"first_token_id": 1})
-    _, _, decode = pair(tiny)
-    with pytest.raises(ValueError, match="first_token_id"):
-        decode.add_request("c", [1, 2, 3], GREEDY, kv_transfer_params={"remote_block_ids": [1]})
-
-
-def test_a_pull_the_connector_refuses_to_start_releases_the_producer_and_is_recomputed(tiny):
-    prompt = PROMPTS[1]
-    expected = make_engine(tiny).generate([prompt], GREEDY)[0]
-    link, prefill, decode = pair(tiny, policy="recompute")
-    out = run_prefill(prefill, "r", prompt, GREEDY)
-    link.refuse_next = True
-    params = {**out.kv_transfer_params, "first_token_id": expected[0]}
-    tokens, done = run_decode(decode, {"r": (prompt, params)}, GREEDY)
-    assert tokens["r"] == expected[1:] and done == {"r": "length"}
-    assert link.released == ["r"]  # released without a pull: the producer frees the blocks
-    prefill.process_kv_transfers()
-    assert prefill.stats().kv_cache_usage == 0.0
+    _, prefill, decode = pair(tiny)
+    with pytest.raises(ValueError, match="kv_producer"):
+        decode.add_request("c", [1, 2, 3], GREEDY, prefill_only=True)
+    with pytest.raises(ValueError, match="kv_consumer"):
+        prefill.add_request("d", [1, 2, 3], GREEDY, kv_transfer_params={"first_token_id": 1})
+    assert not (prefill.has_unfinished_requests() or decode.has_unfinished_requests())
 
 
 def test_an_abort_during_a_pull_frees_the_blocks_only_when_the_pull_ends(tiny):
@@ -239,5 +111,18 @@ def test_an_abort_during_a_pull_frees_the_blocks_only_when_the_pull_ends(tiny):
     assert aborted.finished and aborted.finish_reason == "abort"
     assert not decode.has_unfinished_requests() and decode.stats().kv_cache_usage > 0
     decode.kv_connector.held_back.clear()  # the transfer ends
-    assert decode.process_kv_transfers() == []
+    decode.process_kv_transfers()
+    assert not decode.has_unfinished_requests()
     assert decode.stats().kv_cache_usage == 0.0 and not decode.has_kv_transfers()
+
+
+def test_a_second_connector_is_refused(tiny):
+    _, prefill, _ = pair(tiny)
+    with pytest.raises(RuntimeError, match="already attached"):
+        prefill.attach_kv_transfer(DirectConnector(Link(), "kv_producer"), [])
+
+
+def test_aborting_an_unknown_or_finished_id_does_nothing(tiny):
+    engine = make_engine(tiny)
+    engine.generate([PROMPTS[0]], SamplingParams(max_tokens=2))
+    assert engine.abort_request(["never-seen"]) == []

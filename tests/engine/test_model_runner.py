@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.engine.model_runner import ModelRunner, profile_forward
+from common.engine.model_runner import ModelRunner
 from common.engine.request import Request
 from common.engine.scheduled_batch import ScheduledBatch
 from common.sampling_params import SamplingParams
@@ -160,22 +160,6 @@ def test_a_mixed_batch_samples_what_each_request_samples_alone(tiny):
         assert [v for _, v in together[name].logprobs.top] == pytest.approx(
             [v for _, v in alone.logprobs.top], abs=1e-5
         )
-
-
-def test_profile_forward_runs_the_largest_step(tiny):
-    model, config = tiny
-    # 40 tokens at a max length of 16: requests of 16, 16 and 8 tokens, 5 sampling rows
-    profile_forward(
-        model,
-        config,
-        num_tokens=40,
-        max_model_len=16,
-        max_num_seqs=5,
-        block_size=BLOCK_SIZE,
-        kv_cache_dtype="auto",
-        device="cpu",
-        dtype=torch.float32,
-    )
 
 
 def test_whatever_the_cache_held_before_never_reaches_the_output(tiny):

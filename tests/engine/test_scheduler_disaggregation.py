@@ -1,9 +1,9 @@
 """The scheduler's disaggregation states, driven by the fake model of test_scheduler.py.
 
 A producer scheduler runs prefill_only requests and holds their blocks; a consumer
-scheduler admits requests whose prompt KV is remote, and the test plays the connector:
-it copies the producer's fake cache entries of the ordered remote blocks into the
-consumer's local blocks. A wrong block pairing, a pull that is skipped or a block read
+scheduler admits requests whose prompt KV is remote, and the test plays the connector
+and the role: it copies the producer's fake cache entries of the ordered remote blocks
+into the consumer's local blocks, and picks what follows a failed pull. A wrong block pairing, a pull that is skipped or a block read
 before it landed changes the text (or trips the fake model's never-written check).
 """
 
@@ -24,21 +24,20 @@ from common.config.engine_config import EngineConfig
 from common.config.kv_transfer_config import KVTransferConfig
 from common.engine.block_pool import BlockPool
 from common.engine.kv_cache_manager import KVCacheManager
-from common.engine.request import RequestStatus
-from common.engine.scheduler import KVPull, Scheduler
+from common.engine.remote_kv_states import KVPull
+from common.engine.request import Request, RequestStatus
+from common.engine.scheduler import Scheduler
 
 BS = 4
 
 
-def consumer_scheduler(policy: str = "fail", num_blocks: int = 64, max_num_seqs: int = 8) -> Scheduler:
+def consumer_scheduler(num_blocks: int = 64, max_num_seqs: int = 8) -> Scheduler:
     config = EngineConfig(
         block_size=BS,
         max_num_batched_tokens=16,
         max_num_seqs=max_num_seqs,
         enable_chunked_prefill=True,
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="TcpConnector", kv_role="kv_consumer", kv_load_failure_policy=policy
-        ),
+        kv_transfer_config=KVTransferConfig(kv_connector="TcpConnector", kv_role="kv_consumer"),
     )
     return Scheduler(config, KVCacheManager(BlockPool(num_blocks, BS), BS), 128)
 
@@ -53,7 +52,7 @@ class Producer:
 
     def prefill(self, rid: str, prompt: list[int], max_tokens: int = 6) -> dict:
         """Run the request to its first token; the params a connector would export."""
-        self.sched.add_request(request(rid, prompt, max_tokens=max_tokens), prefill_only=True)
+        self.sched.add_request(prefill_only(request(rid, prompt, max_tokens=max_tokens)))
         while rid not in self.run.finish:
             step(self.sched, self.fake, self.run)
         first = self.run.tokens[rid]
@@ -65,9 +64,16 @@ class Producer:
         }
 
 
-def remote_request(rid: str, prompt: list[int], first_token: int, max_tokens: int = 6):
+def prefill_only(r: Request) -> Request:
+    r.prefill_only = True
+    return r
+
+
+def remote_request(rid: str, prompt: list[int], params: dict, max_tokens: int = 6) -> Request:
+    """A request whose prompt's KV is at the producer `params` name, holding its first token."""
     r = request(rid, prompt, max_tokens=max_tokens)
-    r.append_output_token(first_token)
+    r.kv_transfer_params = params
+    r.append_output_token(params["first_token_id"])
     return r
 
 
@@ -84,7 +90,7 @@ def test_a_prefill_only_request_holds_its_blocks_after_its_first_token_until_fre
     sched = producer.sched
     out = next(o for o in producer.run.outputs if o.request_id == "a")
     assert out.finished and out.finish_reason is None and out.new_token_ids == [reference(prompt, 1)[0]]
-    assert sched.held["a"].status == RequestStatus.FINISHED_REMOTE_DECODE
+    assert sched.held_request("a").status == RequestStatus.FINISHED_REMOTE_DECODE
     assert len(params["remote_block_ids"]) == 3  # 10 tokens in blocks of 4
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_usable_blocks - 3
     assert not sched.has_unfinished_requests() and sched.has_kv_transfers()
@@ -97,11 +103,11 @@ def test_a_prefill_only_request_holds_its_blocks_after_its_first_token_until_fre
 
 def test_a_prefill_only_request_whose_first_token_ends_it_frees_its_blocks():
     producer = Producer()
-    producer.sched.add_request(request("one", prompt_of(9, 2), max_tokens=1), prefill_only=True)
+    producer.sched.add_request(prefill_only(request("one", prompt_of(9, 2), max_tokens=1)))
     while "one" not in producer.run.finish:
         step(producer.sched, producer.fake, producer.run)
     assert producer.run.finish["one"] == "length"
-    assert not producer.sched.held
+    assert producer.sched.num_held == 0
     assert_pool_empty(producer.sched)
 
 
@@ -110,7 +116,7 @@ def test_remote_kv_request_pulls_its_prompt_then_decodes_the_aggregated_tokens()
     prompt = prompt_of(11, 3)
     params = producer.prefill("r", prompt, max_tokens=6)
     sched, fake, run = consumer_scheduler(), FakeModel(BS), Run()
-    sched.add_request(remote_request("r", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched.add_request(remote_request("r", prompt, params))
     step(sched, fake, run)
     pulls, releases = sched.take_kv_transfer_orders()
     assert releases == [] and len(pulls) == 1
@@ -143,7 +149,7 @@ def test_running_requests_keep_decoding_while_a_pull_is_in_flight():
     local_prompt = prompt_of(5, 9)
     sched.add_request(request("local", local_prompt, max_tokens=8))
     step(sched, fake, run)
-    sched.add_request(remote_request("remote", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched.add_request(remote_request("remote", prompt, params))
     step(sched, fake, run)
     (pull,), _ = sched.take_kv_transfer_orders()
     before = len(run.tokens["local"])
@@ -168,7 +174,7 @@ def test_a_second_request_pulls_only_the_blocks_its_own_prefix_cache_lacks():
     # "first" finds nothing at home; "second" (18 tokens, 5 blocks) finds the 3 shared blocks
     for rid, prompt, num_hits in (("first", first, 0), ("second", second, 3)):
         params = producer.prefill(rid, prompt)
-        sched.add_request(remote_request(rid, prompt, params["first_token_id"]), kv_transfer_params=params)
+        sched.add_request(remote_request(rid, prompt, params))
         step(sched, fake, run)
         (pull,), _ = sched.take_kv_transfer_orders()
         land(pull, producer, fake)
@@ -190,7 +196,7 @@ def test_a_full_local_hit_releases_the_producer_without_pulling():
     while "local" not in run.finish:
         step(sched, fake, run)
     params = producer.prefill("again", prompt)
-    sched.add_request(remote_request("again", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched.add_request(remote_request("again", prompt, params))
     step(sched, fake, run)
     pulls, releases = sched.take_kv_transfer_orders()
     assert pulls == [] and [r.request_id for r in releases] == ["again"]
@@ -200,15 +206,15 @@ def test_a_full_local_hit_releases_the_producer_without_pulling():
     assert_pool_empty(sched)
 
 
-def test_a_failed_pull_is_recomputed_from_the_local_hits_under_the_recompute_policy():
+def test_a_failed_pull_requeued_is_recomputed_from_the_local_hits():
     producer = Producer()
     prompt = prompt_of(13, 10)
     params = producer.prefill("r", prompt)
-    sched, fake, run = consumer_scheduler("recompute"), FakeModel(BS), Run()
-    sched.add_request(remote_request("r", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched, fake, run = consumer_scheduler(), FakeModel(BS), Run()
+    sched.add_request(remote_request("r", prompt, params))
     step(sched, fake, run)
     (pull,), _ = sched.take_kv_transfer_orders()
-    assert sched.fail_kv_pull("r", "the producer went away") is None
+    sched.requeue_failed_pull("r")
     while sched.has_unfinished_requests():
         step(sched, fake, run)
     # the whole prompt plus the producer's first token is computed here
@@ -220,30 +226,34 @@ def test_a_failed_pull_is_recomputed_from_the_local_hits_under_the_recompute_pol
     assert_pool_empty(sched)
 
 
-def test_a_failed_pull_fails_the_request_with_the_reason_under_the_fail_policy():
+def test_a_failed_pull_failed_finishes_the_request_with_the_error_at_the_next_step():
     producer = Producer()
     prompt = prompt_of(9, 11)
     params = producer.prefill("r", prompt)
-    sched, fake, run = consumer_scheduler("fail"), FakeModel(BS), Run()
-    sched.add_request(remote_request("r", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched, fake, run = consumer_scheduler(), FakeModel(BS), Run()
+    sched.add_request(remote_request("r", prompt, params))
     step(sched, fake, run)
     sched.take_kv_transfer_orders()
-    output = sched.fail_kv_pull("r", "handshake refused")
-    assert output.finished and output.finish_reason == "abort"
-    assert "handshake refused" in output.error and "recompute" in output.error
-    assert not sched.has_unfinished_requests()
+    sched.fail_pull("r", "loading failed: handshake refused")
+    assert sched.num_kv_load_failures == 1 and "r" not in sched.requests
     assert_pool_empty(sched)
+    (output,) = step(sched, fake, run)
+    assert output.finished and output.finish_reason == "abort"
+    assert output.error == "loading failed: handshake refused"
+    assert not sched.has_unfinished_requests()
 
 
-def test_params_that_do_not_fit_the_prompt_release_the_producer_and_follow_the_policy():
-    sched, fake, run = consumer_scheduler("recompute"), FakeModel(BS), Run()
+def test_params_that_do_not_fit_the_prompt_order_a_failed_pull_that_can_be_recomputed():
+    sched, fake, run = consumer_scheduler(), FakeModel(BS), Run()
     prompt = prompt_of(10, 12)
     first = reference(prompt, 1)[0]
     params = {"remote_block_ids": [5, 6], "first_token_id": first}  # 10 tokens need 3 blocks
-    sched.add_request(remote_request("r", prompt, first), kv_transfer_params=params)
+    sched.add_request(remote_request("r", prompt, params))
     step(sched, fake, run)
-    pulls, releases = sched.take_kv_transfer_orders()
-    assert pulls == [] and [r.request_id for r in releases] == ["r"]
+    (pull,), releases = sched.take_kv_transfer_orders()
+    assert releases == [] and pull.request_id == "r" and pull.params == params
+    assert "2 remote blocks" in pull.error and pull.remote_block_ids == []
+    sched.requeue_failed_pull("r")  # what the consumer's policy "recompute" picks
     while sched.has_unfinished_requests():
         step(sched, fake, run)
     assert run.tokens["r"] == reference(prompt, 6)[1:]
@@ -254,7 +264,7 @@ def test_an_abort_during_a_pull_keeps_the_blocks_until_the_pull_ends():
     prompt = prompt_of(10, 13)
     params = producer.prefill("r", prompt)
     sched, fake, run = consumer_scheduler(), FakeModel(BS), Run()
-    sched.add_request(remote_request("r", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched.add_request(remote_request("r", prompt, params))
     step(sched, fake, run)
     sched.take_kv_transfer_orders()
     (out,) = sched.abort_requests(["r"])
@@ -272,7 +282,7 @@ def test_an_abort_before_admission_releases_the_producer():
     sched.add_request(request("busy", prompt_of(4, 1), max_tokens=20))
     step(sched, fake, run)
     params = {"remote_block_ids": [1, 2], "first_token_id": 3}
-    sched.add_request(remote_request("r", prompt_of(6, 2), 3), kv_transfer_params=params)
+    sched.add_request(remote_request("r", prompt_of(6, 2), params))
     step(sched, fake, run)  # no seat: still waiting
     assert sched.take_kv_transfer_orders() == ([], [])
     sched.abort_requests(["r"])
@@ -283,7 +293,7 @@ def test_an_abort_before_admission_releases_the_producer():
 def test_a_first_token_that_already_ends_the_request_releases_the_producer_at_once():
     sched, fake, run = consumer_scheduler(), FakeModel(BS), Run()
     params = {"remote_block_ids": [1, 2], "first_token_id": 7}
-    sched.add_request(remote_request("r", prompt_of(6, 2), 7, max_tokens=1), kv_transfer_params=params)
+    sched.add_request(remote_request("r", prompt_of(6, 2), params, max_tokens=1))
     _, releases = sched.take_kv_transfer_orders()
     assert [r.request_id for r in releases] == ["r"]
     step(sched, fake, run)
@@ -295,7 +305,7 @@ def test_pulling_requests_take_seats_and_are_never_preempted():
     prompt = prompt_of(12, 14)
     params = producer.prefill("r", prompt)
     sched, fake, run = consumer_scheduler(num_blocks=9, max_num_seqs=2), FakeModel(BS), Run()
-    sched.add_request(remote_request("r", prompt, params["first_token_id"]), kv_transfer_params=params)
+    sched.add_request(remote_request("r", prompt, params))
     step(sched, fake, run)
     (pull,), _ = sched.take_kv_transfer_orders()
     # a local request that needs more blocks than are left: it must preempt itself, never "r"
@@ -316,9 +326,3 @@ def test_pulling_requests_take_seats_and_are_never_preempted():
     assert run.tokens["r"] == reference(prompt, 6)[1:]
     assert run.tokens["hungry"] == reference(prompt_of(4, 3), 20)
     assert_pool_empty(sched)
-
-
-def test_kv_load_failure_policy_comes_from_the_kv_transfer_config():
-    sched = consumer_scheduler("recompute")
-    assert sched.kv_load_failure_policy == "recompute"
-    assert make_scheduler().kv_load_failure_policy == "fail"  # no --kv-transfer-config

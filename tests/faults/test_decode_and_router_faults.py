@@ -19,18 +19,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.stack import free_port, metric
-from tests.faults.fault_stack import (
+from tests.harness.faults import (
     ENGINE_FLAGS,
-    Router,
-    Worker,
     complete,
     events_config,
-    healthy,
     index_blocks,
     routed,
     stream_in_background,
-    wait_for,
+)
+from tests.harness.stack import (
+    RouterProcess,
+    WorkerProcess,
+    free_address,
+    free_port,
+    metric,
+    router_healthy,
+    stop_all,
+    wait_until,
 )
 
 STREAM = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}
@@ -46,27 +51,28 @@ def _prompt(topic: str) -> str:
 def decode_workers(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("decode-faults")
     args = [*ENGINE_FLAGS, "--kv-events-config", events_config()]
-    workers = [Worker("decode", args, workdir).start() for _ in range(2)]
+    # fixed addresses, so a killed worker comes back where the router looks for it
+    workers = [WorkerProcess("decode", args, workdir, address=free_address()) for _ in range(2)]
     try:
         for worker in workers:
             worker.ready()
         yield workers
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_all(workers)
 
 
-def _router(workers: list[Worker], port: int | None = None) -> Router:
+def _router(workers: list[WorkerProcess], port: int | None = None) -> RouterProcess:
     args = ["--decode-workers", ",".join(w.address for w in workers), "--worker-reply-timeout", "60"]
-    router = Router(args, port=port).start().ready()
+    router = RouterProcess(args, port=port).ready(require_healthy=False)
     for worker in workers:
-        wait_for(f"router admits {worker.address}", lambda w=worker: healthy(router.url, w.address), 60)
+        wait_until(
+            lambda w=worker: router_healthy(router.url, w.address), 60, f"router admits {worker.address}"
+        )
     return router
 
 
-def _worker_running(worker: Worker) -> float:
-    port = worker.info["metrics_port"]
-    return metric(f"http://127.0.0.1:{port}", "vllm:num_requests_running")
+def _worker_running(worker: WorkerProcess) -> float:
+    return worker.metric("vllm:num_requests_running")
 
 
 def test_killed_router_fails_its_streams_and_a_new_router_rediscovers_the_workers(decode_workers):
@@ -101,7 +107,7 @@ def test_killed_router_fails_its_streams_and_a_new_router_rediscovers_the_worker
 
     for worker in decode_workers:  # the workers kept running and let the orphan go
         worker.check_running()
-        wait_for(f"{worker.address} idle", lambda w=worker: _worker_running(w) == 0, 120)
+        wait_until(lambda w=worker: _worker_running(w) == 0, 120, f"{worker.address} idle")
 
     router = _router(decode_workers, port)
     try:
@@ -110,13 +116,13 @@ def test_killed_router_fails_its_streams_and_a_new_router_rediscovers_the_worker
         served = [w.address for w in decode_workers if routed(router.url, w.address) > 0]
         assert len(served) == 1
         # that worker's next KV event makes the new router replay what it published before
-        wait_for(
-            "prefix-index entries rebuilt by replay",
+        wait_until(
             lambda: (
                 index_blocks(router.url, served[0]) > before[served[0]]
                 and metric(router.url, "pdserve_router_kv_event_replayed_batches_total", worker=served[0]) > 0
             ),
             30,
+            "prefix-index entries rebuilt by replay",
         )
     finally:
         router.stop()
@@ -129,7 +135,7 @@ def test_killed_decode_worker_fails_its_stream_and_comes_back(decode_workers):
         assert result.first_chunk.wait(120) and result.chunks, f"no first chunk: {result.failure!r}"
         [victim] = [w for w in decode_workers if routed(router.url, w.address) > 0]
         [other] = [w for w in decode_workers if w is not victim]
-        wait_for("the router indexes its prompt", lambda: index_blocks(router.url, victim.address) > 0, 10)
+        wait_until(lambda: index_blocks(router.url, victim.address) > 0, 10, "the router indexes its prompt")
         victim.kill()
         killed_at = time.monotonic()
 
@@ -140,8 +146,10 @@ def test_killed_decode_worker_fails_its_stream_and_comes_back(decode_workers):
         assert len(result.errors) == 1 and result.errors[0]["message"], result.events[-3:]
         assert result.finished_at - killed_at < FAIL_BOUND_S
 
-        wait_for(
-            "the router marks the killed worker down", lambda: not healthy(router.url, victim.address), 10
+        wait_until(
+            lambda: not router_healthy(router.url, victim.address),
+            10,
+            "the router marks the killed worker down",
         )
         assert index_blocks(router.url, victim.address) == 0, "a dead worker must not look warm"
         victim_routed = routed(router.url, victim.address)
@@ -153,7 +161,9 @@ def test_killed_decode_worker_fails_its_stream_and_comes_back(decode_workers):
         assert routed(router.url, other.address) == other_routed + 3
 
         victim.start().ready()  # same address
-        wait_for("the restarted worker is admitted again", lambda: healthy(router.url, victim.address), 60)
+        wait_until(
+            lambda: router_healthy(router.url, victim.address), 60, "the restarted worker is admitted again"
+        )
         for attempt in range(6):  # until one lands on it: the other is warm for these prompts
             before = routed(router.url, victim.address)
             with ThreadPoolExecutor(2) as pool:
@@ -167,8 +177,8 @@ def test_killed_decode_worker_fails_its_stream_and_comes_back(decode_workers):
                 break
         else:
             raise AssertionError("the restarted worker got no request")
-        wait_for(
-            "its prefix-index entries are rebuilt", lambda: index_blocks(router.url, victim.address) > 0, 30
+        wait_until(
+            lambda: index_blocks(router.url, victim.address) > 0, 30, "its prefix-index entries are rebuilt"
         )
     finally:
         router.stop()

@@ -22,8 +22,17 @@ import httpx
 import pytest
 
 from common.sampling_params import SamplingParams
-from tests.e2e.stack import free_port, metric
-from tests.faults.fault_stack import ENGINE_FLAGS, Router, Worker, events_config, healthy, wait_for
+from tests.harness.faults import ENGINE_FLAGS, events_config
+from tests.harness.stack import (
+    RouterProcess,
+    WorkerProcess,
+    free_address,
+    free_port,
+    metric,
+    start_stack,
+    stop_all,
+    wait_until,
+)
 
 TRANSFER_TIMEOUT_S = 3
 LEASE_S = 6
@@ -114,33 +123,26 @@ def stack(tmp_path_factory):
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"transfer_timeout_s": TRANSFER_TIMEOUT_S},
     }
-    prefill = Worker(
+    prefill = WorkerProcess(
         "prefill",
         [*ENGINE_FLAGS, "--kv-transfer-config", json.dumps(producer), "--kv-events-config", events_config()],
-        workdir,
-    )
-    decode = Worker("decode", [*ENGINE_FLAGS, "--kv-transfer-config", json.dumps(consumer)], workdir)
-    router = Router(
+        workdir, address=free_address(), start=False,
+    )  # fmt: skip
+    decode = WorkerProcess(
+        "decode", [*ENGINE_FLAGS, "--kv-transfer-config", json.dumps(consumer)], workdir,
+        address=free_address(), start=False,
+    )  # fmt: skip
+    router = RouterProcess(
         ["--prefill-workers", prefill.address, "--decode-workers", decode.address,
          "--local-prefill-threshold", "0"],
+        start=False,
     )  # fmt: skip
     try:
-        prefill.start()
-        decode.start()
-        prefill.ready()
-        decode.ready()
-        router.start().ready()
-        for worker in (prefill, decode):
-            wait_for(f"router admits {worker.address}", lambda w=worker: healthy(router.url, w.address), 60)
+        start_stack([prefill, decode], router)
         yield relay, prefill, decode, router
     finally:
-        for process in (router, prefill, decode):
-            process.stop()
+        stop_all([router, prefill, decode])
         relay.close()
-
-
-def _worker_metric(worker: Worker, name: str) -> float:
-    return metric(f"http://127.0.0.1:{worker.info['metrics_port']}", name)
 
 
 def _complete(url: str, prompt: str | list[int]) -> httpx.Response:
@@ -153,13 +155,13 @@ def test_stalled_kv_pull_is_recomputed_and_the_lease_frees_the_prefill_blocks(st
     response = _complete(router.url, BASELINE)  # a pull that works, through the relay
     assert response.status_code == 200, response.text
     assert metric(router.url, "pdserve_router_prefill_decisions_total", decision="remote") == 1
-    assert _worker_metric(decode, "pdserve:kv_load_failures_total") == 0
-    wait_for(
-        "the prefill worker frees the pulled blocks",
-        lambda: _worker_metric(prefill, "pdserve:kv_held_requests") == 0,
+    assert decode.metric("pdserve:kv_load_failures_total") == 0
+    wait_until(
+        lambda: prefill.metric("pdserve:kv_held_requests") == 0,
         30,
+        "the prefill worker frees the pulled blocks",
     )
-    baseline_usage = _worker_metric(prefill, "vllm:kv_cache_usage_perc")
+    baseline_usage = prefill.metric("vllm:kv_cache_usage_perc")
 
     relay.freeze()
     prompt, tokens = expected
@@ -167,12 +169,12 @@ def test_stalled_kv_pull_is_recomputed_and_the_lease_frees_the_prefill_blocks(st
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["token_ids"] == tokens
     assert metric(router.url, "pdserve_router_prefill_decisions_total", decision="remote") == 2
-    assert _worker_metric(decode, "pdserve:kv_load_failures_total") == 1  # it was the pull that failed
+    assert decode.metric("pdserve:kv_load_failures_total") == 1  # it was the pull that failed
 
-    wait_for(
-        "the prefill worker's lease runs out",
-        lambda: _worker_metric(prefill, "pdserve:kv_lease_expired_requests_total") == 1,
+    wait_until(
+        lambda: prefill.metric("pdserve:kv_lease_expired_requests_total") == 1,
         LEASE_S + 30,
+        "the prefill worker's lease runs out",
     )
-    wait_for("nothing is held any more", lambda: _worker_metric(prefill, "pdserve:kv_held_requests") == 0, 10)
-    assert _worker_metric(prefill, "vllm:kv_cache_usage_perc") == baseline_usage
+    wait_until(lambda: prefill.metric("pdserve:kv_held_requests") == 0, 10, "nothing is held any more")
+    assert prefill.metric("vllm:kv_cache_usage_perc") == baseline_usage

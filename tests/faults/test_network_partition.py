@@ -26,16 +26,15 @@ import time
 
 import pytest
 
-from tests.e2e.stack import metric
-from tests.faults.fault_stack import (
-    ENGINE_FLAGS,
-    Router,
-    Worker,
-    complete,
-    events_config,
-    healthy,
-    stream_in_background,
-    wait_for,
+from tests.harness.faults import ENGINE_FLAGS, complete, events_config, stream_in_background
+from tests.harness.stack import (
+    RouterProcess,
+    WorkerProcess,
+    metric,
+    router_healthy,
+    start_stack,
+    stop_all,
+    wait_until,
 )
 
 pytestmark = pytest.mark.netns
@@ -114,37 +113,29 @@ def stack(net, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("netns")
     p_addr, d_addr = net.address[("prefill", "rp")], net.address[("decode", "rd")]
     p_kv, d_kv = net.address[("prefill", "pd")], net.address[("decode", "pd")]
-    prefill = Worker(
+    prefill = WorkerProcess(
         "prefill",
         [*ENGINE_FLAGS, "--kv-transfer-config", json.dumps({"kv_port": 0, "kv_ip": p_kv}),
          "--kv-events-config", events_config(p_addr)],
-        workdir, address=f"tcp://{p_addr}:9100", netns=net.ns["prefill"],
+        workdir, address=f"tcp://{p_addr}:9100", netns=net.ns["prefill"], start=False,
     )  # fmt: skip
-    decode = Worker(
+    decode = WorkerProcess(
         "decode",
         [*ENGINE_FLAGS, "--kv-transfer-config",
          json.dumps({"kv_port": 0, "kv_ip": d_kv, "kv_load_failure_policy": "recompute"}),
          "--kv-events-config", events_config(d_addr)],
-        workdir, address=f"tcp://{d_addr}:9200", netns=net.ns["decode"],
+        workdir, address=f"tcp://{d_addr}:9200", netns=net.ns["decode"], start=False,
     )  # fmt: skip
-    router = Router(
+    router = RouterProcess(
         ["--prefill-workers", prefill.address, "--decode-workers", decode.address,
          "--local-prefill-threshold", "0", "--worker-health-timeout", "3"],
-        host=net.address[("router", "h")], port=8000, netns=net.ns["router"],
+        host=net.address[("router", "h")], port=8000, netns=net.ns["router"], start=False,
     )  # fmt: skip
-    processes = [prefill, decode, router]
     try:
-        prefill.start()
-        decode.start()
-        prefill.ready()
-        decode.ready()
-        router.start().ready()
-        for worker in (prefill, decode):
-            wait_for(f"router admits {worker.address}", lambda w=worker: healthy(router.url, w.address), 60)
+        start_stack([prefill, decode], router)
         yield prefill, decode, router
     finally:
-        for process in processes:
-            process.stop()
+        stop_all([prefill, decode, router])
 
 
 def test_cut_decode_link_fails_in_bounded_time_then_recovers(net, stack):
@@ -167,11 +158,13 @@ def test_cut_decode_link_fails_in_bounded_time_then_recovers(net, stack):
         assert result.failure is None, f"the stream broke instead of ending cleanly: {result.failure!r}"
         assert result.done and len(result.errors) == 1, result.events[-3:]
         assert result.finished_at - cut_at < FAIL_BOUND_S
-        assert not healthy(router.url, decode.address)
+        assert not router_healthy(router.url, decode.address)
     finally:
         net.set_link("decode", "rd", "up")
 
-    wait_for("the router admits the decode worker again", lambda: healthy(router.url, decode.address), 90)
+    wait_until(
+        lambda: router_healthy(router.url, decode.address), 90, "the router admits the decode worker again"
+    )
     remote_before = metric(router.url, "pdserve_router_prefill_decisions_total", decision="remote")
     response = complete(router.url, PROMPT + " Again.")
     assert response.status_code == 200, response.text

@@ -114,7 +114,8 @@ def test_an_out_of_tree_connector_is_loaded_from_its_module_path(tmp_path, monke
         )
         assert type(connector).__name__ == "MyConnector"
         connector.close()
-        with pytest.raises(ValueError, match="no KVConnector subclass named 'NotAConnector'"):
+        missing = r"my_kv_plugin\.NotAConnector does not implement .*KVConnector: it lacks is_producer, is_consumer, "
+        with pytest.raises(ValueError, match=missing + r".*notify_done"):
             create_connector(
                 config(
                     kv_connector="NotAConnector",
@@ -186,3 +187,20 @@ def test_a_producer_port_in_use_fails_with_advice():
     finally:
         second.close()
         first.close()
+
+
+def test_a_worker_role_builds_its_connector_through_the_one_factory():
+    from common.kv_connector import missing_members
+    from kvtransfer.factory import WORKER_CONNECTORS
+    from prefill_worker.role import PREFILL_ROLE
+
+    assert WORKER_CONNECTORS.default_name() == default_connector_name()
+    connector = WORKER_CONNECTORS.build(
+        config(kv_connector="TcpConnector", kv_role="kv_consumer"), SPEC.to_dict(), 1
+    )
+    try:
+        assert connector.is_consumer and not connector.is_producer
+        assert missing_members(type(connector)) == []
+    finally:
+        connector.close()
+    assert PREFILL_ROLE.connectors is WORKER_CONNECTORS

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.stack import ServeStack, alive, metric
+from tests.harness.stack import ServeStack, alive, metric
 
 MAX_TOKENS = 8
 # the router's memory may grow this much under load (buffers, metrics series), no more

@@ -12,28 +12,11 @@ from common.model_files import ModelSource
 from common.models.config import ModelConfig, gguf_reader
 from common.models.layers import rope_inv_freq
 from common.models.loader import load_model
+from tests.tiny_llama import LLAMA3_ROPE_SCALING, TINY_HF_SHAPE
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
 LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -54,7 +37,7 @@ LAYER_TENSORS = {
 
 def tiny_hf_model(config_cls, **overrides):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**TINY, **overrides}))
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**TINY_HF_SHAPE, **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(
@@ -138,10 +121,10 @@ def test_gguf_of_each_architecture_matches_transformers(case, tmp_path, paged_ru
 
 
 def test_gguf_rope_freqs_tensor_applies_llama3_scaling(tmp_path, paged_runner, logits_close):
-    hf_model = tiny_hf_model(transformers.LlamaConfig, rope_scaling=LLAMA3_ROPE)
+    hf_model = tiny_hf_model(transformers.LlamaConfig, rope_scaling=LLAMA3_ROPE_SCALING)
     # llama.cpp bakes llama3 scaling into per-frequency divisors of the plain frequencies.
-    dim, theta = head_dim(hf_model.config), TINY["rope_theta"]
-    divisors = rope_inv_freq(dim, theta, None) / rope_inv_freq(dim, theta, LLAMA3_ROPE)
+    dim, theta = head_dim(hf_model.config), TINY_HF_SHAPE["rope_theta"]
+    divisors = rope_inv_freq(dim, theta, None) / rope_inv_freq(dim, theta, LLAMA3_ROPE_SCALING)
     assert not torch.allclose(divisors, torch.ones_like(divisors))
     source = write_gguf(hf_model, tmp_path / "tiny.gguf", "llama", rope_freqs=divisors.numpy())
     ours, config = load_model(source, dtype="auto", device="cpu", attn_backend=TorchAttentionBackend())

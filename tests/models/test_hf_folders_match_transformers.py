@@ -9,29 +9,16 @@ import torch
 from common.attention.reference import TorchAttentionBackend
 from common.model_files import ModelSource
 from common.models.loader import load_model
+from tests.tiny_llama import LLAMA3_ROPE_SCALING, TINY_HF_SHAPE
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,  # small, so the scaling changes most frequencies
-}
 
 CASES = {
-    "llama3-rope-untied": (transformers.LlamaConfig, dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "llama3-rope-untied": (
+        transformers.LlamaConfig,
+        dict(rope_scaling=LLAMA3_ROPE_SCALING, rope_theta=500000.0),
+    ),
     "llama-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
     "llama-attention-bias": (transformers.LlamaConfig, dict(attention_bias=True)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=None, rope_theta=1e6)),
@@ -42,7 +29,7 @@ CASES = {
 
 def make_tiny_hf_model(config_cls, overrides: dict, seed: int = 0):
     """A random transformers model whose every weight (biases and norms too) is non-trivial."""
-    config = config_cls(**{**TINY, **overrides})
+    config = config_cls(**{**TINY_HF_SHAPE, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

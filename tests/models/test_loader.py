@@ -11,21 +11,9 @@ from safetensors.torch import load_file, save_file
 from common.attention.reference import TorchAttentionBackend
 from common.model_files import ModelSource
 from common.models.loader import load_model, resolve_dtype
+from tests.tiny_llama import tiny_hf_config
 
-TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
+TINY_CONFIG = tiny_hf_config(tie_word_embeddings=False, torch_dtype="bfloat16")
 
 
 def load(source, **kwargs):

@@ -295,24 +295,13 @@ def test_kernels_refuse_layouts_they_would_misread():
 
 def _tiny_model(device: str, dtype: torch.dtype):
     from common.attention.backend_select import get_attention_backend
-    from common.models.config import ModelConfig
     from common.models.llama import LlamaForCausalLM
+    from tests.tiny_llama import tiny_config
 
-    config = ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+    config = tiny_config(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
         head_dim=32,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    )  # fmt: skip
     with torch.device(device):
         model = LlamaForCausalLM(config, get_attention_backend(device)).to(dtype)
     generator = torch.Generator(device=device).manual_seed(0)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from common.openai_api import (
@@ -14,6 +11,7 @@ from common.openai_api import (
     prepare_chat,
     prepare_completion,
 )
+from tests.harness.torch_free import assert_imports_without_torch
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -33,11 +31,7 @@ def refusal(make, served, **body) -> OpenAIError:
 
 
 def test_the_api_modules_do_not_import_torch():
-    code = (
-        "import sys, common.openai_api, common.output_processor\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_imports_without_torch("common.openai_api", "common.output_processor")
 
 
 def test_unknown_fields_are_tolerated(served):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.config.kv_transfer_config import KVTransferConfig
-from common.worker.worker_role import kv_transfer_config_for
+from common.worker.role import kv_transfer_config_for
 from kvtransfer.factory import default_connector_name
 from pdserve.cli.main import main
 from prefill_worker.role import PREFILL_ROLE

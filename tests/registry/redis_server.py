@@ -7,20 +7,15 @@ SIGKILL) and start() brings a fresh, empty one up on the same port (a Redis rest
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 import redis
 
+from tests.harness.stack import free_port
+
 START_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

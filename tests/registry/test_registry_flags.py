@@ -12,7 +12,7 @@ from common.worker.worker_args import add_worker_args, worker_options_from_args
 from pdserve.cli.serve import router_argv, worker_argv
 from router.cli import add_router_args, config_from_args
 from router.config import RouterConfig
-from tests.e2e.stack import REPO
+from tests.harness.stack import REPO
 
 URL = "redis://10.0.0.2:6379/1"
 
@@ -69,6 +69,6 @@ def test_serve_passes_the_registry_to_its_workers_and_its_router():
     register(parser.add_subparsers())
     given = ["--registry", URL, "--registry-ttl", "5", "--max-model-len", "512"]
     args = parser.parse_args(["serve", *given])
-    assert worker_argv(args.serve_argv) == given
+    assert worker_argv(args) == ["--registry", URL, "--registry-ttl", "5.0", "--max-model-len", "512"]
     router = router_argv(args, ["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:2"], 8000)
     assert router[router.index("--registry") + 1] == URL and "--registry-ttl" not in router

@@ -116,7 +116,7 @@ def test_the_worker_registers_again_once_a_restarted_redis_is_back(redis_server)
 
 
 def test_the_load_is_the_serving_loops_last_stats():
-    reporter = RecordingLoadReporter(worker_id="w", role="decode", engine_id="e", extra={})
+    reporter = RecordingLoadReporter(worker_id="w", role="decode", engine_id="e")
     assert load_of(reporter.last_stats) == {}
     stats = SimpleNamespace(
         num_running=2, num_waiting=1, num_waiting_for_remote_kv=3, kv_cache_usage=0.123456,

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from common.registry import KEY_PREFIX, WorkerRecord
-from tests.e2e.stack import RouterProcess, ServeStack, WorkerProcess
+from tests.harness.stack import RouterProcess, ServeStack, WorkerProcess
 from tests.registry.redis_server import RedisServer, wait_until
 
 TTL_S = 3

@@ -20,6 +20,8 @@ def test_readme_opens_with_the_main_job_and_the_test_command():
 
 def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [
-        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
     ]
     assert ci_lines == [_readme_commands()[1]]

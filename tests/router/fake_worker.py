@@ -13,7 +13,6 @@ The end-to-end tests use the real workers.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,14 +31,9 @@ from common.protocol import (
     decode_message,
     encode_message,
 )
+from tests.harness.stack import free_port
 
 EOS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -58,7 +52,8 @@ class FakeWorker:
     script: Callable[[list[int]], list[int]] = field(default=lambda prompt: [EOS])
     token_interval_s: float = 0.01
     report_interval_s: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
+    # LoadReport fields beyond the load it reports (kv_events_endpoint, block_size ...)
+    info: dict[str, Any] = field(default_factory=dict)
     # answer every request with this error instead of tokens
     error: tuple[int, str] | None = None
     # after this many tokens of a request, answer an error (500) instead of the rest
@@ -222,12 +217,9 @@ class FakeWorker:
                 LoadReport(
                     worker_id=f"fake-{self.role}-{self.port}",
                     role=self.role,
-                    num_running=len(self._running),
-                    num_waiting=0,
-                    kv_cache_usage=0.0,
-                    queued_prefill_tokens=0,
                     engine_id=self.engine_id,
-                    extra=dict(self.extra),
+                    num_running=len(self._running),
+                    **self.info,
                 ),
             )
 

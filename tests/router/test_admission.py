@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from common.protocol import LoadReport
 from router.admission import (
     DEFAULT_WORKER_MAX_NUM_SEQS,
     AdmissionControl,
@@ -112,8 +113,7 @@ def test_zero_queue_refuses_whatever_cannot_start_now():
 
 
 def _client(max_num_seqs):
-    extra = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
-    return SimpleNamespace(last_report=SimpleNamespace(extra=extra))
+    return SimpleNamespace(last_report=LoadReport(max_num_seqs=max_num_seqs or 0))
 
 
 def test_the_default_limit_is_the_decode_workers_max_num_seqs_summed():

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import pytest
 
+from tests.harness.torch_free import assert_imports_without_torch
 from tests.router.app_harness import (
     MAX_MODEL_LEN,
     SERVED_NAMES,
@@ -32,12 +30,7 @@ def router(tokenizer):
 
 
 def test_importing_the_router_app_does_not_import_torch():
-    code = (
-        "import sys, router.app, router.cli\n"
-        "loaded = [m for m in ('torch', 'triton') if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert_imports_without_torch("router.app", "router.cli", timeout_s=60)
 
 
 def test_models_lists_every_served_name_with_the_context_length(router):

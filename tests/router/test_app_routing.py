@@ -183,12 +183,12 @@ def test_the_decode_worker_holding_the_prefix_gets_the_request(tokenizer, reply_
     with KVEventPublisher(events) as publisher_a, KVEventPublisher(events) as publisher_b:
         workers = []
         for publisher in (publisher_a, publisher_b):
-            extra = {
+            info = {
                 "kv_events_endpoint": publisher.endpoint,
                 "kv_replay_endpoint": publisher.replay_endpoint,
                 "block_size": 16,
             }
-            workers.append(FakeWorker(script=script, extra=extra))
+            workers.append(FakeWorker(script=script, info=info))
         a, b = workers
         with running_router(served_model(tokenizer), [a, b]) as live:
             stored = BlockStored(

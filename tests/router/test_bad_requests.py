@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.stack import RouterProcess, WorkerProcess
+from tests.harness.stack import RouterProcess, WorkerProcess, wait_until
 from tests.router.app_harness import assert_openai_error
-from tests.worker.worker_harness import wait_until
 
 MAX_MODEL_LEN = 512
 VOCAB = 49152

@@ -4,12 +4,10 @@ disaggregation, and a router that never loads torch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from common.kv_events import BlockStored
+from common.protocol import LoadReport, WorkerRole
 from router.policy import (
     DEFAULT_LOCAL_PREFILL_THRESHOLD,
     KVUsageScorer,
@@ -26,7 +24,8 @@ from router.policy import (
     should_prefill_locally,
 )
 from router.prefix_index import PrefixIndex
-from router.worker_state import LoadReport, WorkerRole, WorkerState
+from router.worker_state import WorkerState
+from tests.harness.torch_free import assert_imports_without_torch
 
 BLOCK = 16
 
@@ -274,12 +273,7 @@ def test_bad_disaggregation_inputs_are_refused():
 
 
 def test_importing_the_routing_modules_leaves_torch_out():
-    code = (
-        "import sys\n"
-        "import router.prefix_index, router.kv_event_subscriber, router.worker_state, router.policy\n"
-        "import pdserve.bench.prefix_index, common.kv_event_publisher\n"
-        "print('torch' in sys.modules, 'triton' in sys.modules)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False"]
+    assert_imports_without_torch(
+        "router.prefix_index", "router.kv_event_subscriber", "router.worker_state", "router.policy",
+        "pdserve.bench.prefix_index", "common.kv_event_publisher",
+    )  # fmt: skip

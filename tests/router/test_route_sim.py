@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,9 @@ from common.kv_events import BlockRemoved, BlockStored
 from pdserve.bench.route_sim import ServiceModel, TraceReplay, load_trace, oracle_hit_rate, replay
 from pdserve.bench.route_sim.block_cache import LRUBlockCache
 from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
-from pdserve.bench.route_sim.trace import TraceRequest
+from pdserve.bench.trace import TraceRequest
 from pdserve.cli.main import main as pdserve
+from tests.harness.torch_free import assert_imports_without_torch
 
 TRACE_HEAD = Path(__file__).parent / "data" / "mooncake_synthetic_trace_head400.jsonl"
 # 1,000 tokens/s, 10 ms a step, no attention or KV-read cost: step times by hand
@@ -287,14 +286,7 @@ def test_a_replay_repeats_exactly(trace):
 
 
 def test_the_replay_and_its_command_leave_torch_out():
-    code = (
-        "import sys\n"
-        "import pdserve.bench.route_sim, pdserve.bench.route_sim.bench_command\n"
-        "print('torch' in sys.modules, 'triton' in sys.modules)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False"]
+    assert_imports_without_torch("pdserve.bench.route_sim", "pdserve.bench.route_sim.command")
 
 
 def test_bench_route_reports_every_policy_as_json(tmp_path, capsys):

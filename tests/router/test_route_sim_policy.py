@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 
 from common.kv_events import BlockStored
+from common.protocol import LoadReport, WorkerRole
 from router.policy import LoadCostScorer, MaxScorePicker, PolicyWeights, RequestView, RoutingPolicy
 from router.policy.named import POLICY_NAMES, build_policy
 from router.prefix_index import PrefixIndex
-from router.worker_state import LoadReport, WorkerRole, WorkerState
+from router.worker_state import WorkerState
 
 BLOCK = 16
 

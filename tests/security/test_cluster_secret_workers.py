@@ -5,7 +5,6 @@ worker socket nor on the KV side channel; one with it runs the disaggregated flo
 
 from __future__ import annotations
 
-import random
 import uuid
 
 import msgpack
@@ -22,23 +21,15 @@ from common.protocol import (
     sampling_params_to_wire,
 )
 from common.sampling_params import SamplingParams
-from tests.worker.worker_harness import (
-    TINY_ENGINE_FLAGS,
-    Client,
-    Worker,
-    kv_transfer_flag,
-    prefill_then_decode,
-    tokens_of,
-    wait_until,
-    write_tiny_model,
-)
+from tests.harness import worker_client as wc
+from tests.harness.stack import running_pair, wait_until
 
 SECRET = b"a-cluster-secret-for-the-tests-0123456789"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 QUIET_S = 2.0  # how long a refused client waits to be sure nothing comes back
 
 
-class SealedClient(Client):
+class SealedClient(wc.Client):
     """The harness client, sealing what it sends and opening what it receives with `auth`."""
 
     def __init__(self, address: str, auth: FrameAuth) -> None:
@@ -57,11 +48,6 @@ class SealedClient(Client):
         return None
 
 
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 512) for _ in range(n)]
-
-
 def nothing_arrives(socket: zmq.Socket, seconds: float = QUIET_S) -> bool:
     return socket.poll(int(seconds * 1000)) == 0
 
@@ -76,16 +62,14 @@ def workers(workdir):
     secret_file = workdir / "cluster-secret"
     secret_file.write_bytes(SECRET + b"\n")
     secret_file.chmod(0o600)
-    flags = ["--model", str(write_tiny_model(workdir / "tiny")), *TINY_ENGINE_FLAGS,
+    flags = ["--model", str(wc.write_tiny_model(workdir / "tiny")), *wc.TINY_ENGINE_FLAGS,
              "--cluster-secret-file", str(secret_file)]  # fmt: skip
-    prefill = Worker("prefill", [*flags, *kv_transfer_flag("TcpConnector", "kv_producer")], workdir)
-    decode = Worker("decode", [*flags, *kv_transfer_flag("TcpConnector", "kv_consumer", transfer_timeout_s=10)],
-                    workdir)  # fmt: skip
-    try:
-        yield prefill.ready(), decode.ready()
-    finally:
-        prefill.stop()
-        decode.stop()
+    with running_pair(
+        workdir,
+        [*flags, *wc.kv_transfer_flag("TcpConnector", "kv_producer")],
+        [*flags, *wc.kv_transfer_flag("TcpConnector", "kv_consumer", transfer_timeout_s=10)],
+    ) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -102,14 +86,14 @@ def test_with_the_secret_the_disaggregated_flow_runs_over_the_authenticated_side
     p, d = sealed
     d.hello()
     assert isinstance(d.load_report(), LoadReport)
-    tokens, answer = prefill_then_decode(p, d, "sealed-1", prompt(1, 40), GREEDY)
+    tokens, answer = wc.prefill_then_decode(p, d, "sealed-1", wc.random_prompt(1, 40), GREEDY)
     assert answer.kv_transfer_params is not None  # the blocks were pulled from P, not recomputed
     assert len(tokens) == GREEDY.max_tokens
     # the blocks came over the side channel (a failed pull would count as failed, and fail the request)
     decode = workers[1]
     assert decode.metric("vllm:nixl_xfer_time_seconds_count") >= 1
     assert decode.metric("vllm:nixl_num_failed_transfers_total") == 0
-    assert "unauthenticated" not in decode.log_tail(400) + workers[0].log_tail(400)
+    assert "unauthenticated" not in decode.tail(400) + workers[0].tail(400)
 
 
 @pytest.mark.parametrize(
@@ -118,37 +102,37 @@ def test_with_the_secret_the_disaggregated_flow_runs_over_the_authenticated_side
 def test_a_client_without_the_secret_gets_no_answer_and_is_counted(workers, secret):
     decode = workers[1]
     client = (
-        Client(decode.address)
+        wc.Client(decode.address)
         if secret is None
         else SealedClient(decode.address, FrameAuth(secret, WORKER_CHANNEL))
     )
     try:
         client.hello()
-        client.generate(f"stranger-{uuid.uuid4().hex[:6]}", prompt(2, 10), GREEDY)
+        client.generate(f"stranger-{uuid.uuid4().hex[:6]}", wc.random_prompt(2, 10), GREEDY)
         client.send_raw(b"\xc1 not even msgpack")
         assert nothing_arrives(client.socket)
     finally:
         client.close()
-    wait_until(lambda: "unauthenticated message" in decode.log_tail(400), 5, "the worker to log the drop")
+    wait_until(lambda: "unauthenticated message" in decode.tail(400), 5, "the worker to log the drop")
 
 
 def test_a_replayed_generate_frame_is_dropped(workers, sealed):
     _, d = sealed
     rid = "replayed"
-    d.generate(rid, prompt(3, 12), GREEDY)
-    assert len(tokens_of(d.stream(rid))) == GREEDY.max_tokens
+    d.generate(rid, wc.random_prompt(3, 12), GREEDY)
+    assert len(wc.tokens_of(d.stream(rid))) == GREEDY.max_tokens
     d.socket.send(d.sent[-1])  # the same bytes again, as a captured frame would be
     assert nothing_arrives(d.socket)
     # the worker still serves the genuine client
-    d.generate("after-replay", prompt(4, 12), GREEDY)
-    assert len(tokens_of(d.stream("after-replay"))) == GREEDY.max_tokens
+    d.generate("after-replay", wc.random_prompt(4, 12), GREEDY)
+    assert len(wc.tokens_of(d.stream("after-replay"))) == GREEDY.max_tokens
 
 
 def test_the_kv_side_channel_ignores_a_consumer_without_the_secret(workers, sealed):
     prefill = workers[0]
     host, _, port = prefill.info["kv_side_channel"].rpartition(":")
     p, _ = sealed
-    p.generate("leased", prompt(5, 40), GREEDY, prefill_only=True)
+    p.generate("leased", wc.random_prompt(5, 40), GREEDY, prefill_only=True)
     (answer,) = p.stream("leased")
     params = answer.kv_transfer_params
     socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -164,16 +148,14 @@ def test_the_kv_side_channel_ignores_a_consumer_without_the_secret(workers, seal
             assert nothing_arrives(socket)
     finally:
         socket.close(linger=0)
-    wait_until(
-        lambda: "unauthenticated KV side-channel message" in prefill.log_tail(400), 5, "the drop logged"
-    )
+    wait_until(lambda: "unauthenticated KV side-channel message" in prefill.tail(400), 5, "the drop logged")
 
 
 def test_an_unsealed_generate_request_is_not_run(workers):
     """Not even its errors come back: the worker cannot tell who sent it."""
-    client = Client(workers[1].address)
+    client = wc.Client(workers[1].address)
     try:
-        request = GenerateRequest("unsealed", prompt(6, 8), sampling_params_to_wire(GREEDY))
+        request = GenerateRequest("unsealed", wc.random_prompt(6, 8), sampling_params_to_wire(GREEDY))
         client.socket.send(encode_message(request))
         assert nothing_arrives(client.socket)
     finally:

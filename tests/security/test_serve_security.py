@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.stack import RouterProcess, ServeStack
+from tests.harness.stack import RouterProcess, ServeStack
 
 API_KEY = "sk-h6-secret-key-5f1d9c"
 MARKER = "ZEBRA-MARKER-7731"

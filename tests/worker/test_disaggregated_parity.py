@@ -5,9 +5,10 @@ NixlConnector on host memory, and on the decode worker's local-prefill path."""
 from __future__ import annotations
 
 import pytest
-from worker_harness import Client, Worker, kv_transfer_flag, prefill_then_decode, tokens_of
 
 from common.sampling_params import SamplingParams
+from tests.harness.stack import running_pair
+from tests.harness.worker_client import Client, kv_transfer_flag, prefill_then_decode, tokens_of
 
 TEXTS = [
     "The three primary colors are red, yellow and blue. Mixing two of them gives a secondary color, for example",
@@ -46,13 +47,12 @@ def expected(smollm2_model, prompts) -> list[list[int]]:
 def pair(request, tmp_path_factory):
     connector = request.param
     workdir = tmp_path_factory.mktemp(connector)
-    prefill = Worker("prefill", [*ENGINE_FLAGS, *kv_transfer_flag(connector, "kv_producer")], workdir)
-    decode = Worker("decode", [*ENGINE_FLAGS, *kv_transfer_flag(connector, "kv_consumer")], workdir)
-    try:
-        yield connector, prefill.ready(), decode.ready()
-    finally:
-        prefill.stop()
-        decode.stop()
+    with running_pair(
+        workdir,
+        [*ENGINE_FLAGS, *kv_transfer_flag(connector, "kv_producer")],
+        [*ENGINE_FLAGS, *kv_transfer_flag(connector, "kv_consumer")],
+    ) as (prefill, decode):
+        yield connector, prefill, decode
 
 
 def test_remote_prefill_pull_and_decode_equal_the_aggregated_engine(pair, prompts, expected):

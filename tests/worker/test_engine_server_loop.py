@@ -27,9 +27,8 @@ class PullingEngine:
     def has_kv_transfers(self) -> bool:
         return not self.pull_landed
 
-    def process_kv_transfers(self) -> list:
+    def process_kv_transfers(self) -> None:
         self.pull_landed = True  # the connector's poll reports it done
-        return []
 
     def step(self) -> list:
         return []  # schedules nothing: neither outputs nor a step
@@ -47,7 +46,7 @@ class PullingEngine:
 def server():
     engine = PullingEngine()
     ctx = zmq.Context()
-    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", extra={"block_size": 16})
+    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", info={"block_size": 16})
     srv = EngineServer(engine, address="tcp://127.0.0.1:0", reporter=reporter, context=ctx)
     yield srv, engine
     srv.close()

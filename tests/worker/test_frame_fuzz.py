@@ -14,14 +14,6 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from worker_harness import (
-    TINY_ENGINE_FLAGS,
-    Client,
-    Worker,
-    kv_transfer_flag,
-    tokens_of,
-    write_tiny_model,
-)
 
 from common.protocol import (
     Abort,
@@ -34,6 +26,14 @@ from common.protocol import (
     decode_message,
 )
 from common.sampling_params import SamplingParams
+from tests.harness.stack import WorkerProcess
+from tests.harness.worker_client import (
+    TINY_ENGINE_FLAGS,
+    Client,
+    kv_transfer_flag,
+    tokens_of,
+    write_tiny_model,
+)
 
 REPLY_TIMEOUT_S = 20.0
 VOCAB = 512  # the tiny model's
@@ -131,7 +131,7 @@ MALFORMED = [
 def worker(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("frame-fuzz")
     model = write_tiny_model(workdir / "tiny")
-    process = Worker(
+    process = WorkerProcess(
         "prefill",
         ["--model", str(model), *TINY_ENGINE_FLAGS, *kv_transfer_flag("TcpConnector", "kv_producer")],
         workdir,
@@ -177,8 +177,8 @@ def _any_reply(client: Client, timeout_s: float) -> bool:
     return False
 
 
-def assert_alive_and_serving(worker: Worker, client: Client) -> None:
-    assert worker.proc.poll() is None, worker.log_tail()
+def assert_alive_and_serving(worker: WorkerProcess, client: Client) -> None:
+    assert worker.proc.poll() is None, worker.tail()
     rid = f"alive-{uuid.uuid4().hex[:8]}"
     client.generate(rid, [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     assert len(tokens_of(client.stream(rid))) == 3

@@ -11,36 +11,30 @@ connectors is in test_disaggregated_parity.py.
 from __future__ import annotations
 
 import json
-import random
 import time
 
 import msgpack
 import pytest
 import zmq
-from worker_harness import (
-    TINY_ENGINE_FLAGS,
-    Client,
-    Worker,
-    kv_transfer_flag,
-    prefill_then_decode,
-    tokens_of,
-    wait_until,
-    write_tiny_model,
-)
 
 from common.protocol import Abort, ErrorMessage, TokenDelta, encode_message
 from common.sampling_params import SamplingParams
+from tests.harness.stack import WorkerProcess, running_pair, wait_until
+from tests.harness.worker_client import (
+    TINY_ENGINE_FLAGS,
+    Client,
+    kv_transfer_flag,
+    prefill_then_decode,
+    random_prompt,
+    tokens_of,
+    write_tiny_model,
+)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 LEASE_S = 5
 KV_EVENTS = json.dumps(
     {"enable_kv_cache_events": True, "endpoint": "tcp://127.0.0.1:*", "replay_endpoint": "tcp://127.0.0.1:*"}
 )
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 512) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +54,20 @@ def model_flags(tiny_model) -> list[str]:
 @pytest.fixture(scope="module")
 def workers(tiny_model, workdir):
     """(prefill, decode): leases of 5 s on P; recompute on D, whose pulls give up after 5 s."""
-    prefill = Worker(
-        "prefill",
+    with running_pair(
+        workdir,
         [
             *model_flags(tiny_model),
             *kv_transfer_flag("TcpConnector", "kv_producer", kv_lease_duration=LEASE_S),
         ],
-        workdir,
-    )
-    decode = Worker(
-        "decode",
         [
             *model_flags(tiny_model),
             *kv_transfer_flag("TcpConnector", "kv_consumer", "recompute", transfer_timeout_s=5),
             "--kv-events-config",
             KV_EVENTS,
         ],
-        workdir,
-    )
-    try:
-        yield prefill.ready(), decode.ready()
-    finally:
-        prefill.stop()
-        decode.stop()
+    ) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -116,7 +101,7 @@ def reference(tiny_model):
 
 def test_remote_prefill_then_decode_streams_the_aggregated_greedy_tokens(clients, reference):
     p, d = clients
-    prompts = [prompt(1, 5), prompt(2, 37), prompt(3, 64)]
+    prompts = [random_prompt(1, 5), random_prompt(2, 37), random_prompt(3, 64)]
     expected = reference(prompts)
     for i, text in enumerate(prompts):
         tokens, answer = prefill_then_decode(p, d, f"flow-{i}", text, GREEDY)
@@ -133,8 +118,8 @@ def test_a_second_request_sharing_a_long_prefix_pulls_only_the_blocks_the_decode
 ):
     prefill, decode = workers
     p, d = clients
-    shared = prompt(10, 64)  # 8 full blocks of 8 tokens
-    first, second = shared + prompt(11, 5), shared + prompt(12, 20)  # 9 and 11 blocks
+    shared = random_prompt(10, 64)  # 8 full blocks of 8 tokens
+    first, second = shared + random_prompt(11, 5), shared + random_prompt(12, 20)  # 9 and 11 blocks
     expected = reference([first, second])
     pulled = []
     for rid, text, want in (("prefix-a", first, expected[0]), ("prefix-b", second, expected[1])):
@@ -157,7 +142,7 @@ def test_abort_mid_stream_ends_the_stream_with_abort_and_frees_the_blocks(worker
     _, decode = workers
     _, d = clients
     long = SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True)
-    d.generate("abort-me", prompt(20, 8), long)
+    d.generate("abort-me", random_prompt(20, 8), long)
     for _ in range(3):
         assert isinstance(d.next_for("abort-me"), TokenDelta)
     d.send(Abort(request_id="abort-me"))
@@ -193,9 +178,9 @@ def test_malformed_frames_are_answered_with_errors_and_the_worker_keeps_serving(
     # requests the engine refuses, each answered under its id
     refusals = {
         "out-of-vocab": ([5, 100_000], GREEDY, {}),
-        "too-long": (prompt(30, 250), GREEDY, {}),
-        "not-a-producer": (prompt(31, 4), GREEDY, {"prefill_only": True}),
-        "negative-temperature": (prompt(33, 4), SamplingParams(max_tokens=4, temperature=-1.0), {}),
+        "too-long": (random_prompt(30, 250), GREEDY, {}),
+        "not-a-producer": (random_prompt(31, 4), GREEDY, {"prefill_only": True}),
+        "negative-temperature": (random_prompt(33, 4), SamplingParams(max_tokens=4, temperature=-1.0), {}),
     }
     errors = {}
     for rid, (text, params, extra) in refusals.items():
@@ -205,8 +190,8 @@ def test_malformed_frames_are_answered_with_errors_and_the_worker_keeps_serving(
     assert "vocabulary" in errors["out-of-vocab"].message
     assert "max" in errors["too-long"].message and "kv_producer" in errors["not-a-producer"].message
     assert "temperature" in errors["negative-temperature"].message
-    d.generate("after-garbage", prompt(32, 9), GREEDY)
-    assert tokens_of(d.stream("after-garbage")) == reference([prompt(32, 9)])[0]
+    d.generate("after-garbage", random_prompt(32, 9), GREEDY)
+    assert tokens_of(d.stream("after-garbage")) == reference([random_prompt(32, 9)])[0]
 
 
 def test_hello_starts_load_reports_with_what_a_router_needs(workers, clients):
@@ -215,11 +200,11 @@ def test_hello_starts_load_reports_with_what_a_router_needs(workers, clients):
     p.hello("router-under-test")
     report = p.load_report()
     assert report.worker_id == prefill.info["worker_id"] and report.role == "prefill"
-    assert report.engine_id == prefill.info["engine_id"] == report.extra["engine_id"]
-    extra = report.extra
-    assert extra["block_size"] == 8 and extra["prefix_caching_hash_algo"] == "sha256"
-    assert extra["model"] == "tiny" and extra["num_kv_blocks"] == 95
-    assert extra["kv_role"] == "kv_producer" and extra["kv_side_channel"]
+    assert report.engine_id == prefill.info["engine_id"]
+    assert report.block_size == 8 and report.prefix_caching_hash_algo == "sha256"
+    assert report.num_kv_blocks == 95 and report.max_num_seqs == prefill.info["max_num_seqs"]
+    assert prefill.info["model"] == "tiny" and prefill.info["kv_role"] == "kv_producer"
+    assert prefill.info["kv_side_channel"]
     # then a heartbeat follows while idle
     assert p.load_report(timeout=3).worker_id == report.worker_id
 
@@ -228,14 +213,14 @@ def test_the_decode_worker_publishes_its_kv_events_in_vllms_wire_format(workers,
     _, decode = workers
     _, d = clients
     d.hello()
-    endpoint = d.load_report().extra["kv_events_endpoint"]
+    endpoint = d.load_report().kv_events_endpoint
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(endpoint)
     try:
         time.sleep(0.3)  # a SUB misses what is published before it joins
-        text = prompt(40, 20)
+        text = random_prompt(40, 20)
         d.generate("events", text, GREEDY)
         tokens_of(d.stream("events"))
         stored = []
@@ -254,7 +239,7 @@ def test_the_decode_worker_publishes_its_kv_events_in_vllms_wire_format(workers,
 def test_an_unpulled_lease_expires_and_frees_the_prefill_workers_blocks(workers, clients):
     prefill, _ = workers
     p, _ = clients
-    p.generate("never-pulled", prompt(50, 30), GREEDY, prefill_only=True)
+    p.generate("never-pulled", random_prompt(50, 30), GREEDY, prefill_only=True)
     (answer,) = p.stream("never-pulled")
     assert answer.kv_transfer_params is not None
     assert prefill.metric("pdserve:kv_held_requests") == 1 and prefill.metric("vllm:kv_cache_usage_perc") > 0
@@ -268,19 +253,19 @@ def test_kill_9_of_the_prefill_worker_with_requests_in_flight_recomputes_them_on
 ):
     _, decode = workers
     _, d = clients
-    doomed = Worker(
+    doomed = WorkerProcess(
         "prefill", [*model_flags(tiny_model), *kv_transfer_flag("TcpConnector", "kv_producer")], workdir
     )
     try:
         doomed.ready()
         p = Client(doomed.address)
-        prompts = [prompt(60 + i, 40 + 9 * i) for i in range(3)]
+        prompts = [random_prompt(60 + i, 40 + 9 * i) for i in range(3)]
         answers = []
         for i, text in enumerate(prompts):
             p.generate(f"doomed-{i}", text, GREEDY, prefill_only=True)
             (answer,) = p.stream(f"doomed-{i}")
             answers.append({**answer.kv_transfer_params, "first_token_id": answer.token_ids[0]})
-        p.generate("never-answered", prompt(70, 100), GREEDY, prefill_only=True)
+        p.generate("never-answered", random_prompt(70, 100), GREEDY, prefill_only=True)
         failures_before = decode.metric("pdserve:kv_load_failures_total")
         for i in (0, 1):
             d.generate(f"doomed-{i}", prompts[i], GREEDY, kv_transfer_params=answers[i])
@@ -298,13 +283,15 @@ def test_kill_9_of_the_prefill_worker_with_requests_in_flight_recomputes_them_on
 
 
 def test_sigterm_fails_what_is_in_flight_and_exits_cleanly(tiny_model, workdir):
-    worker = Worker(
+    worker = WorkerProcess(
         "decode", [*model_flags(tiny_model), *kv_transfer_flag("TcpConnector", "kv_consumer")], workdir
     )
     try:
         client = Client(worker.ready().address)
         client.generate(
-            "in-flight", prompt(80, 8), SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True)
+            "in-flight",
+            random_prompt(80, 8),
+            SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True),
         )
         assert isinstance(client.next_for("in-flight"), TokenDelta)
         assert worker.stop() == 0

@@ -3,7 +3,6 @@ engine steps on a clock) driven through the router's real policy and prefix inde
 `pdserve bench route` runs it. Torch-free."""
 
 from pdserve.bench.route_sim.service_model import ServiceModel
-from pdserve.bench.route_sim.trace import TraceRequest, load_trace
 from pdserve.bench.route_sim.trace_replay import (
     RouteResult,
     TraceReplay,
@@ -11,6 +10,7 @@ from pdserve.bench.route_sim.trace_replay import (
     oracle_hit_rate,
     replay,
 )
+from pdserve.bench.trace import TraceRequest, load_trace
 
 __all__ = [
     "RouteResult",

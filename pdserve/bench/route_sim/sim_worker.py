@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from common.protocol import LoadReport
 from common.worker.load_reports import HEARTBEAT_S, MIN_INTERVAL_S
 from pdserve.bench.route_sim.block_cache import LRUBlockCache
 from pdserve.bench.route_sim.service_model import ServiceModel, chunk_attention_pairs
-from pdserve.bench.route_sim.trace import TRACE_BLOCK_SIZE, TraceRequest
-from router.worker_state import LoadReport
+from pdserve.bench.trace import TRACE_BLOCK_SIZE, TraceRequest
 
 
 class Message(Enum):

@@ -19,13 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.kv_events import KVEventBatch, decode_batch, encode_batch
+from common.protocol import WorkerRole
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
-from pdserve.bench.route_sim.trace import TRACE_BLOCK_SIZE, TraceRequest, distinct_blocks
+from pdserve.bench.stats import percentile
+from pdserve.bench.trace import TRACE_BLOCK_SIZE, TraceRequest, distinct_blocks
 from router.policy import PolicyWeights
 from router.policy.named import build_policy
 from router.prefix_index import PrefixIndex
-from router.worker_state import WorkerRole, WorkerState
+from router.worker_state import WorkerState
 
 
 @dataclass
@@ -178,8 +180,8 @@ class TraceReplay:
             hit_rate=sum(w.cached_tokens for w in workers) / prompt_tokens if prompt_tokens else 0.0,
             oracle_hit_rate=oracle if oracle is not None else oracle_hit_rate(self.trace),
             load_imbalance=max(per_worker) / mean_prefill if mean_prefill else 1.0,
-            ttft_p50_ms=1000 * percentile(ttfts, 50),
-            ttft_p99_ms=1000 * percentile(ttfts, 99),
+            ttft_p50_ms=1000 * percentile(ttfts, 50, empty=math.nan),
+            ttft_p99_ms=1000 * percentile(ttfts, 99, empty=math.nan),
             ttft_mean_ms=1000 * sum(ttfts) / len(ttfts) if ttfts else math.nan,
             decisions_per_s=len(self.requests) / self._decide_s if self._decide_s else math.inf,
             kv_events_per_s=self.num_kv_events / self._index_s if self._index_s else math.inf,
@@ -207,16 +209,6 @@ def replay(
     """Route every request of `trace` with the policy `policy_name` (router.policy.named);
     `oracle` saves recomputing oracle_hit_rate(trace) when comparing several policies."""
     return TraceReplay(trace, policy_name, num_workers, blocks_per_worker, model, weights).run(oracle)
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile of ascending values, interpolated linearly between ranks."""
-    if not sorted_values:
-        return math.nan
-    rank = (len(sorted_values) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
 
 
 def _json_number(value: object) -> object:

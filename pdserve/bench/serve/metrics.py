@@ -9,10 +9,11 @@ an output of one token counts as TPOT 0 there.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from pdserve.bench.stats import percentile
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_TITLES = {
@@ -81,17 +82,6 @@ class BenchmarkMetrics:
     max_output_tokens_per_s: float
     max_concurrent_requests: int
     latencies: dict[str, Distribution]  # "ttft", "tpot", "itl", "e2el"
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """The p-th percentile of sorted values, interpolated linearly between the two nearest
-    ranks (numpy's default method)."""
-    if not sorted_values:
-        return 0.0
-    rank = (len(sorted_values) - 1) * p / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
 
 
 def parse_goodput(items: Iterable[str]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""A request trace in Mooncake's format, one JSON object a line:
+"""Request traces in Mooncake's format, as `pdserve bench route` and `prefix-index` replay
+them: one JSON object a line,
 
     {"timestamp": 40, "input_length": 23769, "output_length": 3, "hash_ids": [151, 152, ...]}
 

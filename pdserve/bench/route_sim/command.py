@@ -11,15 +11,16 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from common.config.arg_parser import JsonObjectAction
 from common.config.arg_types import human_int, int_at_least
 from pdserve.bench.route_sim.service_model import ServiceModel
-from pdserve.bench.route_sim.trace import load_trace
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker, oracle_hit_rate, replay
-from router.policy import PolicyWeights
+from pdserve.bench.table import aligned_columns
+from pdserve.bench.trace import load_trace
+from router.cli import add_routing_weights_arg
 from router.policy.named import POLICY_NAMES
 
 _TABLE = [
@@ -35,24 +36,24 @@ _TABLE = [
 ]
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be more than 0")
-    return value
+def _float_above(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a number more than `minimum` (or equal to it, when `inclusive`)."""
+    bound = f"{minimum:g} or more" if inclusive else f"more than {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number") from None
+        if not (value >= minimum if inclusive else value > minimum):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {bound}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be 0 or more")
-    return value
+_positive_float = _float_above(0, inclusive=False)
+_non_negative_float = _float_above(0, inclusive=True)
 
 
 def add_route_args(parser: argparse.ArgumentParser) -> None:
@@ -97,15 +98,7 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
         help="Multiply the trace's arrival times by this: below 1 the same requests come faster "
         "(more load), above 1 slower.",
     )
-    parser.add_argument(
-        "--routing-weights",
-        action=JsonObjectAction,
-        from_dict=PolicyWeights.from_dict,
-        default=PolicyWeights(),
-        help="Weights of the prefix policy, as the router's --routing-weights (JSON; keys "
-        + ", ".join(f.name for f in fields(PolicyWeights))
-        + "). (default: the router's defaults)",
-    )
+    add_routing_weights_arg(parser)  # the router's own flag: replays its policy with the same weights
     sim = parser.add_argument_group("service-time model of a worker")
     sim.add_argument(
         "--token-rate",
@@ -212,10 +205,4 @@ def run_route_bench(args: argparse.Namespace) -> int:
 def _table(rows: list[dict[str, Any]]) -> str:
     cells = [[title for _, title, _ in _TABLE]]
     cells += [[fmt.format(row[key]) for key, _, fmt in _TABLE] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE))]
-    return "\n".join(
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in cells
-    )
+    return aligned_columns(cells)

@@ -1,0 +1,144 @@
+"""`pdserve bench decode-step`: its flags and its entry. Torch loads only when it runs, so
+`pdserve bench` can list and parse every benchmark without it."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+DTYPES = ["bfloat16", "float16", "float32"]
+
+
+def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-config",
+        default="llama-3-8b",
+        help="a bundled config name (common/models/configs) or a config.json path",
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument(
+        "--context-len", type=int, default=1024, help="tokens in each sequence at the timed step"
+    )
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context")
+    parser.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench repetition time per figure")
+    parser.add_argument("--engine-steps", type=int, default=48, help="whole engine steps timed per batch")
+    parser.add_argument("--hf-new-tokens", type=int, default=128)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time graphs with cuBLAS matmuls, with torch layers and with each fusion switch flipped",
+    )
+    parser.add_argument(
+        "--try",
+        dest="try_switches",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE[,...]",
+        help="also time graphs recaptured with these module switches (modules: layers, kernels, tiles, "
+        "decode; values are Python literals), e.g. --try decode.MIN_SPLIT_TOKENS=256; repeatable",
+    )
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of one replay")
+    parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a tiny eager check)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gemv-sweep",
+        action="store_true",
+        help="time every small-M matmul tile config on each weight shape with cold weights and print the best",
+    )
+    parser.add_argument("--json", dest="json_path", default=None, help="write the figures here as JSON")
+
+
+def run_decode_step_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its table; 0 on success."""
+    import torch
+
+    from common.attention.backend_select import get_attention_backend
+    from common.model_files import ModelSource
+    from common.models.configs import bundled_config
+    from common.models.loader import load_model
+    from pdserve.bench.decode_step.diagnostics import gemv_sweep, gemv_table, kernel_profile
+    from pdserve.bench.decode_step.hf_baseline import hf_generate_tokens_per_s
+    from pdserve.bench.decode_step.report import step_table
+    from pdserve.bench.decode_step.step_bench import StepBench, measure_copy_bandwidth
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if args.device == "auto" and device.type != "cuda":
+        print(
+            "pdserve bench decode-step needs a CUDA device; pass --device cpu for a tiny eager check",
+            file=sys.stderr,
+        )
+        return 2
+    config_path = Path(args.model_config)
+    if not config_path.is_file():
+        config_path = bundled_config(args.model_config)
+    batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
+    torch.manual_seed(args.seed)
+
+    bandwidth = measure_copy_bandwidth(device)
+    print(f"device-to-device copy: {bandwidth / 1e12:.3f} TB/s (bytes read + written)", flush=True)
+
+    source = ModelSource("hf_dir", config_path.parent, config_path.stem)
+    model_config_probe = json.loads(config_path.read_text())
+    max_model_len = args.max_model_len or model_config_probe.get("max_position_embeddings", 8192)
+    model, model_config = load_model(
+        source,
+        load_format="dummy",
+        dtype=args.dtype,
+        device=device,
+        attn_backend=get_attention_backend(device, args.kv_cache_dtype, max_model_len),
+        hf_config_path=str(config_path),
+        seed=args.seed,
+    )
+    dtype = next(model.parameters()).dtype
+    bench = StepBench(model, model_config, args, device, dtype, batch_sizes, max_model_len)
+    rows = bench.run(bandwidth)
+    extra = {}
+    if args.gemv and device.type == "cuda":
+        extra["gemv"] = gemv_table(bench, bandwidth)
+    if args.gemv_sweep and device.type == "cuda":
+        extra["gemv_sweep"] = gemv_sweep(bench)
+    if args.profile and device.type == "cuda":
+        extra["profile"] = kernel_profile(bench, batch_sizes[0])
+    del bench, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_hf:
+        for row in rows:
+            row.hf_decode_tok_s, row.hf_total_tok_s = hf_generate_tokens_per_s(
+                config_path, dtype, device, row.batch, args.context_len, args.hf_new_tokens, args.seed
+            )
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(
+                f"transformers generate B={row.batch}: {row.hf_decode_tok_s:.1f} decode tok/s, "
+                f"{row.hf_total_tok_s:.1f} tok/s with prefill",
+                flush=True,
+            )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print()
+    for section in ("gemv", "gemv_sweep", "profile"):
+        if section in extra:
+            print(extra[section]["text"])
+            print()
+    print(step_table(rows, bandwidth, name, args))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            payload = {
+                "device": name,
+                "copy_TBps": bandwidth / 1e12,
+                "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+                **{k: v["data"] for k, v in extra.items()},
+            }
+            json.dump(payload, f, indent=1)
+    return 0

@@ -1,0 +1,56 @@
+"""How the GPU benchmarks time a piece of work: triton's do_bench (CUDA events, warm-up,
+L2 flushed before each run, median) on a GPU, a host clock on CPU; CUDA-graph capture,
+so host launch cost stays out of a figure; and the device-to-device copy bandwidth that
+each run measures as its ceiling."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def time_ms(
+    fn: Callable[[], object], device: torch.device, *, warmup_ms: float, rep_ms: float, host_repeats: int
+) -> float:
+    """Median milliseconds of fn: do_bench on a GPU; on CPU one call to warm up, then the
+    median of `host_repeats` calls on the host clock."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(host_repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after one call on a side stream (compiling and
+    allocating outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def copy_bandwidth(
+    device: torch.device, timer: Callable[[Callable[[], object]], float], cpu_bytes: int
+) -> float:
+    """Bytes read + written per second by a device-to-device copy of 1 GiB (`cpu_bytes` on
+    CPU), timed in ms by `timer`."""
+    nbytes = (1 << 30) if device.type == "cuda" else cpu_bytes
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3)
