@@ -27,9 +27,11 @@ import time
 
 
 def add_cpu_throughput_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-requests", type=int, default=64, help="Requests in the batch.")
+    parser.add_argument("--input-len", type=int, default=128, help="Prompt tokens per request (random ids).")
+    parser.add_argument(
+        "--output-len", type=int, default=128, help="Tokens generated per request (ignore_eos, greedy)."
+    )
     parser.add_argument(
         "--hf-num-requests",
         type=int,
@@ -38,7 +40,7 @@ def add_cpu_throughput_args(parser: argparse.ArgumentParser) -> None:
         "tokens/s does not depend on N); default: all of them.",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts.")
     parser.add_argument("--skip-hf", action="store_true", help="Measure pdserve only.")
     parser.add_argument(
         "--skip-pdserve",

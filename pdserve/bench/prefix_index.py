@@ -133,11 +133,18 @@ def run_benchmark(
 
 def add_prefix_index_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", nargs="?", help="Mooncake-format JSONL trace; synthetic when left out")
-    parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument(
+        "--num-workers", type=int, default=8, help="Workers the router's index and policy route over."
+    )
     parser.add_argument(
         "--blocks-per-worker", type=int, default=None, help="default: a tenth of the distinct blocks"
     )
-    parser.add_argument("--requests-in-flight", type=int, default=16)
+    parser.add_argument(
+        "--requests-in-flight",
+        type=int,
+        default=16,
+        help="Requests that count as running on their worker (its load) until this many later ones are routed.",
+    )
 
 
 def run_prefix_index_bench(args: argparse.Namespace) -> int:

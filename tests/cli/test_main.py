@@ -227,3 +227,27 @@ def test_config_and_cli_stay_torch_free() -> None:
             common.config.engine_args.engine_config_from_args(args)
         """,
     )
+
+
+def test_every_flag_of_every_subcommand_has_help_text():
+    import argparse
+
+    from common.config.arg_parser import PdserveArgumentParser
+    from pdserve.cli.main import SUBCOMMANDS
+
+    parser = PdserveArgumentParser(prog="pdserve")
+    subparsers = parser.add_subparsers(dest="subcommand")
+    for sub in SUBCOMMANDS.values():
+        sub.load()(subparsers)
+    missing = []
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{path} {action.option_strings[-1]}")
+
+    walk(parser, "pdserve")
+    assert not missing, f"flags without help text: {missing}"

@@ -19,17 +19,22 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         default="llama-3-8b",
         help="a bundled config name (common/models/configs) or a config.json path",
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="Weight and activation dtype.")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
-    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--batch-sizes", default="1,64", help="Batch sizes to time, comma-separated.")
     parser.add_argument(
         "--context-len", type=int, default=1024, help="tokens in each sequence at the timed step"
     )
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block.")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context")
     parser.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench repetition time per figure")
     parser.add_argument("--engine-steps", type=int, default=48, help="whole engine steps timed per batch")
-    parser.add_argument("--hf-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--hf-new-tokens",
+        type=int,
+        default=128,
+        help="Tokens transformers' generate produces for its baseline.",
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
         "--variants",
@@ -48,7 +53,7 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one replay")
     parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a tiny eager check)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the dummy weights and the random K/V.")
     parser.add_argument(
         "--gemv-sweep",
         action="store_true",

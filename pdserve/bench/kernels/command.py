@@ -22,8 +22,14 @@ def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
         default="auto,fp8",
         help="comma list of cache dtypes to run: auto (= --dtype), fp8",
     )
-    parser.add_argument("--decode-batch-sizes", default="1,8,64,256")
-    parser.add_argument("--decode-context-lens", default="512,2048,8192")
+    parser.add_argument(
+        "--decode-batch-sizes", default="1,8,64,256", help="Decode batch sizes to time, comma-separated."
+    )
+    parser.add_argument(
+        "--decode-context-lens",
+        default="512,2048,8192",
+        help="Decode context lengths (tokens per sequence) to time, comma-separated.",
+    )
     parser.add_argument(
         "--decode-extra",
         default="64x4096",
@@ -34,12 +40,16 @@ def add_kernel_bench_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PREFILL_CASES,
         help="comma list of REQUESTSxNEW_TOKENS+PREFIX, e.g. 8x2048+0 (8 prompts of 2048 tokens)",
     )
-    parser.add_argument("--num-q-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--num-q-heads", type=int, default=32, help="Query heads of the attention shape.")
+    parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads of the attention shape.")
+    parser.add_argument("--head-dim", type=int, default=128, help="Head dimension of the attention shape.")
+    parser.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block.")
+    parser.add_argument(
+        "--warmup-ms", type=float, default=25.0, help="Warm-up time per figure (triton.testing.do_bench)."
+    )
+    parser.add_argument(
+        "--rep-ms", type=float, default=100.0, help="Repetition time per figure (triton.testing.do_bench)."
+    )
     parser.add_argument(
         "--no-unified", action="store_true", help="skip timing decode through the prefill kernel"
     )
