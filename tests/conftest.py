@@ -45,3 +45,13 @@ def smollm2_model(smollm2_source):
     return load_model(
         smollm2_source, load_format="auto", dtype="float32", device="cpu", attn_backend=get_attention_backend("cpu")
     )
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, ModelConfig) of a tiny random Llama (tests/tiny_llama.py), built once; a test
+    module that needs another shape defines its own `tiny`."""
+    from tests.tiny_llama import tiny_llama
+
+    return tiny_llama()
+

@@ -18,12 +18,6 @@ from tests.engine.direct_kv_transfer import (
     run_decode,
     run_prefill,
 )
-from tests.tiny_llama import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
 
 
 def prefilled(prefill, rid: str, prompt: list[int]) -> dict:

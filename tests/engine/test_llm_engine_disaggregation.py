@@ -24,12 +24,6 @@ from tests.engine.direct_kv_transfer import (
     run_decode,
     run_prefill,
 )
-from tests.tiny_llama import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
 
 
 def test_prefill_then_pull_then_decode_gives_the_aggregated_greedy_tokens(tiny):

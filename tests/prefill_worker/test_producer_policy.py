@@ -17,12 +17,6 @@ from tests.engine.direct_kv_transfer import (
     pair,
     run_prefill,
 )
-from tests.tiny_llama import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
 
 
 def test_the_blocks_are_exported_after_the_first_token_and_stay_held(tiny):
