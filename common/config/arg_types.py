@@ -106,25 +106,32 @@ def fraction(text: str) -> float:
     return value
 
 
-def seconds(minimum: float = 0.0, *, inclusive: bool = False, subject: str = "") -> Callable[[str], float]:
-    """A converter for a duration in seconds, more than `minimum` (at least it, if `inclusive`);
-    `subject` names the value in the message ("the TTL must be at least 1 second")."""
-    bound = f"{'at least' if inclusive else 'more than'} {minimum:g} second{'' if minimum == 1 else 's'}"
+def number_above(
+    minimum: float = 0.0, *, inclusive: bool = False, unit: str = "", subject: str = ""
+) -> Callable[[str], float]:
+    """A converter for a number more than `minimum` (at least it, if `inclusive`), refusing nan;
+    `unit` names what it counts ("second"), `subject` the value in the message ("the TTL")."""
+    units = f" {unit}{'' if minimum == 1 else 's'}" if unit else ""
+    bound = f"{'at least' if inclusive else 'more than'} {minimum:g}{units}"
     prefix = f"{subject} " if subject else ""
+    expected = f"a number of {unit}s" if unit else "a number"
 
     def convert(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {text!r}: expected a number of seconds"
-            ) from None
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}") from None
         if not (value >= minimum if inclusive else value > minimum):  # refuses nan too
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: {prefix}must be {bound}")
         return value
 
-    convert.__name__ = "seconds"
+    convert.__name__ = f"{unit}s" if unit else "float"
     return convert
+
+
+def seconds(minimum: float = 0.0, *, inclusive: bool = False, subject: str = "") -> Callable[[str], float]:
+    """A converter for a duration in seconds ("the TTL must be at least 1 second")."""
+    return number_above(minimum, inclusive=inclusive, unit="second", subject=subject)
 
 
 def registry_url(text: str) -> str:

@@ -11,11 +11,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from common.config.arg_types import human_int, int_at_least
+from common.config.arg_types import human_int, int_at_least, number_above
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker, oracle_hit_rate, replay
 from pdserve.bench.table import aligned_columns
@@ -36,24 +35,8 @@ _TABLE = [
 ]
 
 
-def _float_above(minimum: float, inclusive: bool) -> Callable[[str], float]:
-    """An argparse type: a number more than `minimum` (or equal to it, when `inclusive`)."""
-    bound = f"{minimum:g} or more" if inclusive else f"more than {minimum:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number") from None
-        if not (value >= minimum if inclusive else value > minimum):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {bound}")
-        return value
-
-    return parse
-
-
-_positive_float = _float_above(0, inclusive=False)
-_non_negative_float = _float_above(0, inclusive=True)
+_positive_float = number_above(0)
+_non_negative_float = number_above(0, inclusive=True)
 
 
 def add_route_args(parser: argparse.ArgumentParser) -> None:
