@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.config.field_checks import check_choice
 from common.config.kv_transfer_config import KV_LOAD_FAILURE_POLICIES
 from common.engine.kv_transfer_hooks import KVTransferHooks
 from common.engine.llm_engine import LLMEngine
@@ -46,11 +47,8 @@ class ConsumerHooks(KVTransferHooks):
                 "a decode worker pulls KV blocks: its --kv-transfer-config kv_role must be "
                 "kv_consumer or kv_both"
             )
-        if kv_load_failure_policy not in KV_LOAD_FAILURE_POLICIES:
-            raise ValueError(
-                f"kv_load_failure_policy {kv_load_failure_policy!r} is not one of "
-                f"{', '.join(KV_LOAD_FAILURE_POLICIES)}"
-            )
+        # the config checked it already; hooks built by hand get the same check
+        check_choice("kv_load_failure_policy", kv_load_failure_policy, KV_LOAD_FAILURE_POLICIES)
         self.connector = connector
         self.scheduler = scheduler
         self.vocab_size = vocab_size
