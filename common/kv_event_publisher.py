@@ -238,10 +238,10 @@ class KVEventPublisher:
     def _serve_replay(self) -> None:
         assert self._replay is not None
         frames = self._replay.recv_multipart()
-        # From a REQ or a DEALER that mimics one: [identity, b"", seq8]; a bare DEALER
-        # may leave the empty delimiter out, and gets its answers the same way.
-        envelope = frames[:2] if len(frames) == 3 and frames[1] == b"" else frames[:1]
-        request = frames[len(envelope) :]
+        # From a REQ or a DEALER that mimics one: [identity, b"", seq8]; a bare DEALER may
+        # leave the empty delimiter out. Every answer carries it, as vLLM 0.33's does.
+        envelope = [frames[0], b""]
+        request = frames[2:] if len(frames) == 3 and frames[1] == b"" else frames[1:]
         if len(request) != 1 or len(request[0]) != 8:
             logger.warning("ignoring a malformed KV event replay request of %d frames", len(frames))
             self._replay.send_multipart([*envelope, b"", END_OF_REPLAY_SEQ, b""])

@@ -1,16 +1,20 @@
 """KV-cache events and their msgpack wire format, compatible with vLLM's stream.
 
 See specs/kv-events.md. A batch is the array ``[ts, events, data_parallel_rank]`` (the
-rank left out when None); each event is a map tagged by ``"type"``. The reader also
-takes the older array form ``["BlockStored", field, ...]`` and checks every field's
-type, so a malformed payload is a ValueError, never a crash. Torch-free: the router
-reads these.
+rank left out when None); each event is a map tagged by ``"type"``. The writer emits
+every field vLLM 0.33 declares without a default (None included), so vLLM's own msgspec
+decoder takes our events, and leaves out the defaulted ones while None. The reader
+takes vLLM 0.33's optional fields, ignores map keys it does not know (newer writers),
+also takes the older array form ``["BlockStored", field, ...]``, and checks the type of
+every field it keeps, so a malformed payload is a ValueError, never a crash. Hashes
+stay as they came (int or bytes); the router maps bytes to its int form. Torch-free:
+the router reads these.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -25,17 +29,28 @@ class BlockStored:
     token_ids: list[int]  # every token of those blocks, in order
     block_size: int
     lora_id: int | None = None
-    medium: str | None = None  # "GPU" | "CPU"
+    medium: str | None = None  # "GPU" | "CPU" | "STORAGE"
     lora_name: str | None = None
-    extra_keys: list | None = None
+    # vLLM 0.33's optional fields, left off the wire while None
+    _: KW_ONLY
+    extra_keys: list[list[Any] | None] | None = None  # per block, untagged (block_hash.published_extra_keys)
     group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None  # "LOCAL" | "REMOTE"
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
 
 
 @dataclass
 class BlockRemoved:
     block_hashes: list[Hash]
     medium: str | None = None
+    _: KW_ONLY
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 @dataclass
@@ -54,11 +69,20 @@ class KVEventBatch:
 
 
 _EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (BlockStored, BlockRemoved, AllBlocksCleared)}
-# Fields a writer always emits even when None: older readers (msgspec structs of earlier
-# vLLM releases) declare them without defaults. Newer fields are left out when None.
+# Fields vLLM 0.33 declares without a default: its msgspec decoder rejects an event that
+# lacks one ("Object missing required field"), so a writer always emits them, None or not.
+# The others have defaults and are left out when None, as vLLM's omit_defaults does.
 _ALWAYS_WRITTEN = {
-    "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium"),
+    "BlockStored": (
+        "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name",
+    ),
     "BlockRemoved": ("block_hashes", "medium"),
+    "AllBlocksCleared": (),
+}  # fmt: skip
+# The older array form: the tag, then these fields in declaration order.
+_ARRAY_FIELDS = {
+    "BlockStored": (*_ALWAYS_WRITTEN["BlockStored"], "extra_keys", "group_idx"),
+    "BlockRemoved": ("block_hashes", "medium", "group_idx"),
     "AllBlocksCleared": (),
 }
 
@@ -124,6 +148,28 @@ def _check_hash_list(value: object, where: str) -> list[Hash]:
     return [_check_hash(h, where) for h in value]
 
 
+def _check_extra_keys(value: object) -> list[list[Any] | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(entry is None or isinstance(entry, list) for entry in value):
+        raise ValueError("BlockStored.extra_keys: expected a list with one list or null per block")
+    return value
+
+
+def _check_lookahead(value: object) -> list[list[int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(ids, list) and all(_is_int(t) for t in ids) for ids in value
+    ):
+        raise ValueError("BlockStored.lookahead_token_ids: expected a list of lists of ints")
+    return value
+
+
+def _optional_fields(values: dict[str, Any], name: str, kinds: dict[str, type]) -> dict[str, Any]:
+    return {key: _check_optional(values.get(key), kind, f"{name}.{key}") for key, kind in kinds.items()}
+
+
 def _block_stored(values: dict[str, Any]) -> BlockStored:
     token_ids = values["token_ids"]
     if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
@@ -137,21 +183,32 @@ def _block_stored(values: dict[str, Any]) -> BlockStored:
         parent_block_hash=None if parent is None else _check_hash(parent, "BlockStored.parent_block_hash"),
         token_ids=token_ids,
         block_size=block_size,
-        lora_id=_check_optional(values.get("lora_id"), int, "BlockStored.lora_id"),
-        medium=_check_optional(values.get("medium"), str, "BlockStored.medium"),
-        lora_name=_check_optional(values.get("lora_name"), str, "BlockStored.lora_name"),
-        extra_keys=_check_optional(values.get("extra_keys"), list, "BlockStored.extra_keys"),
-        group_idx=_check_optional(values.get("group_idx"), int, "BlockStored.group_idx"),
+        extra_keys=_check_extra_keys(values.get("extra_keys")),
+        lookahead_token_ids=_check_lookahead(values.get("lookahead_token_ids")),
+        **_optional_fields(values, "BlockStored", _STORED_OPTIONAL),
     )
 
 
 def _block_removed(values: dict[str, Any]) -> BlockRemoved:
     return BlockRemoved(
         block_hashes=_check_hash_list(values["block_hashes"], "BlockRemoved.block_hashes"),
-        medium=_check_optional(values.get("medium"), str, "BlockRemoved.medium"),
-        group_idx=_check_optional(values.get("group_idx"), int, "BlockRemoved.group_idx"),
+        **_optional_fields(values, "BlockRemoved", _REMOVED_OPTIONAL),
     )
 
+
+# the scalar fields besides the hashes, tokens and block size, with the type each must have
+_STORED_OPTIONAL: dict[str, type] = {
+    "lora_id": int,
+    "medium": str,
+    "lora_name": str,
+    "group_idx": int,
+    "kv_cache_spec_kind": str,
+    "kv_cache_spec_sliding_window": int,
+    "locality": str,
+    "ownership": str,
+    "session_id": str,
+}
+_REMOVED_OPTIONAL: dict[str, type] = {"medium": str, "group_idx": int, "locality": str, "ownership": str}
 
 _BUILDERS = {
     "BlockStored": _block_stored,
@@ -176,8 +233,7 @@ def _decode_event(raw: object, index: int) -> KVEvent:
         if isinstance(name, str) and name in _EVENT_TYPES:
             # array form: the tag, then the fields in declaration order; fields missing
             # at the end take their defaults, extra trailing ones (newer writers) are ignored
-            names = [f.name for f in fields(_EVENT_TYPES[name])]
-            values = dict(zip(names, raw[1:], strict=False))
+            values = dict(zip(_ARRAY_FIELDS[name], raw[1:], strict=False))
     else:
         raise ValueError(f"{where}: expected a map tagged by 'type' or a tagged array, got {raw!r:.80}")
     if not isinstance(name, str) or name not in _EVENT_TYPES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.block_hash import require_shared_hash_seed
 from router.policy import DEFAULT_LOCAL_PREFILL_THRESHOLD, PolicyWeights
 
 DEFAULT_HOST = "127.0.0.1"
@@ -120,6 +121,8 @@ class RouterConfig:
             )
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"--block-size must be at least 1, got {self.block_size}")
+        if self.prefix_caching_hash_algo is not None:  # the router recomputes the workers' hashes
+            require_shared_hash_seed(self.prefix_caching_hash_algo, self.cluster_secret, "router")
         for name in ("worker_health_timeout_s", "worker_reply_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -29,6 +29,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from common.block_hash import install_cluster_hash_seed, shared_hash_seed
 from common.openai_api import OpenAIError, SequenceSpec
 from common.protocol import (
     Abort,
@@ -73,6 +74,10 @@ class Orchestrator:
             role: RoutingPolicy(pool.prefix_index, pool.block_size, config.policy_weights)
             for role in (WorkerRole.PREFILL, WorkerRole.DECODE)
         }
+        # xxhash chains are seeded from the cluster secret when PYTHONHASHSEED is unset,
+        # as the workers' are (common/block_hash.py)
+        install_cluster_hash_seed(config.cluster_secret)
+        self._warned_no_seed = False
 
     async def generate(
         self, spec: SequenceSpec, priority: int = 0, cache_salt: str | None = None
@@ -116,7 +121,7 @@ class Orchestrator:
     # -- choosing workers ---------------------------------------------------------------
 
     def _route(self, prompt: list[int], cache_salt: str | None) -> _Route:
-        block_hashes = request_block_hashes(prompt, self.pool.block_size, self.pool.hash_algo, cache_salt)
+        block_hashes = self._block_hashes(prompt, cache_salt)
         decode, decode_decision = self._choose(WorkerRole.DECODE, block_hashes, len(prompt))
         if decode is None:
             raise no_worker_available("decode")
@@ -127,6 +132,21 @@ class Orchestrator:
         ):
             prefill, prefill_decision = self._choose(WorkerRole.PREFILL, block_hashes, len(prompt))
         return _Route(decode, decode_decision, prefill, prefill_decision)
+
+    def _block_hashes(self, prompt: list[int], cache_salt: str | None) -> list[int]:
+        """The prompt's block hashes, or none when the router cannot compute the workers'
+        (xxhash learned from their reports, with no seed shared by the cluster)."""
+        algo = self.pool.hash_algo
+        if shared_hash_seed(algo) is None:
+            if not self._warned_no_seed:
+                self._warned_no_seed = True
+                logger.warning(
+                    "the workers hash blocks with %s but this router has no seed shared with them "
+                    "(PYTHONHASHSEED or --cluster-secret-file): routing ignores cached prefixes",
+                    algo,
+                )
+            return []
+        return request_block_hashes(prompt, self.pool.block_size, algo, cache_salt)
 
     def _choose(
         self, role: WorkerRole, block_hashes: list[int], num_prompt_tokens: int

@@ -41,14 +41,18 @@ def request_block_hashes(
 ) -> list[int]:
     """The prompt's full-block hashes as KV events carry them (64-bit ints), for `match`.
 
-    `algo` must be the workers' --prefix-caching-hash-algo and PYTHONHASHSEED must be
-    the same in the router and the workers, or nothing will ever match.
+    `algo` must be the workers' --prefix-caching-hash-algo and the NONE_HASH seed the
+    same in the router and the workers (common/block_hash.py shared_hash_seed), or
+    nothing will ever match. A salt enters block 0 as vLLM 0.33 hashes it, so salted
+    prompts match stock vLLM workers too.
     """
     return [event_hash(h) for h in hash_request_blocks(token_ids, block_size, algo, cache_salt)]
 
 
 def _as_int(block_hash: int | bytes) -> int:
-    # Workers that send full digests as bytes are read as the 64-bit form the router computes.
+    # The one place event hashes are normalized: publishers that send the full digest as
+    # bytes (vLLM with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0) are read as the 64-bit form
+    # the router computes (common.block_hash.event_hash).
     return block_hash if type(block_hash) is int else event_hash(block_hash)  # type: ignore[arg-type]
 
 

@@ -144,8 +144,11 @@ def add_block_hashing_args(group: Any) -> None:
         help='Set the hash algorithm for prefix caching. "sha256" hashes a canonical serialization '
         '(pdserve never uses pickle for it). "sha256_cbor" provides a reproducible, '
         "cross-language compatible hash: it serializes objects using canonical CBOR and hashes them "
-        'with SHA-256. "xxhash" and "xxhash_cbor" use the faster, non-cryptographic xxh3-128. '
-        "Every worker and the router must use the same algorithm (and the same PYTHONHASHSEED). "
+        'with SHA-256, the same block hashes as a vLLM worker\'s. "xxhash" and "xxhash_cbor" use the '
+        "faster, non-cryptographic xxh3-128. Every worker and the router must use the same algorithm "
+        "and the same seed: PYTHONHASHSEED when set, else a fixed one for sha256 and sha256_cbor; "
+        "xxhash has no fixed seed, so it needs PYTHONHASHSEED or --cluster-secret-file (the seed is "
+        "derived from the secret) on every worker and the router, which refuse to start without. "
         "(default: sha256; a router not given it uses what the workers report)",
     )
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.block_hash import event_hash
+from common.block_hash import ExtraKey, event_hash, published_extra_keys
 from common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 NULL_BLOCK_ID = 0
@@ -140,13 +140,16 @@ class BlockPool:
         block_hashes: Sequence[bytes],
         parent_block_hash: bytes | None,
         token_ids: Sequence[int],
+        extra_keys: Sequence[tuple[ExtraKey, ...] | None] | None = None,
     ) -> None:
         """Enter consecutive full blocks of one request into the prefix cache.
 
         `block_hashes[i]` is the hash of `blocks[i]`, `parent_block_hash` the hash of the
         block before blocks[0] (None at the start of a request), `token_ids` the tokens of
-        all these blocks. A hash already cached in another block (two requests computed the
-        same prefix at once) leaves this block out of the cache; it is freed like any other.
+        all these blocks, `extra_keys[i]` the tagged extra keys blocks[i] was hashed with
+        (None: none for any block), published with its BlockStored. A hash already cached
+        in another block (two requests computed the same prefix at once) leaves this block
+        out of the cache; it is freed like any other.
         """
         if not self.enable_caching:
             return
@@ -155,6 +158,11 @@ class BlockPool:
             raise ValueError(
                 f"cache_full_blocks: {len(blocks)} blocks need {len(blocks)} hashes and "
                 f"{len(blocks) * bs} tokens, got {len(block_hashes)} and {len(token_ids)}"
+            )
+        if extra_keys is not None and len(extra_keys) != len(blocks):
+            raise ValueError(
+                f"cache_full_blocks: {len(blocks)} blocks need extra keys for each (or None), "
+                f"got {len(extra_keys)}"
             )
         run_start = None  # first index of the current run of newly cached blocks
         for i, (block, block_hash) in enumerate(zip(blocks, block_hashes, strict=True)):
@@ -165,22 +173,28 @@ class BlockPool:
                 if run_start is None:
                     run_start = i
             elif run_start is not None:
-                self._record_stored(block_hashes, parent_block_hash, token_ids, run_start, i)
+                self._record_stored(block_hashes, parent_block_hash, token_ids, extra_keys, run_start, i)
                 run_start = None
         if run_start is not None:
-            self._record_stored(block_hashes, parent_block_hash, token_ids, run_start, len(blocks))
+            self._record_stored(
+                block_hashes, parent_block_hash, token_ids, extra_keys, run_start, len(blocks)
+            )
 
     def _record_stored(
         self,
         block_hashes: Sequence[bytes],
         parent_block_hash: bytes | None,
         token_ids: Sequence[int],
+        extra_keys: Sequence[tuple[ExtraKey, ...] | None] | None,
         start: int,
         end: int,
     ) -> None:
         if not self.enable_kv_cache_events:
             return
         parent = block_hashes[start - 1] if start > 0 else parent_block_hash
+        published = None
+        if extra_keys is not None and any(extra_keys[start:end]):
+            published = [published_extra_keys(keys) for keys in extra_keys[start:end]]
         self._events.append(
             BlockStored(
                 block_hashes=[event_hash(h) for h in block_hashes[start:end]],
@@ -188,6 +202,7 @@ class BlockPool:
                 token_ids=list(token_ids[start * self.block_size : end * self.block_size]),
                 block_size=self.block_size,
                 medium=self.medium,
+                extra_keys=published,
             )
         )
 

@@ -9,7 +9,7 @@ step), never before, so no request can hit a block whose K/V are not written yet
 
 from __future__ import annotations
 
-from common.block_hash import hash_request_blocks
+from common.block_hash import block_extra_keys, hash_request_blocks
 from common.engine.block_pool import BlockPool, KVCacheBlock
 from common.engine.request import Request
 from common.kv_events import KVEvent
@@ -153,11 +153,14 @@ class KVCacheManager:
         end = min(request.num_computed_tokens // bs, len(blocks), len(request.block_hashes))
         if end <= start:
             return
+        # published with the blocks' BlockStored, so other indexers can hash as we do
+        extra_keys = [block_extra_keys(i, request.cache_salt) for i in range(start, end)]
         self.pool.cache_full_blocks(
             blocks[start:end],
             request.block_hashes[start:end],
             request.block_hashes[start - 1] if start > 0 else None,
             request.all_token_ids[start * bs : end * bs],
+            extra_keys,
         )
         self._num_cached_blocks[rid] = end
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.advertised_host import advertise_endpoint, advertised_host
+from common.block_hash import install_cluster_hash_seed, require_shared_hash_seed
 from common.config.engine_args import engine_config_from_args
 from common.config.engine_config import EngineConfig
 from common.frame_auth import (
@@ -53,9 +54,13 @@ def run_worker(args: argparse.Namespace, role: Role) -> int:
         config = dataclasses.replace(
             config, kv_transfer_config=kv_transfer_config_for(config.kv_transfer_config, role)
         )
+        secret = load_cluster_secret(options.cluster_secret_file)
+        # before anything loads: a router could never recompute this worker's block hashes
+        require_shared_hash_seed(config.prefix_caching_hash_algo, secret, f"{name} worker")
+        install_cluster_hash_seed(secret)
         model_name = resolve_model(config.model, config.revision, config.download_dir).name
         # the KV side channel, built inside the connector, finds it installed (docs/security.md)
-        install_cluster_secret(load_cluster_secret(options.cluster_secret_file))
+        install_cluster_secret(secret)
     except ValueError as e:
         print(f"pdserve {name}: {e}", file=sys.stderr)
         return 2
@@ -72,9 +77,7 @@ def run_worker(args: argparse.Namespace, role: Role) -> int:
 class WorkerProcess:
     """The parts of a running worker, built in order and closed in reverse."""
 
-    def __init__(
-        self, config: EngineConfig, role: Role, options: WorkerOptions, model_name: str
-    ) -> None:
+    def __init__(self, config: EngineConfig, role: Role, options: WorkerOptions, model_name: str) -> None:
         from common.engine.llm_engine import LLMEngine
         from common.kv_event_publisher import make_kv_event_publisher
         from common.worker.engine_server import EngineServer
@@ -183,7 +186,10 @@ class WorkerProcess:
             info = self.reporter.info
             if self.options.ready_file:
                 write_json_atomically(Path(self.options.ready_file), info)
-            print(f"pdserve {self.role.name.value} worker {self.worker_id} ready at {server.address}", flush=True)
+            print(
+                f"pdserve {self.role.name.value} worker {self.worker_id} ready at {server.address}",
+                flush=True,
+            )
             if self.options.registry:
                 self.heartbeat = self._start_heartbeat(info)
             server.run()

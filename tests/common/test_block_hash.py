@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.util
 import json
 import os
@@ -14,13 +15,21 @@ import pytest
 
 from common.block_hash import (
     DEFAULT_HASH_SEED,
+    block_extra_keys,
     cbor_encode,
+    cluster_hash_seed,
     event_hash,
     get_hash_fn,
     hash_block_tokens,
     hash_request_blocks,
+    hash_seed,
+    install_cluster_hash_seed,
     none_hash,
+    published_extra_keys,
+    require_shared_hash_seed,
+    shared_hash_seed,
 )
+from tests.common.vllm_kv_events import reference_chain, reference_none_hash
 from tests.harness.torch_free import assert_imports_without_torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +154,7 @@ def test_none_hash_uses_the_fixed_seed_without_pythonhashseed():
         "from common.block_hash import none_hash; print(none_hash('sha256').hex())",
         {"PYTHONHASHSEED": None},
     )
+    assert DEFAULT_HASH_SEED == "vllm-none-hash"  # vLLM 0.33's, for sha256 and sha256_cbor
     seed = DEFAULT_HASH_SEED.encode()
     assert len(seed) < 32
     assert out == hashlib.sha256(bytes([0xA0 | len(seed)]) + seed).hexdigest()  # fixstr
@@ -202,7 +212,7 @@ def test_cache_salt_is_an_extra_key_of_block_zero_only():
     salted = hash_request_blocks(tokens, 4, "sha256", cache_salt="tenant-a")
     plain = hash_request_blocks(tokens, 4, "sha256")
     assert all(s != p for s, p in zip(salted, plain, strict=True))  # from block 0 onward
-    b0 = hash_block_tokens(None, tokens[:4], ["tenant-a"])
+    b0 = hash_block_tokens(None, tokens[:4], [("cache_salt", "tenant-a")])  # tagged, as vLLM 0.33
     b1 = hash_block_tokens(b0, tokens[4:8], None)
     b2 = hash_block_tokens(b1, tokens[8:12], None)
     assert salted == [b0, b1, b2]
@@ -227,3 +237,128 @@ def test_event_hash_is_the_low_64_bits_big_endian_unsigned():
 
 def test_hashing_and_kv_events_import_without_torch():
     assert_imports_without_torch("common.block_hash", "common.kv_events")
+
+
+# -- vLLM 0.33's chains, computed independently with cbor2 (tests/common/vllm_kv_events.py) --
+
+_VECTOR_CODE = (
+    "import json; from common.block_hash import hash_request_blocks as h; "
+    "t = list(range(1000, 1040)); "
+    "print(json.dumps([[x.hex() for x in h(t, 16, 'sha256_cbor', **kw)] for kw in "
+    "({}, {'cache_salt': 'tenant-a'}, {'lora': ('sql', '/adapters/sql')}, "
+    "{'cache_salt': 'tenant-a', 'lora': ('sql', '/adapters/sql')})]))"
+)
+_VECTOR_KWARGS = (
+    {},
+    {"cache_salt": "tenant-a"},
+    {"lora": ("sql", "/adapters/sql")},
+    {"cache_salt": "tenant-a", "lora": ("sql", "/adapters/sql")},
+)
+
+
+@pytest.mark.parametrize("seed", [None, "1234"], ids=["no-PYTHONHASHSEED", "PYTHONHASHSEED=1234"])
+def test_sha256_cbor_chains_are_vllms_computed_with_cbor2(seed):
+    ours = json.loads(_run_python(_VECTOR_CODE, {"PYTHONHASHSEED": seed}))
+    tokens = list(range(1000, 1040))  # 2 full blocks of 16
+    reference_seed = seed or "vllm-none-hash"
+    expected = [[h.hex() for h in reference_chain(tokens, 16, reference_seed, **kw)] for kw in _VECTOR_KWARGS]
+    assert ours == expected
+    assert len({chain[0] for chain in ours}) == 4  # salt and LoRA each change block 0
+    assert ours[1][1] != ours[0][1]  # and, through the chain, every later block
+
+
+def test_sha256_cbor_none_hash_is_vllms():
+    out = _run_python(
+        "from common.block_hash import none_hash; print(none_hash('sha256_cbor').hex())",
+        {"PYTHONHASHSEED": None},
+    )
+    assert out == reference_none_hash().hex()
+    # a vector written out: sha256 of CBOR text(14) "vllm-none-hash"
+    assert out == hashlib.sha256(b"\x6e" + b"vllm-none-hash").hexdigest()
+
+
+def test_extra_keys_are_tagged_in_vllms_order_and_published_untagged():
+    assert block_extra_keys(0) is None and block_extra_keys(3, cache_salt="s") is None
+    assert block_extra_keys(0, cache_salt="s") == (("cache_salt", "s"),)
+    assert block_extra_keys(0, "s", ("sql", "/a")) == (("lora", "sql", "/a"), ("cache_salt", "s"))
+    assert block_extra_keys(5, "s", ("sql", "/a")) == (("lora", "sql", "/a"),)
+    assert published_extra_keys(None) is None
+    assert published_extra_keys((("lora", "sql", "/a"), ("mm", "img-0", 7), ("cache_salt", "s"))) == [
+        "sql",
+        ["img-0", 7],
+        "s",
+    ]
+
+
+def test_a_continued_chain_keeps_the_lora_key_on_every_block():
+    tokens = list(range(12))
+    whole = hash_request_blocks(tokens, 4, "sha256_cbor", cache_salt="x", lora=("sql", "/a"))
+    tail = hash_request_blocks(
+        tokens[4:], 4, "sha256_cbor", cache_salt="x", parent=whole[0], lora=("sql", "/a")
+    )
+    assert tail == whole[1:]
+    assert tail != hash_request_blocks(tokens[4:], 4, "sha256_cbor", parent=whole[0])
+
+
+# -- the seed rule --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_shared_seed(monkeypatch):
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    install_cluster_hash_seed(None)
+    yield
+    install_cluster_hash_seed(None)
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor"])
+def test_cryptographic_algos_always_have_a_shared_seed(no_shared_seed, algo):
+    assert shared_hash_seed(algo) == "vllm-none-hash"
+    assert shared_hash_seed(algo, cluster_secret=b"k" * 32) == "vllm-none-hash"  # vLLM's, not ours
+    require_shared_hash_seed(algo, None, "router")
+
+
+@pytest.mark.parametrize("algo", ["xxhash", "xxhash_cbor"])
+def test_xxhash_without_a_shared_seed_is_refused_saying_why_and_what_to_set(no_shared_seed, algo):
+    assert shared_hash_seed(algo) is None
+    with pytest.raises(ValueError) as refused:
+        require_shared_hash_seed(algo, None, "router")
+    message = str(refused.value)
+    assert f"--prefix-caching-hash-algo {algo}" in message
+    assert "recompute the workers' block hashes" in message
+    assert "PYTHONHASHSEED" in message and "--cluster-secret-file" in message
+
+
+def test_xxhash_is_seeded_from_the_cluster_secret_through_an_hmac(no_shared_seed):
+    secret = b"a cluster secret of some length"
+    require_shared_hash_seed("xxhash", secret, "worker")
+    derived = shared_hash_seed("xxhash", secret)
+    assert derived == hmac.new(secret, b"pdserve NONE_HASH seed v1", hashlib.sha256).hexdigest()
+    assert secret.hex() not in derived and derived == cluster_hash_seed(secret)
+    install_cluster_hash_seed(secret)  # what a worker or router does at startup
+    assert hash_seed("xxhash") == derived
+    assert none_hash("xxhash") == get_hash_fn("xxhash")(derived)
+
+
+def test_pythonhashseed_wins_over_the_cluster_secret(no_shared_seed, monkeypatch):
+    monkeypatch.setenv("PYTHONHASHSEED", "42")
+    install_cluster_hash_seed(b"k" * 32)
+    assert shared_hash_seed("xxhash") == "42" and shared_hash_seed("sha256_cbor") == "42"
+
+
+def test_xxhash_alone_in_a_process_is_seeded_at_random_as_vllm_does():
+    code = "from common.block_hash import none_hash; print(none_hash('xxhash').hex())"
+    first = _run_python(code, {"PYTHONHASHSEED": None, "PDSERVE_CLUSTER_SECRET": None})
+    assert first != _run_python(code, {"PYTHONHASHSEED": None, "PDSERVE_CLUSTER_SECRET": None})
+    assert _run_python(code, {"PYTHONHASHSEED": "9"}) == _run_python(code, {"PYTHONHASHSEED": "9"})
+
+
+def test_cbor_is_cbor2s_canonical_encoding():
+    import cbor2
+
+    value = (
+        b"\x00" * 32,
+        tuple(range(0, 70000, 997)),
+        (("lora", "a", "/p"), ("mm", "id", 2**40), ("cache_salt", "s")),
+    )
+    assert cbor_encode(value) == cbor2.dumps(value, canonical=True)

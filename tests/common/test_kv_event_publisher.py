@@ -18,7 +18,7 @@ from common.kv_event_publisher import (
     endpoint_for_rank,
     make_kv_event_publisher,
 )
-from common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
 
 END_MARKER_SEQ = b"\xff" * 8
 
@@ -115,6 +115,7 @@ def test_a_batch_arrives_as_topic_seq_and_a_payload_a_plain_msgpack_reader_under
             "block_size": 4,
             "lora_id": None,
             "medium": "GPU",
+            "lora_name": None,  # vLLM 0.33 declares it without a default
         },
         {"type": "BlockRemoved", "block_hashes": [2**64 - 1], "medium": "GPU"},
     ]
@@ -154,6 +155,43 @@ def test_replay_answers_the_asked_range_with_topic_frames_then_the_end_marker(ct
         assert msgpack.unpackb(frames[3])[1][0]["block_hashes"] == [seq, seq + 1]
     assert answers[-1] == [b"", b"", END_MARKER_SEQ, b""]
     assert int.from_bytes(answers[-1][2], "big", signed=True) == -1
+
+
+def test_replay_frames_are_vllm_033s_as_a_router_socket_sends_them(ctx):
+    """What leaves the ROUTER socket, seen from a raw ROUTER peer's side: a REQ client's
+    request arrives as [identity, b"", seq8] and each answer is [identity, b"", topic, seq8,
+    payload], then [identity, b"", b"", seq8 of -1, b""]; a REQ client reads them without the
+    envelope, as vLLM's own replay client does."""
+    with KVEventPublisher(_config(topic="kv"), context=ctx) as publisher:
+        for i in range(3):
+            publisher.publish([_stored(10 * i)])
+        _wait_published(publisher, 3)
+        req = ctx.socket(zmq.REQ)
+        req.connect(publisher.replay_endpoint)
+        try:
+            req.send((1).to_bytes(8, "big"))
+            assert req.poll(5000), "no answer from the replay socket"
+            topic, seq, payload = req.recv_multipart()
+            assert (topic, seq) == (b"kv", (1).to_bytes(8, "big"))
+            assert decode_batch(payload).events == [_stored(10)]
+        finally:
+            req.close(linger=0)
+        # a bare DEALER that leaves the delimiter out still gets every frame vLLM sends
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(publisher.replay_endpoint)
+        try:
+            dealer.send((2).to_bytes(8, "big"))
+            answers = []
+            while not answers or answers[-1][2] != END_MARKER_SEQ:
+                assert dealer.poll(5000), "no answer from the replay socket"
+                answers.append(dealer.recv_multipart())
+        finally:
+            dealer.close(linger=0)
+    assert [frames[:3] for frames in answers] == [
+        [b"", b"kv", (2).to_bytes(8, "big")],
+        [b"", b"", END_MARKER_SEQ],
+    ]
+    assert answers[-1] == [b"", b"", (-1).to_bytes(8, "big", signed=True), b""]
 
 
 def test_replay_keeps_only_the_last_buffer_steps_batches(ctx):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from common.kv_events import (
     decode_batch,
     encode_batch,
 )
+from tests.common import vllm_kv_events as vllm
 
 
 def _sample_batch(rank: int | None) -> KVEventBatch:
@@ -36,7 +38,7 @@ def _sample_batch(rank: int | None) -> KVEventBatch:
                 lora_id=3,
                 medium="CPU",
                 lora_name="adapter",
-                extra_keys=["salt"],
+                extra_keys=[["salt"]],
                 group_idx=0,
             ),
             BlockRemoved(block_hashes=[7, 2**64 - 1], medium="GPU"),
@@ -58,7 +60,7 @@ def test_the_batch_is_an_array_with_the_rank_left_out_when_none():
     assert (ts, rank, len(events)) == (1712345678.25, 2, 4)
 
 
-def test_events_are_maps_tagged_by_type_with_vllms_older_fields_always_present():
+def test_events_are_maps_tagged_by_type_with_every_field_vllm_requires_present():
     _, events = msgpack.unpackb(encode_batch(_sample_batch(None)))
     assert events[0] == {
         "type": "BlockStored",
@@ -68,11 +70,95 @@ def test_events_are_maps_tagged_by_type_with_vllms_older_fields_always_present()
         "block_size": 4,
         "lora_id": None,
         "medium": "GPU",
+        "lora_name": None,
     }
     assert events[1]["lora_name"] == "adapter" and events[1]["group_idx"] == 0
     assert events[1]["block_hashes"] == [b"\x01" * 32]
     assert events[2] == {"type": "BlockRemoved", "block_hashes": [7, 2**64 - 1], "medium": "GPU"}
     assert events[3] == {"type": "AllBlocksCleared"}
+
+
+def test_vllms_decoder_reads_every_event_we_write_even_with_every_optional_field_none():
+    batch = KVEventBatch(
+        ts=3.5,
+        events=[
+            BlockStored([1], None, [5, 6], 2),
+            BlockRemoved([1]),
+            AllBlocksCleared(),
+            *_sample_batch(None).events,
+        ],
+    )
+    decoded = vllm.decode(encode_batch(batch))
+    first, removed = decoded.events[0], decoded.events[1]
+    assert (first.block_hashes, first.parent_block_hash, first.lora_id, first.medium, first.lora_name) == (
+        [1], None, None, None, None,
+    )  # fmt: skip
+    assert (removed.block_hashes, removed.medium) == ([1], None)
+    assert isinstance(decoded.events[2], vllm.AllBlocksCleared)
+    salted = decoded.events[4]
+    assert (salted.lora_name, salted.extra_keys, salted.group_idx) == ("adapter", [["salt"]], 0)
+    assert salted.block_hashes == [b"\x01" * 32]
+
+
+def test_an_event_without_a_field_vllm_requires_is_what_vllms_decoder_refuses():
+    # the check above can fail: this is the payload pdserve used to write
+    payload = msgpack.packb(
+        [1.0, [{"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None,
+                "token_ids": [1], "block_size": 1, "lora_id": None, "medium": "GPU"}]]
+    )  # fmt: skip
+    with pytest.raises(msgspec.ValidationError, match="lora_name"):
+        vllm.decode(payload)
+
+
+def test_we_read_what_vllm_writes_bytes_hashes_and_every_optional_field_included():
+    stored = vllm.BlockStored(
+        block_hashes=[b"\xaa" * 32, b"\xbb" * 32],
+        parent_block_hash=b"\xcc" * 32,
+        token_ids=[1, 2, 3, 4],
+        block_size=2,
+        lora_id=7,
+        medium="CPU",
+        lora_name="adapter",
+        extra_keys=[["adapter", "salt", ["img-0", 3]], ["adapter"]],
+        group_idx=1,
+        kv_cache_spec_kind="sliding_window",
+        kv_cache_spec_sliding_window=4096,
+        locality="REMOTE",
+        ownership="shared",
+        session_id="session-1",
+        lookahead_token_ids=[[5, 6], [7]],
+    )
+    removed = vllm.BlockRemoved(block_hashes=[b"\xaa" * 32], medium="CPU", group_idx=1, locality="LOCAL",
+                                ownership="owned")  # fmt: skip
+    payload = vllm.encode(vllm.KVEventBatch(ts=9.0, events=[stored, removed, vllm.AllBlocksCleared()],
+                                            data_parallel_rank=2))  # fmt: skip
+    assert decode_batch(payload) == KVEventBatch(
+        ts=9.0,
+        events=[
+            BlockStored(
+                [b"\xaa" * 32, b"\xbb" * 32], b"\xcc" * 32, [1, 2, 3, 4], 2, 7, "CPU", "adapter",
+                extra_keys=[["adapter", "salt", ["img-0", 3]], ["adapter"]], group_idx=1,
+                kv_cache_spec_kind="sliding_window", kv_cache_spec_sliding_window=4096, locality="REMOTE",
+                ownership="shared", session_id="session-1", lookahead_token_ids=[[5, 6], [7]],
+            ),
+            BlockRemoved([b"\xaa" * 32], "CPU", group_idx=1, locality="LOCAL", ownership="owned"),
+            AllBlocksCleared(),
+        ],
+        data_parallel_rank=2,
+    )  # fmt: skip
+    # and what vLLM leaves out (defaults, a null rank written as null) reads as None
+    minimal = vllm.encode(vllm.KVEventBatch(ts=1.0, events=[
+        vllm.BlockStored(block_hashes=[3], parent_block_hash=None, token_ids=[1], block_size=1,
+                         lora_id=None, medium=None, lora_name=None)]))  # fmt: skip
+    assert decode_batch(minimal) == KVEventBatch(ts=1.0, events=[BlockStored([3], None, [1], 1)])
+
+
+def test_our_events_survive_a_round_trip_through_vllms_structs():
+    batch = _sample_batch(4)
+    batch.events.append(
+        BlockStored([5], 4, [1, 2, 3, 4], 4, locality="LOCAL", session_id="s", lookahead_token_ids=[[1]])
+    )
+    assert decode_batch(vllm.encode(vllm.decode(encode_batch(batch)))) == batch
 
 
 def test_the_older_array_tagged_event_form_is_read():
@@ -110,6 +196,10 @@ def _bad(body) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
+def _stored_map(**fields) -> dict:
+    return {"type": "BlockStored", "block_hashes": [1], "token_ids": [1], "block_size": 1, **fields}
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [
@@ -137,6 +227,13 @@ def _bad(body) -> bytes:
         (_bad([1.0, [["BlockStored", [1], "p", [1], 1]]]), "parent_block_hash"),
         (_bad([1.0, [["BlockStored", [1], None, [1], 1, None, 5]]]), "medium"),
         (_bad([1.0, [["BlockRemoved", [1], None, "0"]]]), "group_idx"),
+        (_bad([1.0, [["BlockStored", [1], None, [1], 1, None, None, None, ["salt"]]]]), "extra_keys"),
+        (_bad([1.0, [["BlockStored", [1], None, [1], 1, None, None, 5]]]), "lora_name"),
+        (_bad([1.0, [_stored_map(locality=1)]]), "locality"),
+        (_bad([1.0, [_stored_map(kv_cache_spec_sliding_window="4k")]]), "sliding_window"),
+        (_bad([1.0, [_stored_map(lookahead_token_ids=[1, 2])]]), "lookahead_token_ids"),
+        (_bad([1.0, [_stored_map(extra_keys="salt")]]), "extra_keys"),
+        (_bad([1.0, [{"type": "BlockRemoved", "block_hashes": [1], "ownership": []}]]), "ownership"),
     ],
 )
 def test_malformed_payloads_are_value_errors_that_say_what_is_wrong(payload, message):

@@ -3,6 +3,7 @@ in seq order, restarts re-indexed, bad input counted and survived."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import msgpack
@@ -13,7 +14,8 @@ from common.config.kv_events_config import KVEventsConfig
 from common.kv_event_publisher import KVEventPublisher
 from common.kv_events import BlockRemoved, BlockStored
 from router.kv_event_subscriber import KVEventSubscriber
-from router.prefix_index import PrefixIndex
+from router.prefix_index import PrefixIndex, request_block_hashes
+from tests.common import vllm_kv_events as vllm
 
 END_MARKER_SEQ = b"\xff" * 8
 
@@ -181,6 +183,47 @@ def test_the_older_array_form_of_events_is_indexed_live_and_in_replays(index, su
     _wait_until(lambda: not index.holds("w0", 1), what="the batch after the gap")
     assert index.holds("w0", 2) and index.holds("w0", 3)
     assert subscriber.counters("w0").malformed == 0
+
+
+def test_a_vllm_033_worker_sending_digest_bytes_is_indexed_under_the_routers_own_hashes(
+    index, subscriber, worker
+):
+    """vLLM with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0 publishes whole sha256_cbor digests,
+    with its optional fields set; a salted prompt hashed by the router still matches."""
+    prompt = list(range(500, 548))  # 3 blocks of 16
+    seed = os.environ.get("PYTHONHASHSEED") or "vllm-none-hash"
+    digests = vllm.reference_chain(prompt, 16, seed, cache_salt="tenant-a")
+
+    def stored(first: int, last: int) -> vllm.BlockStored:
+        return vllm.BlockStored(
+            block_hashes=digests[first:last],
+            parent_block_hash=digests[first - 1] if first else None,
+            token_ids=prompt[16 * first : 16 * last],
+            block_size=16,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
+            extra_keys=[["tenant-a"] if i == 0 else None for i in range(first, last)],
+            group_idx=0,
+            kv_cache_spec_kind="full_attention",
+            locality="LOCAL",
+            session_id="s-1",
+            lookahead_token_ids=[[1, 2]],
+        )
+
+    subscriber.add_worker("vllm-0", worker.endpoint, worker.replay_endpoint)
+    worker.wait_subscribed()
+    worker.send(0, vllm.encode(vllm.KVEventBatch(ts=1.0, events=[stored(0, 2)], data_parallel_rank=0)))
+    wanted = request_block_hashes(prompt, 16, "sha256_cbor", cache_salt="tenant-a")
+    _wait_until(lambda: index.match(wanted) == {"vllm-0": 2}, what="the bytes-hash store")
+    # the third block only through a replay in vLLM 0.33's frames
+    worker.send(2, vllm.encode(vllm.KVEventBatch(ts=3.0, events=[])))
+    identity, start = worker.next_replay_request()
+    assert start == 1
+    worker.answer_replay(identity, {1: vllm.encode(vllm.KVEventBatch(ts=2.0, events=[stored(2, 3)]))})
+    _wait_until(lambda: index.match(wanted) == {"vllm-0": 3}, what="the replayed bytes-hash store")
+    assert index.match(request_block_hashes(prompt, 16, "sha256_cbor")) == {}  # unsalted: not these
+    assert subscriber.counters("vllm-0").malformed == 0
 
 
 def test_a_gap_is_filled_by_replay_and_applied_in_seq_order(index, subscriber, worker):

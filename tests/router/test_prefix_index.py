@@ -3,15 +3,21 @@ the workers' KV events, and nothing left behind when blocks go away."""
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.block_hash import hash_request_blocks
 from common.engine.block_pool import BlockPool
+from common.engine.kv_cache_manager import KVCacheManager
+from common.engine.request import Request
 from common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from common.sampling_params import SamplingParams
 from pdserve.bench.prefix_index import run_benchmark, synthetic_trace
 from router.policy import PolicyWeights
 from router.prefix_index import PrefixIndex, request_block_hashes
+from tests.common.vllm_kv_events import int_hash, reference_chain
 
 
 def _stored(hashes, parent=None, medium="GPU", group_idx=None):
@@ -115,6 +121,41 @@ def test_the_routers_hashes_match_the_events_of_a_workers_block_pool():
     assert index.match(request_block_hashes(longer, block_size)) == {"worker-0": 3}
     salted = request_block_hashes(prompt, block_size, cache_salt="tenant-b")
     assert index.match(salted) == {}
+
+
+def test_a_salted_request_on_a_worker_publishes_its_salt_and_the_router_finds_its_blocks():
+    block_size = 4
+    prompt = list(range(200, 214))  # 3 full blocks and 2 tokens
+    pool = BlockPool(num_blocks=16, block_size=block_size, enable_kv_cache_events=True)
+    kv = KVCacheManager(pool, block_size, hash_algo="sha256_cbor")
+    request = Request("r", prompt, SamplingParams(), cache_salt="tenant-a")
+    assert kv.allocate_slots(request, len(prompt)) is not None
+    request.num_computed_tokens = len(prompt)
+    kv.cache_blocks(request)
+    events = kv.take_events()
+    assert [e.extra_keys for e in events] == [[["tenant-a"], None, None]]  # untagged, block 0 only
+    index = PrefixIndex()
+    index.apply_batch("worker-0", KVEventBatch(ts=0.0, events=events))
+    assert index.match(request_block_hashes(prompt, block_size, "sha256_cbor", "tenant-a")) == {"worker-0": 3}
+    assert index.match(request_block_hashes(prompt, block_size, "sha256_cbor", "tenant-b")) == {}
+
+
+def test_digest_bytes_in_events_match_the_routers_int_hashes_salted_as_vllm_salts():
+    """A vLLM 0.33 worker with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0 sends whole digests;
+    the index reads them as the int form the router computes, removals included."""
+    prompt = list(range(40))  # 5 blocks of 8
+    seed = os.environ.get("PYTHONHASHSEED") or "vllm-none-hash"
+    digests = reference_chain(prompt, 8, seed, cache_salt="tenant-a")
+    index = PrefixIndex()
+    index.apply_event("vllm-0", BlockStored(digests, None, prompt, 8, None, "GPU", None))
+    salted = request_block_hashes(prompt, 8, "sha256_cbor", cache_salt="tenant-a")
+    assert salted == [int_hash(d) for d in digests]
+    assert index.match(salted) == {"vllm-0": 5}
+    assert index.match(digests) == {"vllm-0": 5}  # asked with bytes, answered the same
+    assert index.holds("vllm-0", salted[2]) and index.holds("vllm-0", digests[2])
+    index.apply_event("vllm-0", BlockRemoved([digests[3]], "GPU"))
+    assert index.match(salted) == {"vllm-0": 3}
+    assert index.match(request_block_hashes(prompt, 8, "sha256_cbor")) == {}
 
 
 # -- against a brute-force model --------------------------------------------------------

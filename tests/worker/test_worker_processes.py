@@ -17,8 +17,17 @@ import msgpack
 import pytest
 import zmq
 
-from common.protocol import Abort, ErrorMessage, TokenDelta, encode_message
+from common.protocol import (
+    Abort,
+    ErrorMessage,
+    GenerateRequest,
+    TokenDelta,
+    encode_message,
+    sampling_params_to_wire,
+)
 from common.sampling_params import SamplingParams
+from tests.common import vllm_kv_events as vllm
+from tests.common.vllm_kv_events import int_hash, reference_chain
 from tests.harness.stack import WorkerProcess, running_pair, wait_until
 from tests.harness.worker_client import (
     TINY_ENGINE_FLAGS,
@@ -53,21 +62,27 @@ def model_flags(tiny_model) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workers(tiny_model, workdir):
-    """(prefill, decode): leases of 5 s on P; recompute on D, whose pulls give up after 5 s."""
-    with running_pair(
-        workdir,
-        [
-            *model_flags(tiny_model),
-            *kv_transfer_flag("TcpConnector", "kv_producer", kv_lease_duration=LEASE_S),
-        ],
-        [
-            *model_flags(tiny_model),
-            *kv_transfer_flag("TcpConnector", "kv_consumer", "recompute", transfer_timeout_s=5),
-            "--kv-events-config",
-            KV_EVENTS,
-        ],
-    ) as pair:
-        yield pair
+    """(prefill, decode): leases of 5 s on P; recompute on D, whose pulls give up after 5 s.
+    D publishes KV events and hashes with sha256_cbor, started without PYTHONHASHSEED: its
+    hashes must then be the ones a vLLM 0.33 worker computes for the same tokens."""
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("PYTHONHASHSEED", raising=False)
+        with running_pair(
+            workdir,
+            [
+                *model_flags(tiny_model),
+                *kv_transfer_flag("TcpConnector", "kv_producer", kv_lease_duration=LEASE_S),
+            ],
+            [
+                *model_flags(tiny_model),
+                *kv_transfer_flag("TcpConnector", "kv_consumer", "recompute", transfer_timeout_s=5),
+                "--kv-events-config",
+                KV_EVENTS,
+                "--prefix-caching-hash-algo",
+                "sha256_cbor",
+            ],
+        ) as pair:
+            yield pair
 
 
 @pytest.fixture
@@ -209,9 +224,8 @@ def test_hello_starts_load_reports_with_what_a_router_needs(workers, clients):
     assert p.load_report(timeout=3).worker_id == report.worker_id
 
 
-def test_the_decode_worker_publishes_its_kv_events_in_vllms_wire_format(workers, clients):
-    _, decode = workers
-    _, d = clients
+def _published_by(d: Client, send) -> list[bytes]:
+    """The payloads the decode worker publishes while `send()` runs a request to its end."""
     d.hello()
     endpoint = d.load_report().kv_events_endpoint
     sub = zmq.Context.instance().socket(zmq.SUB)
@@ -220,20 +234,60 @@ def test_the_decode_worker_publishes_its_kv_events_in_vllms_wire_format(workers,
     sub.connect(endpoint)
     try:
         time.sleep(0.3)  # a SUB misses what is published before it joins
-        text = random_prompt(40, 20)
-        d.generate("events", text, GREEDY)
-        tokens_of(d.stream("events"))
-        stored = []
+        send()
+        payloads = []
         deadline = time.monotonic() + 10
-        while not stored and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             if sub.poll(500):
                 topic, seq, payload = sub.recv_multipart()
-                ts, events, *_ = msgpack.unpackb(payload)  # a plain reader, as the spec says
-                stored += [e for e in events if e["type"] == "BlockStored"]
-        assert len(seq) == 8
-        assert stored and stored[0]["token_ids"] == text[:16] and stored[0]["block_size"] == 8
+                assert len(seq) == 8
+                payloads.append(payload)
+            elif payloads:
+                break  # quiet after the request's events
+        return payloads
     finally:
         sub.close()
+
+
+def test_the_decode_worker_publishes_its_kv_events_in_vllms_wire_format(workers, clients):
+    _, d = clients
+    text = random_prompt(40, 20)
+
+    def send():
+        d.generate("events", text, GREEDY)
+        tokens_of(d.stream("events"))
+
+    payloads = _published_by(d, send)
+    stored = []
+    for payload in payloads:
+        ts, events, *_ = msgpack.unpackb(payload)  # a plain reader, as the spec says
+        stored += [e for e in events if e["type"] == "BlockStored"]
+        vllm.decode(payload)  # and vLLM 0.33's own structs take every batch
+    assert stored and stored[0]["token_ids"] == text[:16] and stored[0]["block_size"] == 8
+
+
+def test_the_decode_worker_publishes_the_sha256_cbor_hashes_vllm_computes_for_the_same_tokens(
+    workers, clients
+):
+    _, d = clients
+    text = random_prompt(41, 27)
+
+    def send():
+        d.send(GenerateRequest(request_id="salted", prompt_token_ids=text, cache_salt="tenant-a",
+                               sampling_params=sampling_params_to_wire(GREEDY)))  # fmt: skip
+        tokens_of(d.stream("salted"))
+
+    batches = [vllm.decode(payload) for payload in _published_by(d, send)]
+    stored = [e for batch in batches for e in batch.events if isinstance(e, vllm.BlockStored)]
+    hashes = [h for e in stored for h in e.block_hashes]
+    tokens = [t for e in stored for t in e.token_ids]
+    assert tokens[:27] == text and len(hashes) >= 3  # the prompt's 3 full blocks, then output blocks
+    # vLLM 0.33 without PYTHONHASHSEED: NONE_HASH from "vllm-none-hash", the salt tagged on block 0
+    expected = reference_chain(tokens, 8, "vllm-none-hash", cache_salt="tenant-a")
+    assert hashes == [int_hash(digest) for digest in expected]
+    assert stored[0].parent_block_hash is None
+    assert stored[0].extra_keys[0] == ["tenant-a"] and all(k is None for k in stored[0].extra_keys[1:])
+    assert all(e.extra_keys is None for e in stored[1:])
 
 
 def test_an_unpulled_lease_expires_and_frees_the_prefill_workers_blocks(workers, clients):
