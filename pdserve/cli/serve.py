@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from common.advertised_host import is_wildcard
+from common.block_hash import require_shared_hash_seed
 from common.config.arg_parser import PdserveArgumentParser
 from common.config.arg_types import int_at_least
 from common.config.argv_of import argv_of
@@ -218,8 +219,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
     deadline = time.monotonic() + args.startup_timeout
-    try:  # a secret that cannot be read stops everything before anything starts
-        load_cluster_secret(args.cluster_secret_file)
+    try:  # a secret that cannot be read, or no shared hash seed, stops everything before anything starts
+        secret = load_cluster_secret(args.cluster_secret_file)
+        if args.prefix_caching_hash_algo is not None:
+            require_shared_hash_seed(args.prefix_caching_hash_algo, secret, "pdserve serve")
     except ValueError as exc:
         raise _StartupFailed(str(exc)) from None
     common = worker_argv(args)

@@ -6,6 +6,7 @@ system started by it is tested in tests/e2e/.)"""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -167,3 +168,17 @@ def test_a_start_that_fails_says_so_and_leaves_nothing_running(tmp_path):
     assert time.monotonic() - started < 120
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "missing")], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def test_xxhash_without_a_shared_seed_stops_serve_before_anything_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHASHSEED", "PDSERVE_CLUSTER_SECRET",
+                                                         "PDSERVE_CLUSTER_SECRET_FILE")}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli.main", "serve", "--prefix-caching-hash-algo", "xxhash",
+         "--model", str(tmp_path / "never-read"), "--port", "0"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "needs a seed shared by the router and every worker" in result.stderr
+    assert "PYTHONHASHSEED" in result.stderr
+    assert "worker 0" not in result.stderr  # refused before any child was started
