@@ -114,6 +114,9 @@ class LoadReport:
     num_waiting: int = 0  # queued, not yet scheduled, remote-KV pulls included (vllm:num_requests_waiting)
     num_queued_prefill_tokens: int = 0  # prompt tokens accepted but not yet prefilled
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0 to 1 (vllm:kv_cache_usage_perc)
+    # prompt tokens computed since the worker started (vllm:prompt_tokens_total): the router
+    # derives the worker's observed prefill speed from it; 0 from a worker that does not say
+    num_prompt_tokens_total: int = 0
     # what the worker is; 0 or "" where it does not say
     num_kv_blocks: int = 0  # size of its KV cache in blocks
     max_num_seqs: int = 0  # sizes the router's admission limit
@@ -156,7 +159,7 @@ class LoadReport:
         )
         self.role = WorkerRole(self.role)
         for name in ("num_running", "num_waiting", "num_queued_prefill_tokens", "num_kv_blocks", "max_num_seqs",
-                     "block_size"):  # fmt: skip
+                     "block_size", "num_prompt_tokens_total"):  # fmt: skip
             value = getattr(self, name)
             _check(
                 _is_int(value) and value >= 0,

@@ -8,7 +8,15 @@ each request it sends until the worker's next report takes it into account (or t
 request leaves the worker), so a burst of requests does not all land on the worker that
 looked idle a moment ago; with no reports at all, these notes alone are the load. The
 properties (`queued_prefill_tokens`, `num_active_requests`, `kv_usage`,
-`active_kv_blocks`) add the two; they are what the routing scorers read. Torch-free.
+`active_kv_blocks`) add the two; they are what the routing scorers read.
+
+A report takes a few tens of ms to arrive, so it does not yet count the requests sent
+just before it arrived: those sent within REPORT_LAG_S of it stay noted on top of it
+(counted twice for a moment rather than not at all, which would send a burst to one
+worker). From successive reports the router also measures the worker's prefill speed
+(`prefill_tokens_per_s`): prompt tokens it computed per second while it had prompt
+tokens queued, so a slower worker, or one whose decode batch slows its prefill, is seen
+as such. Torch-free.
 """
 
 from __future__ import annotations
@@ -20,11 +28,20 @@ from dataclasses import dataclass, field
 
 from common.protocol import LoadReport, WorkerRole
 
+# How long a load report takes to reach the router, at most (event delay of a loaded host):
+# requests sent this recently are not in it yet.
+REPORT_LAG_S = 0.05
+# Weight of the newest interval in the measured prefill speed (an exponential mean).
+PREFILL_SPEED_SMOOTHING = 0.2
+# Intervals shorter than this say little about a speed (one engine step or less).
+MIN_SPEED_INTERVAL_S = 0.02
+
 
 @dataclass
 class _SentRequest:
     prefill_tokens: int  # 0 once its prefill is done
     kv_blocks: int
+    sent_at: float = -math.inf  # on the worker state's clock
 
 
 @dataclass(eq=False)
@@ -40,6 +57,8 @@ class WorkerState:
     _unreported: dict[str, _SentRequest] = field(default_factory=dict, repr=False)
     _unreported_prefill_tokens: int = field(default=0, repr=False)
     _unreported_kv_blocks: int = field(default=0, repr=False)
+    # measured prefill speed (tokens/s), None until measured
+    prefill_tokens_per_s: float | None = None
 
     # -- what the scorers read ------------------------------------------------------
 
@@ -69,18 +88,44 @@ class WorkerState:
     # -- what the router tells it -------------------------------------------------------
 
     def update_load(self, report: LoadReport) -> None:
-        """Take a new load report; it counts every request sent before it arrived."""
+        """Take a new load report; it counts every request sent more than REPORT_LAG_S
+        before it arrived."""
+        now = self.clock()
+        self._measure_prefill_speed(report, now)
         self.load = report
-        self.load_received_at = self.clock()
-        self._unreported.clear()
-        self._unreported_prefill_tokens = 0
-        self._unreported_kv_blocks = 0
+        self.load_received_at = now
+        recent = {rid: sent for rid, sent in self._unreported.items() if now - sent.sent_at < REPORT_LAG_S}
+        self._unreported = recent
+        self._unreported_prefill_tokens = sum(sent.prefill_tokens for sent in recent.values())
+        self._unreported_kv_blocks = sum(sent.kv_blocks for sent in recent.values())
+
+    def _measure_prefill_speed(self, report: LoadReport, now: float) -> None:
+        # Only an interval with prompt tokens queued at both ends shows the worker's speed
+        # (it was prefilling throughout); an idle worker computes little because it was
+        # given little. A restart (another engine id) starts its counter over.
+        previous = self.load
+        interval = now - self.load_received_at
+        computed = report.num_prompt_tokens_total - previous.num_prompt_tokens_total
+        if (
+            previous.num_queued_prefill_tokens <= 0
+            or report.num_queued_prefill_tokens <= 0
+            or report.engine_id != previous.engine_id
+            or computed <= 0
+            or not MIN_SPEED_INTERVAL_S <= interval < math.inf
+        ):
+            return
+        sample = computed / interval
+        if self.prefill_tokens_per_s is None:
+            self.prefill_tokens_per_s = sample
+        else:
+            a = PREFILL_SPEED_SMOOTHING
+            self.prefill_tokens_per_s = (1 - a) * self.prefill_tokens_per_s + a * sample
 
     def note_request_sent(self, request_id: str, prefill_tokens: int, kv_blocks: int = 0) -> None:
         """The router sent `request_id`, which makes this worker prefill `prefill_tokens`
         tokens (its prompt less what is cached there) and hold `kv_blocks` more blocks."""
         self.note_request_finished(request_id)
-        self._unreported[request_id] = _SentRequest(prefill_tokens, kv_blocks)
+        self._unreported[request_id] = _SentRequest(prefill_tokens, kv_blocks, self.clock())
         self._unreported_prefill_tokens += prefill_tokens
         self._unreported_kv_blocks += kv_blocks
 

@@ -94,6 +94,7 @@ def load_of(stats: Any) -> dict[str, Any]:
         "num_waiting": stats.num_waiting + stats.num_waiting_for_remote_kv,
         "num_queued_prefill_tokens": stats.num_queued_prefill_tokens,
         "kv_cache_usage": float(stats.kv_cache_usage),
+        "num_prompt_tokens_total": getattr(stats, "num_prompt_tokens", 0),  # a counter, not a change of load
     }
 
 

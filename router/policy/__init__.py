@@ -2,6 +2,7 @@
 the decision whether a decode worker prefills a prompt itself. Torch-free."""
 
 from router.policy.disaggregation import DEFAULT_LOCAL_PREFILL_THRESHOLD, should_prefill_locally
+from router.policy.estimated_ttft import EstimatedTTFTScorer
 from router.policy.kv_usage import KVUsageScorer
 from router.policy.load_cost import LoadCostScorer
 from router.policy.picker import MaxScorePicker
@@ -14,6 +15,7 @@ from router.policy.scorer import Scorer, lower_is_better
 
 __all__ = [
     "DEFAULT_LOCAL_PREFILL_THRESHOLD",
+    "EstimatedTTFTScorer",
     "KVUsageScorer",
     "LoadCostScorer",
     "MaxScorePicker",

@@ -22,12 +22,14 @@ def build_policy(
     name: str, prefix_index: PrefixIndex, block_size: int, weights: PolicyWeights | None = None
 ) -> RoutingPolicy:
     """The policy called `name`; `weights` apply to "prefix" only (default: the router's)."""
+    plain = PolicyWeights(balance_threshold=0.0)  # the baselines have no balance check
     if name == "round_robin":
-        return RoutingPolicy(None, block_size, scorers=[], picker=MaxScorePicker(prefer_least_loaded=False))
+        picker = MaxScorePicker(prefer_least_loaded=False)
+        return RoutingPolicy(None, block_size, plain, scorers=[], picker=picker)
     if name == "least_loaded":
-        return RoutingPolicy(None, block_size, scorers=[(QueuedPrefillScorer(), 1.0)])
+        return RoutingPolicy(None, block_size, plain, scorers=[(QueuedPrefillScorer(), 1.0)])
     if name == "longest_prefix":
-        return RoutingPolicy(prefix_index, block_size, scorers=[(PrefixOverlapScorer(), 1.0)])
+        return RoutingPolicy(prefix_index, block_size, plain, scorers=[(PrefixOverlapScorer(), 1.0)])
     if name == "prefix":
         return RoutingPolicy(prefix_index, block_size, weights=weights)
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from router.policy.estimated_ttft import EstimatedTTFTScorer
 from router.policy.kv_usage import KVUsageScorer
 from router.policy.load_cost import LoadCostScorer
 from router.policy.picker import MaxScorePicker
@@ -34,18 +35,28 @@ class NoWorkerAvailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PolicyWeights:
-    """The router's defaults are what `pdserve bench route` chose on the Mooncake trace
-    (docs/routing.md says why): routing is driven by the load cost, a miss counted as 7
-    queued blocks, the decode load (active KV blocks) as 1/20 of a queued prefill block,
-    and a light nudge toward the longer cached prefix among workers of similar cost."""
+    """The router's defaults (docs/routing.md says why, from `pdserve bench route` tuned on
+    the Mooncake trace and the conversation workload, checked on others held out): route
+    by the estimated time to first token (queue plus the prompt tokens a worker lacks, a
+    missing token counted as 4 queued ones), nudge toward the longer cached prefix among
+    workers of similar estimate, and leave out any worker that has been sent more than 5 %
+    above the mean prefill work lately (plus this prompt), as SGLang falls back to the
+    shortest queue when load is imbalanced."""
 
     prefix_overlap: float = 0.1
-    load_cost: float = 1.0
+    estimated_ttft: float = 1.0
+    load_cost: float = 0.0
     queued_prefill: float = 0.0
     running_requests: float = 0.0
     kv_usage: float = 0.0
+    # of EstimatedTTFTScorer and LoadCostScorer: a missing prompt token (block) against a queued one
+    cache_miss_scale: float = 4.0
+    # of EstimatedTTFTScorer: 1 divides by each worker's measured prefill speed, 0 takes them alike
+    measured_speed: float = 0.0
+    # leave out workers sent more than this fraction above the mean recent prefill work
+    # (plus the prompt's own tokens); 0 turns the check off
+    balance_threshold: float = 0.05
     prefill_load_scale: float = 20.0  # of LoadCostScorer: queued prefill blocks against active KV blocks
-    cache_miss_scale: float = 7.0  # of LoadCostScorer: a missing prompt block against a queued one
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyWeights:
@@ -69,6 +80,7 @@ class PolicyWeights:
             (QueuedPrefillScorer(), self.queued_prefill),
             (RunningRequestsScorer(), self.running_requests),
             (KVUsageScorer(), self.kv_usage),
+            (EstimatedTTFTScorer(self.cache_miss_scale, self.measured_speed > 0), self.estimated_ttft),
         ]
         for scorer, weight in candidates:
             if weight < 0:
@@ -122,6 +134,8 @@ class RoutingPolicy:
             )
         overlap = self.prefix_index.match(block_hashes) if self.prefix_index is not None else {}
         request = RequestView(num_prompt_tokens, len(block_hashes), self.block_size, overlap)
+        if self.weights.balance_threshold > 0 and len(workers) > 1:
+            workers = self._within_balance(workers, num_prompt_tokens)
 
         totals = [0.0] * len(workers)
         ratings: dict[str, list[float]] = {}
@@ -146,3 +160,13 @@ class RoutingPolicy:
             scores=scores,
         )
         return chosen, decision
+
+    def _within_balance(self, workers: list[WorkerState], num_prompt_tokens: int) -> list[WorkerState]:
+        """The workers not sent much more prefill work lately than the mean (the picker's
+        decaying count): a hot prefix then spreads to a second worker instead of piling
+        its requests on one, which an empty queue alone would not show at moderate load."""
+        routed = [self.picker.routed_work(w) for w in workers]
+        mean = sum(routed) / len(routed)
+        limit = (1 + self.weights.balance_threshold) * mean + num_prompt_tokens
+        kept = [w for w, r in zip(workers, routed, strict=True) if r <= limit]
+        return kept or workers

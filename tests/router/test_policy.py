@@ -24,7 +24,7 @@ from router.policy import (
     should_prefill_locally,
 )
 from router.prefix_index import PrefixIndex
-from router.worker_state import WorkerState
+from router.worker_state import REPORT_LAG_S, WorkerState
 from tests.harness.torch_free import assert_imports_without_torch
 
 BLOCK = 16
@@ -149,7 +149,7 @@ def test_a_worker_holding_a_long_prefix_wins():
     assert (
         decision.scores["b"]["total"] == decision.score == max(s["total"] for s in decision.scores.values())
     )
-    assert set(decision.scores["a"]) == {"prefix_overlap", "load_cost", "total"}
+    assert set(decision.scores["a"]) == {"prefix_overlap", "estimated_ttft", "total"}
 
 
 def test_a_worker_holding_the_prefix_loses_when_it_is_overloaded():
@@ -188,7 +188,7 @@ def test_unhealthy_workers_are_never_chosen():
 
 def test_weights_pick_the_scorers_and_zero_leaves_one_out():
     policy = RoutingPolicy(
-        None, BLOCK, PolicyWeights(prefix_overlap=2, load_cost=0, kv_usage=1, queued_prefill=1)
+        None, BLOCK, PolicyWeights(prefix_overlap=2, estimated_ttft=0, kv_usage=1, queued_prefill=1)
     )
     assert [(s.name, w) for s, w in policy.scorers] == [
         ("prefix_overlap", 2),
@@ -214,6 +214,8 @@ def test_a_policy_of_one_load_scorer_is_least_loaded_routing():
 
 def test_requests_sent_count_until_the_next_load_report():
     worker = _worker("a", num_queued_prefill_tokens=100, num_running=2, kv_cache_usage=0.5, num_kv_blocks=100)
+    now = [0.0]
+    worker.clock = lambda: now[0]
     worker.note_request_sent("r1", prefill_tokens=300, kv_blocks=20)
     worker.note_request_sent("r2", prefill_tokens=50, kv_blocks=5)
     assert worker.queued_prefill_tokens == 450
@@ -225,6 +227,7 @@ def test_requests_sent_count_until_the_next_load_report():
     worker.note_request_finished("r2")
     assert worker.queued_prefill_tokens == 100 and worker.num_active_requests == 3
 
+    now[0] = REPORT_LAG_S  # a report arriving this long after r1 was sent counts it
     worker.update_load(LoadReport(num_queued_prefill_tokens=10, num_running=3))
     assert worker.queued_prefill_tokens == 10 and worker.num_active_requests == 3
     worker.note_request_finished("r1")  # already counted by the report: nothing to undo

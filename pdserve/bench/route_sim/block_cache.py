@@ -62,6 +62,12 @@ class LRUBlockCache:
     def can_reserve(self, num_blocks: int) -> bool:
         return self.num_in_use + num_blocks <= self.capacity
 
+    def can_admit(self, hashes: Sequence[int], hit: int) -> bool:
+        """Whether a prompt of `hashes`, its first `hit` cached, fits: pinning a cached block
+        nobody uses counts against the room as much as reserving a new one."""
+        idle_hits = sum(1 for h in hashes[:hit] if h in self._evictable)
+        return self.can_reserve(len(hashes) - hit + idle_hits)
+
     def blocks(self) -> set[int]:
         return set(self._users)
 

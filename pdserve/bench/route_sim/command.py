@@ -1,8 +1,12 @@
 """`pdserve bench route`: routing quality of each policy on a request trace.
 
     pdserve bench route --trace mooncake_synthetic_trace.jsonl --num-workers 8 --policy all
+    pdserve bench route --workload conversation --seed 0
+    pdserve bench route --suite --trace mooncake_synthetic_trace.jsonl
 
-Prints the JSON report on stdout (and to --output-json), a table on stderr.
+Prints the JSON report on stdout (and to --output-json), a table on stderr. --suite
+replays every workload (the trace, if given, and each synthetic one) at the given
+setting and under the sensitivity sweep (suite.py), one table for all.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from common.config.arg_types import human_int, int_at_least, number_above
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker, oracle_hit_rate, replay
+from pdserve.bench.route_sim.workloads import WORKLOADS, generate
 from pdserve.bench.table import aligned_columns
 from pdserve.bench.trace import load_trace
 from router.cli import add_routing_weights_arg
@@ -29,6 +34,8 @@ _TABLE = [
     ("load_imbalance", "imbalance", "{:.3f}"),
     ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"),
     ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
+    ("ttft_p999_ms", "TTFT p99.9 ms", "{:.0f}"),
+    ("ttft_mean_ms", "TTFT mean ms", "{:.0f}"),
     ("decisions_per_s", "decisions/s", "{:.0f}"),
     ("kv_events_per_s", "KV events/s", "{:.0f}"),
     ("wall_s", "wall s", "{:.1f}"),
@@ -43,9 +50,31 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
     model = ServiceModel()
     parser.add_argument(
         "--trace",
-        required=True,
+        default=None,
         help="Mooncake-format JSONL trace: one request a line with timestamp (ms), input_length, "
         "output_length and hash_ids (ids of 512-token prompt blocks; equal ids = equal prefix blocks).",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=list(WORKLOADS),
+        default=None,
+        help="Replay a synthetic workload instead of --trace: conversation (multi-turn sessions, "
+        "growing prefixes), agent (long shared tool prompts, varied suffixes) or bursty (on/off "
+        "arrivals over shared prefixes).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic workloads.")
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="Replay every workload (--trace if given, and each synthetic one) at the given setting "
+        "and with workers 4/8/16 (or N/2 and 2N), capacity /2 and x2, load -25%% and +25%%; one table.",
+    )
+    parser.add_argument(
+        "--event-delay-ms",
+        type=_non_negative_float,
+        default=20.0,
+        help="Delay from a worker publishing a KV-event batch or a load report to the router "
+        "taking it, in ms.",
     )
     parser.add_argument(
         "--num-workers", type=int_at_least(1), default=8, help="Simulated workers to route over."
@@ -124,19 +153,65 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_route_bench(args: argparse.Namespace) -> int:
-    try:
-        trace = load_trace(args.trace, args.max_requests)
-    except OSError as exc:
-        print(f"pdserve bench route: cannot read --trace {args.trace}: {exc.strerror}", file=sys.stderr)
+    if args.suite:
+        from pdserve.bench.route_sim.suite import run_suite  # suite.py builds on this module's helpers
+
+        return run_suite(args)
+    if (args.trace is None) == (args.workload is None):
+        print(
+            "pdserve bench route: give one of --trace FILE or --workload NAME (or --suite)", file=sys.stderr
+        )
         return 1
-    except ValueError as exc:
-        print(f"pdserve bench route: {exc}", file=sys.stderr)
-        return 1
-    if not trace:
-        print(f"pdserve bench route: --trace {args.trace} holds no requests", file=sys.stderr)
+    trace = read_workload(args, path=args.trace, workload=args.workload)
+    if trace is None:
         return 1
     if args.time_scale != 1.0:
         trace = [replace(r, arrival_s=r.arrival_s * args.time_scale) for r in trace]
+    report, rows = replay_policies(args, trace, args.num_workers, args.blocks_per_worker)
+    if report is None:
+        return 1
+    report["trace"] = args.trace if args.trace is not None else f"{args.workload} (seed {args.seed})"
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(table(rows), file=sys.stderr)
+    print(
+        f"{len(trace)} requests, {args.num_workers} workers of {report['blocks_per_worker']} blocks, oracle "
+        f"hit rate {report['oracle_hit_rate']:.4f}; replayed in {report['wall_s']:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def read_workload(
+    args: argparse.Namespace, path: str | None = None, workload: str | None = None
+) -> list | None:
+    """The trace at `path` or the synthetic `workload` (cut to --max-requests); None, said
+    on stderr, when it cannot be had."""
+    if workload is not None:
+        trace = generate(workload, args.seed)
+        return trace[: args.max_requests] if args.max_requests else trace
+    name = str(path)
+    try:
+        trace = load_trace(name, args.max_requests)
+    except OSError as exc:
+        print(f"pdserve bench route: cannot read --trace {name}: {exc.strerror}", file=sys.stderr)
+        return None
+    except ValueError as exc:
+        print(f"pdserve bench route: {exc}", file=sys.stderr)
+        return None
+    if not trace:
+        print(f"pdserve bench route: --trace {name} holds no requests", file=sys.stderr)
+        return None
+    return trace
+
+
+def replay_policies(
+    args: argparse.Namespace, trace: list, num_workers: int, blocks_per_worker: int | None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Every --policy over `trace`: the JSON report and one table row per policy."""
     model = ServiceModel(
         token_rate=args.token_rate,
         step_overhead_s=args.step_overhead_ms / 1000,
@@ -145,15 +220,15 @@ def run_route_bench(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
     )
-    capacity = args.blocks_per_worker or default_blocks_per_worker(trace)
+    capacity = blocks_per_worker or default_blocks_per_worker(trace)
     oracle = oracle_hit_rate(trace)
     policies = POLICY_NAMES if args.policy == "all" else (args.policy,)
     report: dict[str, Any] = {
-        "trace": args.trace,
         "num_requests": len(trace),
-        "num_workers": args.num_workers,
+        "num_workers": num_workers,
         "blocks_per_worker": capacity,
         "time_scale": args.time_scale,
+        "event_delay_ms": args.event_delay_ms,
         "oracle_hit_rate": round(oracle, 6),
         "routing_weights": vars(args.routing_weights),
         "service_model": model.to_json(),
@@ -161,31 +236,22 @@ def run_route_bench(args: argparse.Namespace) -> int:
     }
     start = time.perf_counter()
     rows = []
+    delay_s = args.event_delay_ms / 1000
     for name in policies:
         try:
-            result = replay(trace, name, args.num_workers, capacity, model, args.routing_weights, oracle)
+            result = replay(trace, name, num_workers, capacity, model, args.routing_weights, oracle, delay_s)
         except ValueError as exc:
             print(f"pdserve bench route: {exc}", file=sys.stderr)
-            return 1
+            return None, []
         report["policies"][name] = result.to_json()
         rows.append({**vars(result), "hit_vs_oracle": result.hit_rate / oracle if oracle else float("nan")})
     report["wall_s"] = round(time.perf_counter() - start, 3)
-
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(_table(rows), file=sys.stderr)
-    print(
-        f"{len(trace)} requests, {args.num_workers} workers of {capacity} blocks, oracle hit rate "
-        f"{oracle:.4f}; replayed in {report['wall_s']:.1f} s",
-        file=sys.stderr,
-    )
-    return 0
+    return report, rows
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    cells = [[title for _, title, _ in _TABLE]]
-    cells += [[fmt.format(row[key]) for key, _, fmt in _TABLE] for row in rows]
+def table(rows: list[dict[str, Any]], first: tuple[str, ...] = ()) -> str:
+    """The table of `rows`, with the columns named in `first` (keys of the rows) in front."""
+    columns = [(key, key, "{}") for key in first] + _TABLE
+    cells = [[title for _, title, _ in columns]]
+    cells += [[fmt.format(row[key]) for key, _, fmt in columns] for row in rows]
     return aligned_columns(cells)

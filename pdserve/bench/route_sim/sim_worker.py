@@ -122,6 +122,7 @@ class SimWorker:
             num_queued_prefill_tokens=self._queued_prefill_tokens,
             kv_cache_usage=self.cache.num_in_use / self.capacity_blocks,
             num_kv_blocks=self.capacity_blocks,
+            num_prompt_tokens_total=self.prefill_tokens,
         )
 
     # -- the engine step --------------------------------------------------------------------
@@ -159,7 +160,7 @@ class SimWorker:
     def _admit(self, r: SimRequest) -> bool:
         hashes = r.trace.hash_ids
         hit = self.cache.cached_prefix(hashes)
-        if not self.cache.can_reserve(len(hashes) - hit):
+        if not self.cache.can_admit(hashes, hit):
             return False
         self.cache.use(hashes[:hit])
         self.cache.reserve(len(hashes) - hit)

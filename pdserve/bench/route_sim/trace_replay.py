@@ -9,10 +9,17 @@ first tokens and finishes as the orchestrator notes them); then the RoutingPolic
 a worker, the router notes the request there as the orchestrator does, and the worker
 queues it. The router only knows what the workers have published: a prompt being
 prefilled somewhere is not in the index until its blocks are.
+
+KV events and load reports reach the router `event_delay_s` after the worker sent them
+(the publisher's batching, the network and the subscriber's queue: tens of ms in a real
+cluster), so the router routes on a slightly old view, as a real one does. First tokens
+and finishes come on the request's own stream, which the router reads as it arrives.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -41,6 +48,7 @@ class RouteResult:
     load_imbalance: float  # max / mean of per-worker prefill (computed prompt) tokens
     ttft_p50_ms: float
     ttft_p99_ms: float
+    ttft_p999_ms: float
     ttft_mean_ms: float
     decisions_per_s: float  # RoutingPolicy.choose calls per second of their own time
     kv_events_per_s: float  # KV events decoded and indexed per second of that work
@@ -93,9 +101,13 @@ class TraceReplay:
         blocks_per_worker: int | None = None,
         model: ServiceModel | None = None,
         weights: PolicyWeights | None = None,
+        event_delay_s: float = 0.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
+        if not event_delay_s >= 0:
+            raise ValueError(f"--event-delay-ms must be 0 or more, got {event_delay_s * 1000}")
+        self.event_delay_s = event_delay_s
         self.trace = list(trace)
         self.policy_name = policy_name
         self.model = model or ServiceModel()
@@ -116,6 +128,11 @@ class TraceReplay:
         self.num_kv_event_blocks = 0
         self._decide_s = self._index_s = 0.0
         self._promised_tokens = 0  # cached tokens the index showed on the chosen workers
+        # per worker, what it said and the router has not heard yet: (due time, order, kind, payload)
+        self._in_flight: dict[str, list[tuple[float, int, Message, object]]] = {
+            s.worker_id: [] for s in self.states
+        }
+        self._order = itertools.count()
 
     def _clock(self) -> float:
         return self.now
@@ -139,17 +156,29 @@ class TraceReplay:
         return self._result(time.perf_counter() - start, oracle)
 
     def _catch_up(self, until: float) -> None:
-        """Run every worker's steps that end by `until` and deliver what they said."""
+        """Run every worker's steps that end by `until` and deliver what they said that
+        has reached the router by then."""
         for state in self.states:
             worker = self.workers[state.worker_id]
             worker.advance(until)
-            if worker.outbox:
-                self._deliver(state, worker)
+            in_flight = self._in_flight[state.worker_id]
+            for ts, kind, payload in worker.outbox:
+                delayed = kind is Message.KV_EVENTS or kind is Message.LOAD_REPORT
+                due = ts + self.event_delay_s if delayed else ts
+                heapq.heappush(in_flight, (due, next(self._order), kind, payload))
+            worker.outbox.clear()
+            if in_flight and in_flight[0][0] <= until:
+                self._deliver(state, in_flight, until)
 
-    def _deliver(self, state: WorkerState, worker: SimWorker) -> None:
-        for ts, kind, payload in worker.outbox:
+    def _deliver(self, state: WorkerState, in_flight: list, until: float) -> None:
+        # each message is taken at the time it reaches the router, which times what it says
+        # (the age of a load report, the speed measured between two)
+        now = self.now
+        while in_flight and in_flight[0][0] <= until:
+            due, _, kind, payload = heapq.heappop(in_flight)
+            self.now = due
             if kind is Message.KV_EVENTS:
-                wire = encode_batch(KVEventBatch(ts=ts, events=payload))
+                wire = encode_batch(KVEventBatch(ts=due - self.event_delay_s, events=payload))
                 t0 = time.perf_counter()
                 self.index.apply_batch(state.worker_id, decode_batch(wire))
                 self._index_s += time.perf_counter() - t0
@@ -161,7 +190,7 @@ class TraceReplay:
                 state.note_prefill_done(payload.request_id)
             else:
                 state.note_request_finished(payload.request_id)
-        worker.outbox.clear()
+        self.now = now
 
     def _result(self, wall_s: float, oracle: float | None) -> RouteResult:
         workers = [self.workers[s.worker_id] for s in self.states]
@@ -182,6 +211,7 @@ class TraceReplay:
             load_imbalance=max(per_worker) / mean_prefill if mean_prefill else 1.0,
             ttft_p50_ms=1000 * percentile(ttfts, 50, empty=math.nan),
             ttft_p99_ms=1000 * percentile(ttfts, 99, empty=math.nan),
+            ttft_p999_ms=1000 * percentile(ttfts, 99.9, empty=math.nan),
             ttft_mean_ms=1000 * sum(ttfts) / len(ttfts) if ttfts else math.nan,
             decisions_per_s=len(self.requests) / self._decide_s if self._decide_s else math.inf,
             kv_events_per_s=self.num_kv_events / self._index_s if self._index_s else math.inf,
@@ -205,10 +235,12 @@ def replay(
     model: ServiceModel | None = None,
     weights: PolicyWeights | None = None,
     oracle: float | None = None,
+    event_delay_s: float = 0.0,
 ) -> RouteResult:
     """Route every request of `trace` with the policy `policy_name` (router.policy.named);
     `oracle` saves recomputing oracle_hit_rate(trace) when comparing several policies."""
-    return TraceReplay(trace, policy_name, num_workers, blocks_per_worker, model, weights).run(oracle)
+    run = TraceReplay(trace, policy_name, num_workers, blocks_per_worker, model, weights, event_delay_s)
+    return run.run(oracle)
 
 
 def _json_number(value: object) -> object:

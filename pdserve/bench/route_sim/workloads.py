@@ -1,0 +1,181 @@
+"""Synthetic request traces of shapes the Mooncake trace does not have, in its format
+(arrival, input and output length, ids of 512-token blocks), so that `pdserve bench
+route` can judge a routing policy on workloads it was not tuned on.
+
+- conversation: chat sessions of several turns; each turn's prompt is the whole
+  conversation so far (a shared system prompt, then every earlier user message and
+  answer), so prefixes grow turn by turn and belong to one session.
+- agent: agent tasks of several tool-calling steps; every step's prompt starts with one
+  of a few long tool prompts (popular ones far more often), then the task and the
+  observations so far: long prefixes shared by many concurrent tasks.
+- bursty: single requests over a few shared prefixes of varied length, arriving in
+  bursts (a Poisson process switching between a high and a low rate).
+
+Each is seeded, so a name and a seed always give the same trace. Block ids follow the
+content: a block's id names its tokens and everything before them (as a chained block
+hash does), so equal ids are equal prefixes and a partial last block gets its own id.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+from pdserve.bench.trace import TRACE_BLOCK_SIZE, TraceRequest
+
+Segment = tuple[object, int]  # (what names its tokens, how many tokens)
+
+
+class _BlockIds:
+    """Ids for the 512-token blocks of prompts built from named segments of tokens."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple, int] = {}
+
+    def of(self, segments: list[Segment]) -> tuple[int, ...]:
+        ids: list[int] = []
+        parent = -1
+        block: list[tuple[object, int, int]] = []  # (segment name, from, to) in this block
+        room = TRACE_BLOCK_SIZE
+        for name, length in segments:
+            at = 0
+            while at < length:
+                take = min(room, length - at)
+                block.append((name, at, at + take))
+                at += take
+                room -= take
+                if room == 0:
+                    parent = self._id(parent, block)
+                    ids.append(parent)
+                    block, room = [], TRACE_BLOCK_SIZE
+        if block:
+            ids.append(self._id(parent, block))
+        return tuple(ids)
+
+    def _id(self, parent: int, block: list) -> int:
+        key = (parent, tuple(block))
+        found = self._ids.get(key)
+        if found is None:
+            found = self._ids[key] = len(self._ids)
+        return found
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return int(min(max(rng.lognormvariate(math.log(median), sigma), low), high))
+
+
+def conversation(
+    seed: int = 0, duration_s: float = 1000.0, sessions_per_s: float = 0.6
+) -> list[TraceRequest]:
+    """Multi-turn chat: sessions start as a Poisson process; each has one of 30 system
+    prompts (1k-6k tokens, Zipf-popular), 2-20 turns of 100-4k-token user messages, answers
+    of 30-1k tokens, and 5-120 s between a turn's answer and the next message."""
+    rng = random.Random(seed)
+    ids = _BlockIds()
+    systems = [_lognormal(rng, 2500, 0.6, 1000, 6000) for _ in range(30)]
+    zipf = [1 / (k + 1) for k in range(len(systems))]
+    requests: list[TraceRequest] = []
+    t, session = 0.0, 0
+    while True:
+        t += rng.expovariate(sessions_per_s)
+        if t >= duration_s:
+            break
+        session += 1
+        system = rng.choices(range(len(systems)), zipf)[0]
+        context: list[Segment] = [(("system", system), systems[system])]
+        turns = min(2 + int(rng.expovariate(1 / 5)), 20)
+        at = t
+        for turn in range(turns):
+            context.append((("user", session, turn), _lognormal(rng, 400, 1.0, 100, 4000)))
+            output = _lognormal(rng, 200, 0.8, 30, 1000)
+            length = sum(n for _, n in context)
+            requests.append(TraceRequest(at, length, output, ids.of(context)))
+            context.append((("answer", session, turn), output))
+            at += output / 50 + rng.uniform(5, 120)  # the answer streams, then the user thinks
+    return _sorted(requests)
+
+
+def agent(seed: int = 0, duration_s: float = 1000.0, tasks_per_s: float = 0.5) -> list[TraceRequest]:
+    """Tool-calling agents: tasks start as a Poisson process; each uses one of 12 tool
+    prompts (8k-30k tokens, the most popular far more often), a 200-3k-token task, then
+    3-15 steps, each adding an answer of 20-400 tokens and a tool result of 100-6k tokens,
+    with 0.5-8 s of tool time between steps."""
+    rng = random.Random(seed + 1)
+    ids = _BlockIds()
+    tools = [_lognormal(rng, 14000, 0.4, 8000, 30000) for _ in range(12)]
+    zipf = [1 / (k + 1) ** 1.2 for k in range(len(tools))]
+    requests: list[TraceRequest] = []
+    t, task = 0.0, 0
+    while True:
+        t += rng.expovariate(tasks_per_s)
+        if t >= duration_s:
+            break
+        task += 1
+        tool = rng.choices(range(len(tools)), zipf)[0]
+        context: list[Segment] = [
+            (("tools", tool), tools[tool]),
+            (("task", task), _lognormal(rng, 800, 0.8, 200, 3000)),
+        ]
+        steps = min(3 + int(rng.expovariate(1 / 4)), 15)
+        at = t
+        for step in range(steps):
+            output = _lognormal(rng, 100, 0.8, 20, 400)
+            length = sum(n for _, n in context)
+            requests.append(TraceRequest(at, length, output, ids.of(context)))
+            context.append((("call", task, step), output))
+            context.append((("result", task, step), _lognormal(rng, 800, 1.0, 100, 6000)))
+            at += output / 50 + rng.uniform(0.5, 8.0)
+    return _sorted(requests)
+
+
+def bursty(seed: int = 0, duration_s: float = 1000.0, mean_rate: float = 3.0) -> list[TraceRequest]:
+    """Single requests on/off: bursts of 5-30 s at 4× the mean rate, quiet spells of
+    10-60 s at a quarter of it (`mean_rate` averaged over time, roughly). Each prompt is
+    one of 40 shared prefixes (500-20k tokens, Zipf-popular) plus its own 50-3k tokens."""
+    rng = random.Random(seed + 2)
+    ids = _BlockIds()
+    prefixes = [_lognormal(rng, 4000, 1.0, 500, 20000) for _ in range(40)]
+    zipf = [1 / (k + 1) for k in range(len(prefixes))]
+    # time-average rate: (17.5 × 4 + 35 × 0.25) / 52.5 ≈ 1.5 × mean_rate; scaled back below
+    high, low = 4 * mean_rate / 1.5, 0.25 * mean_rate / 1.5
+    requests: list[TraceRequest] = []
+    t, n, burst = 0.0, 0, True
+    spell_end = rng.uniform(5, 30)
+    while t < duration_s:
+        t += rng.expovariate(high if burst else low)
+        while t >= spell_end:
+            burst = not burst
+            spell_end += rng.uniform(5, 30) if burst else rng.uniform(10, 60)
+        if t >= duration_s:
+            break
+        n += 1
+        prefix = rng.choices(range(len(prefixes)), zipf)[0]
+        context: list[Segment] = [
+            (("prefix", prefix), prefixes[prefix]),
+            (("own", n), _lognormal(rng, 500, 1.0, 50, 3000)),
+        ]
+        output = _lognormal(rng, 150, 0.8, 10, 1000)
+        requests.append(TraceRequest(t, sum(k for _, k in context), output, ids.of(context)))
+    return _sorted(requests)
+
+
+def _sorted(requests: list[TraceRequest]) -> list[TraceRequest]:
+    requests.sort(key=lambda r: r.arrival_s)  # stable: a session's turns keep their order
+    return requests
+
+
+WORKLOADS: dict[str, Callable[..., list[TraceRequest]]] = {
+    "conversation": conversation,
+    "agent": agent,
+    "bursty": bursty,
+}
+
+
+def generate(name: str, seed: int = 0) -> list[TraceRequest]:
+    """The synthetic workload `name` (one of WORKLOADS) with `seed`."""
+    try:
+        make = WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}") from None
+    return make(seed=seed)
