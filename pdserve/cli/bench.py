@@ -15,10 +15,12 @@ from typing import Any
 from pdserve.bench.cpu_throughput import add_cpu_throughput_args, run_cpu_throughput
 from pdserve.bench.decode_step.command import add_decode_step_args, run_decode_step_bench
 from pdserve.bench.disagg_latency import add_disagg_latency_args, run_disagg_latency
+from pdserve.bench.grammar import add_grammar_args, run_grammar_bench
 from pdserve.bench.kernels.command import add_kernel_bench_args, run_kernel_bench
 from pdserve.bench.make_bench_model import add_make_model_args, run_make_model
 from pdserve.bench.prefix_index import add_prefix_index_args, run_prefix_index_bench
 from pdserve.bench.route_sim.command import add_route_args, run_route_bench
+from pdserve.bench.router_overhead import add_router_overhead_args, run_router_overhead
 from pdserve.bench.serve.cli_args import add_bench_serve_args
 from pdserve.bench.serve.command import run_bench_serve
 from pdserve.bench.tp_check import add_tp_check_args, run_tp_check
@@ -64,6 +66,18 @@ BENCHMARKS: dict[str, Benchmark] = {
         "The router's own cost on a trace: routing decisions and KV events indexed per second.",
         add_prefix_index_args,
         run_prefix_index_bench,
+    ),
+    "router-overhead": Benchmark(
+        "What the router adds per request on 4k-token prompts through HTTP (p50/p99, against the "
+        "same request sent straight to a worker) and its routing decisions per second.",
+        add_router_overhead_args,
+        run_router_overhead,
+    ),
+    "grammar": Benchmark(
+        "Grammar engines for structured outputs (llguidance, xgrammar): mask time per token, "
+        "batch-64 mask, compile time, schema support.",
+        add_grammar_args,
+        run_grammar_bench,
     ),
     "cpu-throughput": Benchmark(
         "CPU output tokens/s: pdserve run-batch against transformers' generate on the same requests.",

@@ -19,6 +19,8 @@ EVERY_BENCHMARK = [
     "transfer",
     "route",
     "prefix-index",
+    "router-overhead",
+    "grammar",
     "cpu-throughput",
     "disagg-latency",
     "tp-check",

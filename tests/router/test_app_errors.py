@@ -5,6 +5,14 @@ words), unknown models (404), a wrong API key (401), oversized bodies and header
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import httpx
 import pytest
 
@@ -132,11 +140,67 @@ def test_an_oversized_body_is_413(client):
     assert_openai_error(response, 413)
 
     def chunked():  # no Content-Length: the limit holds as the body arrives
-        # just past the limit, so the whole body is sent before the 413 closes the connection
+        # just past the limit: the 413 comes once 64 KiB have arrived, the rest is read and dropped
         for _ in range(9):
             yield b"x" * 8192
 
     assert_openai_error(client.post("/v1/completions", content=chunked()), 413)
+
+
+@contextmanager
+def a_busy_core(seconds: float) -> Iterator[None]:
+    """A process spinning on one core beside the test (it stops by itself after `seconds`)."""
+    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    hog = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_a_client_still_sending_a_large_body_gets_the_413_not_a_reset(router):
+    """The router answers before reading the body; it must read what the client still sends
+    before it closes, or the kernel resets the connection and the answer is lost. Clients
+    that send the whole body before reading the answer (http.client, httpx) show it."""
+    body = b'{"prompt": "' + b"x" * (8 * 1024 * 1024) + b'"}'
+    pieces = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    headers = {**AUTH, "content-type": "application/json"}
+    with a_busy_core(120):
+        for _ in range(2):
+            for chunked in (False, True):
+                connection = http.client.HTTPConnection("127.0.0.1", router.port, timeout=30)
+                try:
+                    if chunked:  # no Content-Length: refused once 64 KiB have arrived
+                        connection.request(
+                            "POST", "/v1/completions", iter(pieces), headers, encode_chunked=True
+                        )
+                    else:  # refused by its Content-Length before a byte of it is read
+                        connection.request("POST", "/v1/completions", body, headers)
+                    response = connection.getresponse()
+                    answer = response.read()
+                finally:
+                    connection.close()
+                assert response.status == 413, answer[:200]
+                assert json.loads(answer)["error"]["type"] == "RequestEntityTooLargeError"
+            with httpx.Client(base_url=router.url, headers=AUTH, timeout=30) as http_client:
+                assert_openai_error(http_client.post("/v1/completions", content=body), 413)
+                assert_openai_error(http_client.post("/v1/completions", content=iter(pieces)), 413)
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_instead(router):
+    """It has sent no body and sends none after a refusal: nothing is read, no 100 Continue."""
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {AUTH['Authorization']}\r\n"
+        f"content-type: application/json\r\ncontent-length: {8 * 1024 * 1024}\r\nexpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", router.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while chunk := sock.recv(65536):  # until the router closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"RequestEntityTooLargeError" in answer
 
 
 def test_too_many_or_too_large_headers_are_431(client):

@@ -291,8 +291,10 @@ def test_a_hostile_request_the_api_allows_is_served(client, name, body):
 
 def test_streams_dropped_half_way_end_cleanly(stack):
     router, prefill, decode = stack
-    aborted_before = aborted(prefill) + aborted(decode)
+    aborted_before = aborted(decode)
+    ran_to_the_end_before = finished_by_length(prefill) + finished_by_length(decode)
     long_prompt = "Write a long story about a dragon who learns to bake bread. " * 6
+    choices_seen = 0
     for body in (
         {"prompt": "Tell me a very long story.", "max_tokens": 300},
         {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 300},
@@ -309,6 +311,9 @@ def test_streams_dropped_half_way_end_cleanly(stack):
                 ]
                 assert received and all(line != "data: [DONE]" for line in received)
         # leaving both blocks closed the connection half-way
+        choices_seen += len(
+            {choice["index"] for line in received for choice in json.loads(line[6:])["choices"]}
+        )
 
     # dropped before the first token: the prompt is still being prefilled
     head = request_head("/v1/completions", None)
@@ -318,12 +323,25 @@ def test_streams_dropped_half_way_end_cleanly(stack):
     # a request that is not streamed, dropped while it runs
     body = json.dumps({"prompt": long_prompt, "max_tokens": 200, "ignore_eos": True}).encode()
     hang_up_after(router.port, request_head("/v1/completions", len(body)), body, seconds=1.0)
-    # the workers stopped the six streamed choices (they did not run them to their 300 tokens);
-    # the two requests dropped early may end before reaching a worker at all, so they are not
-    # counted here: the next test checks that nothing is left running or holding KV blocks
+
+    # A choice the client saw a chunk of had been sent on to the decode worker before the
+    # chunk went out (the router does so as it takes the prefill worker's first token), so
+    # the decode worker aborts each one. A choice the client saw nothing of may have been
+    # stopped on the prefill worker, or have just finished its prefill there (which counts
+    # no abort) and never reach the decode worker: they are not counted.
     wait_until(
-        lambda: aborted(prefill) + aborted(decode) >= aborted_before + 6, 60, "the workers aborting them"
+        lambda: aborted(decode) >= aborted_before + choices_seen, 60, "the decode worker aborting them"
     )
+    # None of them ran to its end: once nothing runs anywhere, no request finished by length.
+    wait_until(
+        lambda: (
+            metric_sum(router.url, "pdserve_router_requests_in_flight") == 0
+            and not any(busy(worker) for worker in (prefill, decode))
+        ),
+        60,
+        "the router and both workers running nothing",
+    )
+    assert finished_by_length(prefill) + finished_by_length(decode) == ran_to_the_end_before
 
 
 def test_afterwards_the_router_serves_and_no_kv_block_or_request_leaked(stack, client):
@@ -412,11 +430,25 @@ def worker_metrics(worker: WorkerProcess) -> dict[str, float]:
 
 
 def aborted(worker: WorkerProcess) -> float:
+    return worker_metrics_labelled(worker, "vllm:request_success_total", 'finished_reason="abort"')
+
+
+def finished_by_length(worker: WorkerProcess) -> float:
+    """Requests the worker ran to their max_tokens (or the context's end)."""
+    return worker_metrics_labelled(worker, "vllm:request_success_total", 'finished_reason="length"')
+
+
+def busy(worker: WorkerProcess) -> bool:
+    series = worker_metrics(worker)
+    return series.get("vllm:num_requests_running", 0.0) + series.get("vllm:num_requests_waiting", 0.0) > 0
+
+
+def worker_metrics_labelled(worker: WorkerProcess, name: str, label: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{worker.info['metrics_port']}/metrics", timeout=10).text
     return sum(
         float(line.rpartition(" ")[2])
         for line in text.splitlines()
-        if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line
+        if line.startswith(name + "{") and label in line
     )
 
 
