@@ -120,9 +120,10 @@ def test_the_load_is_the_serving_loops_last_stats():
     assert load_of(reporter.last_stats) == {}
     stats = SimpleNamespace(
         num_running=2, num_waiting=1, num_waiting_for_remote_kv=3, kv_cache_usage=0.123456,
-        num_queued_prefill_tokens=40,
+        num_queued_prefill_tokens=40, num_prompt_tokens=500,
     )  # fmt: skip
     assert reporter.due(stats) is None  # no router said hello: nothing to send, but recorded
     assert load_of(reporter.last_stats) == {
         "num_running": 2, "num_waiting": 4, "kv_cache_usage": 0.1235, "num_queued_prefill_tokens": 40,
+        "num_prompt_tokens_total": 500,
     }  # fmt: skip
