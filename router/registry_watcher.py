@@ -69,6 +69,10 @@ class RegistryWatcher:
         self._warned_bad: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # The loops also end on this flag: on Python 3.11, asyncio.wait_for and redis'
+        # reads can swallow a cancellation that lands as they complete, and close() would
+        # then wait on a loop that never ends.
+        self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -79,9 +83,22 @@ class RegistryWatcher:
         ]
 
     async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # a loop that lost its cancellation ends at its next turn (one poll, or one
+            # second of listening); cancel again meanwhile in case it is stuck in a read
+            while True:
+                _, pending = await asyncio.wait(self._tasks, timeout=_LISTEN_RETRY_S)
+                if not pending:
+                    break
+                for task in pending:
+                    task.cancel()
+        for task in self._tasks:  # retrieved, so an error of a loop is not reported again at exit
+            if not task.cancelled():
+                task.exception()
         self._tasks = []
         try:
             await self._client.aclose()
@@ -160,7 +177,7 @@ class RegistryWatcher:
     # -- the loops ------------------------------------------------------------------------
 
     async def _poll(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.sync()
             except asyncio.CancelledError:
@@ -181,11 +198,11 @@ class RegistryWatcher:
 
     async def _listen(self) -> None:
         """Wake the poll when a worker joins or leaves; resubscribe after a lost connection."""
-        while True:
+        while not self._closing:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._take_announcement(message.get("data"))

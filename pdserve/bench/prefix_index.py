@@ -14,6 +14,7 @@ them. There is no time model: a request counts as running for the next
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -86,6 +87,9 @@ def run_benchmark(
     distinct = len({h for hashes in trace for h in hashes})
     capacity = blocks_per_worker or max(1, distinct // 10)
     index = PrefixIndex()
+    # this bench measures the index: hits are what it promised, and its events arrive at
+    # once, so the policy's claims on prompts not yet published would only blur that
+    weights = dataclasses.replace(weights or PolicyWeights(), pending_prefix_s=0.0)
     policy = RoutingPolicy(index, block_size=block_size, weights=weights)
     workers = [WorkerState(f"w{i}", WorkerRole.DECODE, f"sim://{i}") for i in range(num_workers)]
     caches = {w.worker_id: _LRUWorker(capacity) for w in workers}

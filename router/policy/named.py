@@ -22,7 +22,8 @@ def build_policy(
     name: str, prefix_index: PrefixIndex, block_size: int, weights: PolicyWeights | None = None
 ) -> RoutingPolicy:
     """The policy called `name`; `weights` apply to "prefix" only (default: the router's)."""
-    plain = PolicyWeights(balance_threshold=0.0)  # the baselines have no balance check
+    # the baselines have no balance check and no pending-prefix claims
+    plain = PolicyWeights(balance_threshold=0.0, pending_prefix_s=0.0)
     if name == "round_robin":
         picker = MaxScorePicker(prefer_least_loaded=False)
         return RoutingPolicy(None, block_size, plain, scorers=[], picker=picker)

@@ -19,6 +19,7 @@ from typing import Any
 from router.policy.estimated_ttft import EstimatedTTFTScorer
 from router.policy.kv_usage import KVUsageScorer
 from router.policy.load_cost import LoadCostScorer
+from router.policy.pending_prefixes import PendingPrefixes
 from router.policy.picker import MaxScorePicker
 from router.policy.prefix_overlap import PrefixOverlapScorer
 from router.policy.queued_prefill import QueuedPrefillScorer
@@ -36,12 +37,13 @@ class NoWorkerAvailable(RuntimeError):
 @dataclass(frozen=True)
 class PolicyWeights:
     """The router's defaults (docs/routing.md says why, from `pdserve bench route` tuned on
-    the Mooncake trace and the conversation workload, checked on others held out): route
-    by the estimated time to first token (queue plus the prompt tokens a worker lacks, a
-    missing token counted as 4 queued ones), nudge toward the longer cached prefix among
-    workers of similar estimate, and leave out any worker that has been sent more than 5 %
-    above the mean prefill work lately (plus this prompt), as SGLang falls back to the
-    shortest queue when load is imbalanced."""
+    the Mooncake trace and three synthetic workloads, then checked once on workloads held
+    out): route by the estimated time to first token (queue plus the prompt tokens a worker
+    lacks, a missing token counted as 6 queued ones, a prompt sent in the last second
+    counted as cached where it went), nudge toward the longer cached prefix among workers
+    of similar estimate, and leave out a worker that this request's work would take more
+    than 5 % above the mean prefill work lately, unless that moves a long cached context
+    for a small excess; SGLang falls back to the shortest queue on imbalance alike."""
 
     prefix_overlap: float = 0.1
     estimated_ttft: float = 1.0
@@ -50,13 +52,19 @@ class PolicyWeights:
     running_requests: float = 0.0
     kv_usage: float = 0.0
     # of EstimatedTTFTScorer and LoadCostScorer: a missing prompt token (block) against a queued one
-    cache_miss_scale: float = 4.0
+    cache_miss_scale: float = 6.0
     # of EstimatedTTFTScorer: 1 divides by each worker's measured prefill speed, 0 takes them alike
     measured_speed: float = 0.0
-    # leave out workers sent more than this fraction above the mean recent prefill work
-    # (plus the prompt's own tokens); 0 turns the check off
+    # leave out workers this request's work would take more than this fraction above the
+    # mean recent prefill work; 0 turns the check off
     balance_threshold: float = 0.05
     prefill_load_scale: float = 20.0  # of LoadCostScorer: queued prefill blocks against active KV blocks
+    # the balance check keeps a worker over its limit while the tokens it is over stay below
+    # this times the extra tokens the request would compute elsewhere (a long cached context)
+    balance_move_factor: float = 0.5
+    # count a routed prompt's blocks as held by its worker for this many seconds, until the
+    # worker's KV events say so (pending_prefixes.py); 0 trusts the events alone
+    pending_prefix_s: float = 1.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyWeights:
@@ -117,6 +125,8 @@ class RoutingPolicy:
         self.weights = weights if weights is not None else PolicyWeights()
         self.scorers = list(scorers) if scorers is not None else self.weights.scorers()
         self.picker = picker if picker is not None else MaxScorePicker()
+        pending_s = self.weights.pending_prefix_s
+        self.pending = PendingPrefixes(pending_s) if pending_s > 0 and prefix_index is not None else None
 
     def choose(
         self,
@@ -133,19 +143,23 @@ class RoutingPolicy:
                 "check that the workers are running and reachable from the router"
             )
         overlap = self.prefix_index.match(block_hashes) if self.prefix_index is not None else {}
+        now = workers[0].clock()
+        if self.pending is not None:
+            for worker_id, blocks in self.pending.overlap(block_hashes, now).items():
+                overlap[worker_id] = max(overlap.get(worker_id, 0), blocks)
         request = RequestView(num_prompt_tokens, len(block_hashes), self.block_size, overlap)
+        healthy = workers
         if self.weights.balance_threshold > 0 and len(workers) > 1:
-            workers = self._within_balance(workers, num_prompt_tokens)
-
-        totals = [0.0] * len(workers)
-        ratings: dict[str, list[float]] = {}
-        for scorer, weight in self.scorers:
-            rated = scorer.score(request, workers)
-            ratings[scorer.name] = rated
-            totals = [total + weight * r for total, r in zip(totals, rated, strict=True)]
+            workers = self._within_balance(workers, request)
+        totals, ratings = self._rate(request, workers)
         chosen = self.picker.pick(workers, totals)
         self.picker.note_routed(chosen, request.new_prefill_tokens_of(chosen.worker_id))
+        if self.pending is not None:
+            self.pending.note_sent(chosen.worker_id, block_hashes, now)
 
+        if len(workers) < len(healthy):  # the report rates every candidate, as if none were left out
+            workers = healthy
+            totals, ratings = self._rate(request, workers)
         scores = {}
         for i, w in enumerate(workers):
             scores[str(w.worker_id)] = {name: rated[i] for name, rated in ratings.items()}
@@ -161,12 +175,40 @@ class RoutingPolicy:
         )
         return chosen, decision
 
-    def _within_balance(self, workers: list[WorkerState], num_prompt_tokens: int) -> list[WorkerState]:
-        """The workers not sent much more prefill work lately than the mean (the picker's
-        decaying count): a hot prefix then spreads to a second worker instead of piling
-        its requests on one, which an empty queue alone would not show at moderate load."""
+    def _rate(
+        self, request: RequestView, workers: list[WorkerState]
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """Each worker's weighted total, and each scorer's ratings by scorer name."""
+        totals = [0.0] * len(workers)
+        ratings: dict[str, list[float]] = {}
+        for scorer, weight in self.scorers:
+            rated = scorer.score(request, workers)
+            ratings[scorer.name] = rated
+            totals = [total + weight * r for total, r in zip(totals, rated, strict=True)]
+        return totals, ratings
+
+    def _within_balance(self, workers: list[WorkerState], request: RequestView) -> list[WorkerState]:
+        """The workers that this request's work would not take more than the threshold
+        above the mean of the prefill work sent lately (the picker's decaying count), so a
+        hot prefix spreads to a second worker instead of piling its requests on one, which
+        an empty queue alone would not show at moderate load. Counting the request's own
+        work rather than allowing a whole prompt of slack keeps the margin the same for
+        any number of workers (with 16, one long prompt is a large share of a mean).
+        Workers at or below the mean always stay, and so does one whose excess is small
+        against what moving the request would cost (`balance_move_factor`)."""
         routed = [self.picker.routed_work(w) for w in workers]
-        mean = sum(routed) / len(routed)
-        limit = (1 + self.weights.balance_threshold) * mean + num_prompt_tokens
-        kept = [w for w, r in zip(workers, routed, strict=True) if r <= limit]
-        return kept or workers
+        limit = 1 + self.weights.balance_threshold
+        total, n = sum(routed), len(workers)
+        new = [request.new_prefill_tokens_of(w.worker_id) for w in workers]
+        after = [r + c for r, c in zip(routed, new, strict=True)]
+        # how far each worker would go over the limit with this request (<= 0: within)
+        excess = [a - limit * (total + c) / n for a, c in zip(after, new, strict=True)]
+        mean = total / n
+        # a worker at or below the mean before this request is never left out (nor is any
+        # while nothing has been routed yet)
+        within = [e <= 0 or r <= mean for e, r in zip(excess, routed, strict=True)]
+        factor = self.weights.balance_move_factor
+        if factor > 0 and any(within):
+            cheapest = min(c for c, ok in zip(new, within, strict=True) if ok)
+            within = [ok or factor * (cheapest - c) > e for c, e, ok in zip(new, excess, within, strict=True)]
+        return [w for w, ok in zip(workers, within, strict=True) if ok]

@@ -3,6 +3,7 @@
     pdserve bench route --trace mooncake_synthetic_trace.jsonl --num-workers 8 --policy all
     pdserve bench route --workload conversation --seed 0
     pdserve bench route --suite --trace mooncake_synthetic_trace.jsonl
+    pdserve bench route --suite --workload conversation,agent,bursty,rag,mixed --seed 1
 
 Prints the JSON report on stdout (and to --output-json), a table on stderr. --suite
 replays every workload (the trace, if given, and each synthetic one) at the given
@@ -19,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from common.config.arg_types import human_int, int_at_least, number_above
+from pdserve.bench.route_sim.bounds import imbalance_floor, lpt_imbalance
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker, oracle_hit_rate, replay
 from pdserve.bench.route_sim.workloads import WORKLOADS, generate
@@ -32,6 +34,7 @@ _TABLE = [
     ("hit_rate", "hit", "{:.4f}"),
     ("hit_vs_oracle", "hit/oracle", "{:.4f}"),
     ("load_imbalance", "imbalance", "{:.3f}"),
+    ("imbalance_floor", "imb. floor", "{:.3f}"),
     ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"),
     ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
     ("ttft_p999_ms", "TTFT p99.9 ms", "{:.0f}"),
@@ -40,6 +43,16 @@ _TABLE = [
     ("kv_events_per_s", "KV events/s", "{:.0f}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]
+
+
+def _workload_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload {', '.join(unknown) or repr(text)}; choose from {', '.join(WORKLOADS)}"
+        )
+    return names
 
 
 _positive_float = number_above(0)
@@ -56,11 +69,12 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workload",
-        choices=list(WORKLOADS),
+        type=_workload_names,
         default=None,
         help="Replay a synthetic workload instead of --trace: conversation (multi-turn sessions, "
-        "growing prefixes), agent (long shared tool prompts, varied suffixes) or bursty (on/off "
-        "arrivals over shared prefixes).",
+        "growing prefixes), agent (long shared tool prompts, varied suffixes), bursty (on/off "
+        "arrivals over shared prefixes), rag (system prompt, 1-3 popular documents, a question) "
+        "or mixed (all at once). With --suite, a comma-separated list. (--suite default: all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic workloads.")
     parser.add_argument(
@@ -162,7 +176,10 @@ def run_route_bench(args: argparse.Namespace) -> int:
             "pdserve bench route: give one of --trace FILE or --workload NAME (or --suite)", file=sys.stderr
         )
         return 1
-    trace = read_workload(args, path=args.trace, workload=args.workload)
+    if args.workload is not None and len(args.workload) > 1:
+        print("pdserve bench route: give one --workload (a list is for --suite)", file=sys.stderr)
+        return 1
+    trace = read_workload(args, path=args.trace, workload=args.workload and args.workload[0])
     if trace is None:
         return 1
     if args.time_scale != 1.0:
@@ -170,7 +187,7 @@ def run_route_bench(args: argparse.Namespace) -> int:
     report, rows = replay_policies(args, trace, args.num_workers, args.blocks_per_worker)
     if report is None:
         return 1
-    report["trace"] = args.trace if args.trace is not None else f"{args.workload} (seed {args.seed})"
+    report["trace"] = args.trace if args.trace is not None else f"{args.workload[0]} (seed {args.seed})"
     text = json.dumps(report, indent=2)
     print(text)
     if args.output_json:
@@ -230,6 +247,8 @@ def replay_policies(
         "time_scale": args.time_scale,
         "event_delay_ms": args.event_delay_ms,
         "oracle_hit_rate": round(oracle, 6),
+        "imbalance_floor": round(imbalance_floor(trace, num_workers, oracle), 6),
+        "lpt_imbalance": round(lpt_imbalance(trace, num_workers), 6),
         "routing_weights": vars(args.routing_weights),
         "service_model": model.to_json(),
         "policies": {},
@@ -244,7 +263,10 @@ def replay_policies(
             print(f"pdserve bench route: {exc}", file=sys.stderr)
             return None, []
         report["policies"][name] = result.to_json()
-        rows.append({**vars(result), "hit_vs_oracle": result.hit_rate / oracle if oracle else float("nan")})
+        hit_vs_oracle = result.hit_rate / oracle if oracle else float("nan")
+        rows.append(
+            {**vars(result), "hit_vs_oracle": hit_vs_oracle, "imbalance_floor": report["imbalance_floor"]}
+        )
     report["wall_s"] = round(time.perf_counter() - start, 3)
     return report, rows
 

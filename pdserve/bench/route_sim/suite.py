@@ -16,8 +16,10 @@ from dataclasses import replace
 from typing import Any
 
 from pdserve.bench.route_sim.command import read_workload, replay_policies, table
+from pdserve.bench.route_sim.goal import goal_row
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker
 from pdserve.bench.route_sim.workloads import WORKLOADS
+from pdserve.bench.table import aligned_columns
 
 
 def settings(num_workers: int) -> list[tuple[str, int, float, float]]:
@@ -37,7 +39,7 @@ def run_suite(args: argparse.Namespace) -> int:
     workloads: list[tuple[str, str | None, str | None]] = []
     if args.trace is not None:
         workloads.append((args.trace.rsplit("/", 1)[-1].removesuffix(".jsonl"), args.trace, None))
-    chosen = [args.workload] if args.workload else list(WORKLOADS)
+    chosen = list(args.workload) if args.workload else list(WORKLOADS)
     workloads += [(name, None, name) for name in chosen]
     report: dict[str, Any] = {"seed": args.seed, "event_delay_ms": args.event_delay_ms, "runs": []}
     rows: list[dict[str, Any]] = []
@@ -74,4 +76,32 @@ def run_suite(args: argparse.Namespace) -> int:
         with open(args.output_json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     print(table(rows, first=("workload", "setting")), file=sys.stderr)
+    print(goal_table(report["runs"]), file=sys.stderr)
     return 0
+
+
+_GOAL_COLUMNS = [
+    ("hit_vs_oracle", "hit/oracle", "{:.3f}"),
+    ("load_imbalance", "imbalance", "{:.3f}"),
+    ("imbalance_floor", "floor", "{:.3f}"),
+    ("ttft_p50_ms", "p50 ms", "{:,.0f}"),
+    ("best_ttft_p50_ms", "(best other)", "({:,.0f})"),
+    ("ttft_p99_ms", "p99 ms", "{:,.0f}"),
+    ("best_ttft_p99_ms", "(best other)", "({:,.0f})"),
+    ("ttft_p999_ms", "p99.9 ms", "{:,.0f}"),
+    ("ttft_mean_ms", "mean ms", "{:,.0f}"),
+    ("best_ttft_mean_ms", "(best other)", "({:,.0f})"),
+    ("goal", "goal", "{}"),
+]
+
+
+def goal_table(runs: list[dict[str, Any]]) -> str:
+    """The router's policy against the goal (goal.py), one line per workload and setting."""
+    cells = [["workload", "setting"] + [title for _, title, _ in _GOAL_COLUMNS]]
+    for run in runs:
+        row = goal_row(run)
+        if row is not None:
+            cells.append(
+                [run["workload"], run["setting"]] + [fmt.format(row[k]) for k, _, fmt in _GOAL_COLUMNS]
+            )
+    return aligned_columns(cells) if len(cells) > 1 else "(the goal needs --policy all)"

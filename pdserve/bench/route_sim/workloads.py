@@ -10,6 +10,15 @@ route` can judge a routing policy on workloads it was not tuned on.
   observations so far: long prefixes shared by many concurrent tasks.
 - bursty: single requests over a few shared prefixes of varied length, arriving in
   bursts (a Poisson process switching between a high and a low rate).
+- rag: retrieval-augmented questions: a system prompt, then 1-3 documents drawn from a
+  pool of long ones by Zipf popularity, then a short question; prefixes are shared only
+  as far as the first document, so most of a prompt is a partial hit at best.
+- mixed: all of the above at once, each at a fraction of its rate, block ids kept apart,
+  so that no one shape sets the router's load.
+
+The first three (seed 0) and the Mooncake trace are what the router's defaults were
+tuned on; rag, mixed and every other seed were written for reporting only
+(docs/routing.md, "Why these defaults").
 
 Each is seeded, so a name and a seed always give the same trace. Block ids follow the
 content: a block's id names its tokens and everything before them (as a chained block
@@ -160,6 +169,58 @@ def bursty(seed: int = 0, duration_s: float = 1000.0, mean_rate: float = 3.0) ->
     return _sorted(requests)
 
 
+def rag(seed: int = 0, duration_s: float = 1000.0, rate: float = 2.5) -> list[TraceRequest]:
+    """Retrieval-augmented questions as a Poisson process: one of 4 system prompts (800-2.5k
+    tokens), then 1-3 distinct documents of a pool of 200 (300-12k tokens, Zipf-popular with
+    exponent 0.9, in retrieval order), then a 20-400-token question; answers of 20-600 tokens."""
+    rng = random.Random(seed + 3)
+    ids = _BlockIds()
+    systems = [_lognormal(rng, 1500, 0.4, 800, 2500) for _ in range(4)]
+    documents = [_lognormal(rng, 2500, 0.7, 300, 12000) for _ in range(200)]
+    popularity = [1 / (k + 1) ** 0.9 for k in range(len(documents))]
+    requests: list[TraceRequest] = []
+    t, n = 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            break
+        n += 1
+        system = rng.randrange(len(systems))
+        chosen: list[int] = []
+        for _ in range(rng.randint(1, 3)):
+            doc = rng.choices(range(len(documents)), popularity)[0]
+            if doc not in chosen:
+                chosen.append(doc)
+        context: list[Segment] = [(("system", system), systems[system])]
+        context += [(("doc", d), documents[d]) for d in chosen]
+        context.append((("question", n), _lognormal(rng, 80, 0.8, 20, 400)))
+        output = _lognormal(rng, 150, 0.8, 20, 600)
+        requests.append(TraceRequest(t, sum(k for _, k in context), output, ids.of(context)))
+    return _sorted(requests)
+
+
+# Block ids of one source of `mixed` start at its index times this: apart from the others'.
+_MIXED_ID_STRIDE = 1 << 40
+
+
+def mixed(seed: int = 0, duration_s: float = 1000.0) -> list[TraceRequest]:
+    """conversation, agent, bursty and rag interleaved, each at 40 % of its own default rate."""
+    sources = [
+        conversation(seed, duration_s, sessions_per_s=0.24),
+        agent(seed, duration_s, tasks_per_s=0.2),
+        bursty(seed, duration_s, mean_rate=1.2),
+        rag(seed, duration_s, rate=1.0),
+    ]
+    requests = [
+        TraceRequest(
+            r.arrival_s, r.input_length, r.output_length, tuple(k * _MIXED_ID_STRIDE + h for h in r.hash_ids)
+        )
+        for k, source in enumerate(sources)
+        for r in source
+    ]
+    return _sorted(requests)
+
+
 def _sorted(requests: list[TraceRequest]) -> list[TraceRequest]:
     requests.sort(key=lambda r: r.arrival_s)  # stable: a session's turns keep their order
     return requests
@@ -169,7 +230,11 @@ WORKLOADS: dict[str, Callable[..., list[TraceRequest]]] = {
     "conversation": conversation,
     "agent": agent,
     "bursty": bursty,
+    "rag": rag,
+    "mixed": mixed,
 }
+# What the router's defaults were tuned on (with seed 0); the rest are held out.
+TUNING_WORKLOADS = ("conversation", "agent", "bursty")
 
 
 def generate(name: str, seed: int = 0) -> list[TraceRequest]:
