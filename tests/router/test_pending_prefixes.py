@@ -10,16 +10,9 @@ from router.policy import PolicyWeights, RoutingPolicy
 from router.policy.pending_prefixes import PendingPrefixes
 from router.prefix_index import PrefixIndex
 from router.worker_state import WorkerState
+from tests.harness.manual_clock import ManualClock as Clock
 
 BLOCK = 16
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_sent_prompt_counts_as_held_for_its_leading_blocks_until_it_lapses():

@@ -12,16 +12,9 @@ from router.policy import LoadCostScorer, MaxScorePicker, PolicyWeights, Request
 from router.policy.named import POLICY_NAMES, build_policy
 from router.prefix_index import PrefixIndex
 from router.worker_state import WorkerState
+from tests.harness.manual_clock import ManualClock as Clock
 
 BLOCK = 16
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _worker(worker_id: str, clock=None, **load) -> WorkerState:

@@ -9,16 +9,9 @@ from common.protocol import WorkerRole
 from router.policy import PolicyWeights, RoutingPolicy
 from router.prefix_index import PrefixIndex
 from router.worker_state import WorkerState
+from tests.harness.manual_clock import ManualClock as Clock
 
 BLOCK = 16
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _workers(*names: str, clock: Clock | None = None) -> list[WorkerState]:

@@ -12,16 +12,9 @@ from common.worker.load_reports import load_of
 from router.policy import EstimatedTTFTScorer, PolicyWeights, RequestView, RoutingPolicy
 from router.prefix_index import PrefixIndex
 from router.worker_state import REPORT_LAG_S, WorkerState
+from tests.harness.manual_clock import ManualClock as Clock
 
 BLOCK = 16
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _worker(worker_id: str, clock: Clock | None = None) -> WorkerState:

@@ -10,6 +10,7 @@ import pytest
 from common.protocol import LoadReport, ProtocolError, WorkerRole, decode_message, encode_message
 from common.worker.load_reports import HEARTBEAT_S, MAX_ROUTERS, MIN_INTERVAL_S, LoadReporter
 from router.worker_state import WorkerState
+from tests.harness.manual_clock import ManualClock as Clock
 
 
 @dataclass
@@ -21,20 +22,12 @@ class Stats:
     num_queued_prefill_tokens: int = 0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def reporter(clock: Clock) -> LoadReporter:
     return LoadReporter(worker_id="w", role="decode", engine_id="e", info={"block_size": 16}, clock=clock)
 
 
 def test_nothing_is_due_before_a_router_says_hello():
-    clock = Clock()
+    clock = Clock(100.0)
     r = reporter(clock)
     assert r.due(Stats()) is None
     clock.now += 10
@@ -42,7 +35,7 @@ def test_nothing_is_due_before_a_router_says_hello():
 
 
 def test_a_change_is_reported_at_most_every_50_ms_and_silence_every_second():
-    clock = Clock()
+    clock = Clock(100.0)
     r = reporter(clock)
     r.add_router(b"id", "router-1")
     first = r.due(Stats(num_running=1))
@@ -59,7 +52,7 @@ def test_a_change_is_reported_at_most_every_50_ms_and_silence_every_second():
 
 
 def test_waiting_counts_requests_waiting_for_their_kv_pull():
-    report = reporter(Clock()).report(
+    report = reporter(Clock(100.0)).report(
         Stats(
             num_running=3,
             num_waiting=2,
@@ -83,7 +76,7 @@ def test_waiting_counts_requests_waiting_for_their_kv_pull():
 
 
 def test_only_the_most_recent_routers_are_kept():
-    r = reporter(Clock())
+    r = reporter(Clock(100.0))
     for i in range(MAX_ROUTERS + 5):
         r.add_router(f"id-{i}".encode(), f"router-{i}")
     assert len(r.routers) == MAX_ROUTERS and b"id-0" not in r.routers and b"id-5" in r.routers
@@ -99,7 +92,7 @@ READY_INFO = {
 
 
 def test_the_workers_report_reaches_the_router_as_it_was_built():
-    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", info=READY_INFO, clock=Clock())
+    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", info=READY_INFO, clock=Clock(100.0))
     built = reporter.report(
         Stats(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_queued_prefill_tokens=9)
     )
@@ -120,7 +113,7 @@ def test_the_workers_report_reaches_the_router_as_it_was_built():
      ("kv_events_endpoint", 5557), ("prefix_caching_hash_algo", None)],
 )  # fmt: skip
 def test_a_report_with_a_wrong_typed_field_is_refused(field, value):
-    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", info=READY_INFO, clock=Clock())
+    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", info=READY_INFO, clock=Clock(100.0))
     body = reporter.report(Stats()).to_dict()
     body[field] = value
     with pytest.raises(ProtocolError, match=field):

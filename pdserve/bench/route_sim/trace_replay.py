@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from common.kv_events import KVEventBatch, decode_batch, encode_batch
 from common.protocol import WorkerRole
+from pdserve.bench.route_sim.bounds import oracle_misses
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
 from pdserve.bench.stats import percentile
@@ -75,18 +76,8 @@ def default_blocks_per_worker(trace: Sequence[TraceRequest]) -> int:
 def oracle_hit_rate(trace: Sequence[TraceRequest], block_size: int = TRACE_BLOCK_SIZE) -> float:
     """The hit rate of one worker that never evicts and sees every earlier prompt's blocks
     at once: the most any routing can reach."""
-    seen: set[int] = set()
-    hits = total = 0
-    for r in trace:
-        n = 0
-        for h in r.hash_ids:
-            if h not in seen:
-                break
-            n += 1
-        hits += min(n * block_size, r.input_length - 1)
-        total += r.input_length
-        seen.update(r.hash_ids)
-    return hits / total if total else 0.0
+    total = sum(r.input_length for r in trace)
+    return (total - sum(oracle_misses(trace, block_size))) / total if total else 0.0
 
 
 class TraceReplay:
