@@ -194,9 +194,8 @@ class RoutingPolicy:
         an empty queue alone would not show at moderate load. Counting the request's own
         work rather than allowing a whole prompt of slack keeps the margin the same for
         any number of workers (with 16, one long prompt is a large share of a mean).
-        Workers at or below the mean always stay, so do idle ones (nothing queued to
-        prefill), and so does one whose excess is small against what moving the request
-        would cost (`balance_move_factor`)."""
+        Workers at or below the mean always stay, and so does one whose excess is small
+        against what moving the request would cost (`balance_move_factor`)."""
         routed = [self.picker.routed_work(w) for w in workers]
         limit = 1 + self.weights.balance_threshold
         total, n = sum(routed), len(workers)
@@ -207,12 +206,7 @@ class RoutingPolicy:
         mean = total / n
         # a worker at or below the mean before this request is never left out (nor is any
         # while nothing has been routed yet)
-        # nor is an idle one (nothing queued to prefill): a request sent there waits for no
-        # one and delays no one, so leaving it for balance would only recompute its cache
-        within = [
-            e <= 0 or r <= mean or w.queued_prefill_tokens == 0
-            for w, e, r in zip(workers, excess, routed, strict=True)
-        ]
+        within = [e <= 0 or r <= mean for e, r in zip(excess, routed, strict=True)]
         factor = self.weights.balance_move_factor
         if factor > 0 and any(within):
             cheapest = min(c for c, ok in zip(new, within, strict=True) if ok)

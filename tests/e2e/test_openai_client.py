@@ -47,6 +47,10 @@ def stack():
             "--disable-uvicorn-access-log",
             # a CPU engine step can keep a worker silent for seconds on a busy machine
             "--worker-health-timeout", "30",
+            # the earlier tests leave the two decode workers' routed work uneven, and the
+            # balance check would then move a short shared prefix off its holder: that choice
+            # is tested in tests/router, the cache-following path here
+            "--routing-weights", '{"balance_threshold": 0}',
         ]
     )  # fmt: skip
     try:

@@ -28,12 +28,6 @@ def _index_holding(worker_id: str, blocks: int) -> PrefixIndex:
     return index
 
 
-def _busy(worker: WorkerState) -> WorkerState:
-    """Something queued to prefill there: the balance check leaves idle workers alone."""
-    worker.note_request_sent("queued", 1)
-    return worker
-
-
 def _policy(index: PrefixIndex, **weights: float) -> RoutingPolicy:
     return RoutingPolicy(index, BLOCK, PolicyWeights(**{"balance_move_factor": 0.0, **weights}))
 
@@ -46,7 +40,6 @@ def test_nothing_is_left_out_before_any_work_was_routed():
 
 def test_a_worker_above_the_mean_is_left_out_when_this_request_would_take_it_over():
     hot, b, c = _workers("hot", "b", "c")
-    _busy(hot)
     policy = _policy(_index_holding("hot", 10))
     for worker, tokens in ((hot, 1200), (b, 900), (c, 900)):
         policy.picker.note_routed(worker, tokens)
@@ -69,7 +62,6 @@ def test_a_worker_at_the_mean_keeps_its_cached_request():
 def test_the_move_factor_keeps_a_long_cached_context_on_a_worker_a_little_over():
     def choose(factor: float) -> str:
         hot, b, c = _workers("hot", "b", "c")
-        _busy(hot)
         policy = _policy(_index_holding("hot", 100), balance_move_factor=factor)
         for worker, tokens in ((hot, 5000), (b, 4000), (c, 4000)):
             policy.picker.note_routed(worker, tokens)
@@ -84,20 +76,8 @@ def test_the_move_factor_keeps_a_long_cached_context_on_a_worker_a_little_over()
 
 def test_every_candidate_is_rated_in_the_decision_even_when_left_out():
     hot, b = _workers("hot", "b")
-    _busy(hot)
     policy = _policy(_index_holding("hot", 10))
     policy.picker.note_routed(hot, 5000)
     chosen, decision = policy.choose([hot, b], list(range(10)), 10 * BLOCK)
     assert chosen is b and set(decision.scores) == {"hot", "b"}
     assert decision.score == decision.scores["b"]["total"]
-
-
-def test_an_idle_worker_keeps_its_cached_request_however_far_ahead_it_is():
-    hot, b = _workers("hot", "b")
-    policy = _policy(_index_holding("hot", 10))
-    policy.picker.note_routed(hot, 50_000)
-    # nothing queued on hot: the request waits for no one there, and elsewhere it would
-    # recompute its prefix
-    assert policy.choose([hot, b], list(range(10)), 10 * BLOCK)[0] is hot
-    _busy(hot)
-    assert policy.choose([hot, b], list(range(10)), 10 * BLOCK)[0] is b

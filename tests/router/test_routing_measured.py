@@ -115,7 +115,6 @@ def _index_holding(worker_id: str, hashes: list[int]) -> PrefixIndex:
 def test_a_worker_sent_far_more_work_lately_is_left_out_even_holding_the_prefix():
     index = _index_holding("hot", list(range(8)))
     workers = [_worker("hot"), _worker("b"), _worker("c")]
-    workers[0].note_request_sent("queued", 1)  # busy: the balance check leaves idle workers alone
     policy = RoutingPolicy(index, BLOCK)
     policy.picker.note_routed(workers[0], 10_000)
     chosen, _ = policy.choose(workers, list(range(8)), 8 * BLOCK)
