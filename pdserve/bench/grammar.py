@@ -232,7 +232,7 @@ def synthetic_tokenizer(base: Any, size: int, seed: int = 0) -> Any:
     return Tokenizer(backend, base.special_tokens, base.chat_templates, base.eos_token_ids)
 
 
-def _walk_bias(tokenizer: Any) -> Any:
+def walk_bias(tokenizer: Any) -> Any:
     """Per-token bias that steers a random walk to finish: closers up, blank tokens down."""
     import torch
 
@@ -419,7 +419,7 @@ def run_grammar_bench(args: argparse.Namespace) -> int:
     rows = []
     for vocab_name in args.vocabs.split(","):
         tokenizer = vocabs[vocab_name]()
-        bias = _walk_bias(tokenizer)
+        bias = walk_bias(tokenizer)
         for engine_name in args.engines.split(","):
             try:
                 engine = ENGINES[engine_name](tokenizer)

@@ -13,6 +13,7 @@ from common.structured_output.grammar_cache import GrammarCache, GrammarTokenize
 from common.structured_output.matcher import GrammarMatcher, allocate_bitmask
 from common.structured_output.spec import StructuredOutputSpec
 from common.tokenizer import Tokenizer, load_tokenizer
+from pdserve.bench.grammar import walk_bias
 
 
 @pytest.fixture(scope="session")
@@ -34,22 +35,7 @@ def grammar_cache() -> GrammarCache:
 def closing_bias(smollm2_tokenizer) -> torch.Tensor:
     """Per-token pull towards finishing: random logits alone would rarely close a string
     (one allowed token in 49k ends it). Tokens that close a value go up, blank ones down."""
-    tok = smollm2_tokenizer
-    bias = torch.zeros(tok.vocab_size)
-    for i in range(tok.vocab_size):
-        text = tok.decode([i], skip_special_tokens=False)
-        if text and not text.strip():
-            bias[i] = -3.0
-        elif "," in text or ":" in text:
-            continue
-        elif '"' in text:
-            bias[i] = 3.0
-        elif "@" in text:  # an e-mail's local part may hold closers but must reach "@"
-            bias[i] = 2.5
-        elif any(c in text for c in "}])"):
-            bias[i] = 2.0
-    bias[list(tok.eos_token_ids)] = 5.0
-    return bias
+    return walk_bias(smollm2_tokenizer)
 
 
 Walk = Callable[..., str]
