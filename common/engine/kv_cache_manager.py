@@ -153,8 +153,13 @@ class KVCacheManager:
         end = min(request.num_computed_tokens // bs, len(blocks), len(request.block_hashes))
         if end <= start:
             return
-        # published with the blocks' BlockStored, so other indexers can hash as we do
-        extra_keys = [block_extra_keys(i, request.cache_salt) for i in range(start, end)]
+        # published with the blocks' BlockStored, so other indexers can hash as we do;
+        # most requests have none, and then no per-block list is built
+        extra_keys = (
+            [block_extra_keys(i, request.cache_salt) for i in range(start, end)]
+            if request.cache_salt
+            else None
+        )
         self.pool.cache_full_blocks(
             blocks[start:end],
             request.block_hashes[start:end],
