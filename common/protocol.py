@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from common.sampling_params import SamplingParams
+from common.structured_output.spec import StructuredOutputSpec
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -287,8 +288,9 @@ def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
     unknown = set(wire) - set(_SAMPLING_FIELDS)
     if unknown:
         raise ProtocolError(f"sampling_params: unknown fields {sorted(unknown)}")
+    structured = None
     for name, value in wire.items():
-        if value is None and name in ("seed", "logit_bias", "logprobs"):
+        if value is None and name in ("seed", "logit_bias", "logprobs", "structured_outputs"):
             continue
         if name in (
             "temperature",
@@ -302,6 +304,8 @@ def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
             _check(
                 _is_number(value) and math.isfinite(value), f"sampling_params.{name} must be a finite number"
             )
+        elif name == "structured_outputs":
+            structured = _structured_outputs_from_wire(value)
         elif name == "ignore_eos":
             _check(isinstance(value, bool), "sampling_params.ignore_eos must be a bool")
         elif name == "stop_token_ids":
@@ -315,4 +319,22 @@ def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
             )
         else:
             _check(_is_int(value), f"sampling_params.{name} must be an int")
-    return SamplingParams(**wire)
+    return SamplingParams(**{**wire, "structured_outputs": structured})
+
+
+def _structured_outputs_from_wire(value: Any) -> StructuredOutputSpec:
+    fields = ("kind", "text", "disable_any_whitespace", "disable_additional_properties")
+    _check(
+        isinstance(value, dict) and set(value) <= set(fields) and "kind" in value,
+        f"sampling_params.structured_outputs must be a map of {', '.join(fields)}",
+    )
+    _check(isinstance(value.get("text", ""), str), "sampling_params.structured_outputs.text must be a string")
+    for flag in fields[2:]:
+        _check(
+            isinstance(value.get(flag, False), bool),
+            f"sampling_params.structured_outputs.{flag} must be a bool",
+        )
+    try:
+        return StructuredOutputSpec(**value)
+    except ValueError as exc:
+        raise ProtocolError(f"sampling_params.structured_outputs: {exc}") from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.structured_output.spec import StructuredOutputSpec
+
 
 @dataclass
 class SamplingParams:
@@ -26,6 +28,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely.
     logprobs: int | None = None
+    # The grammar the output must follow (JSON schema, regex, choice, ...); None: free text.
+    structured_outputs: StructuredOutputSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -52,18 +56,16 @@ class SamplingParams:
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
-            )
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
-            raise ValueError(
-                f"logprobs must be in [0, {max_logprobs}] (--max-logprobs), got {self.logprobs}"
-            )
+            raise ValueError(f"logprobs must be in [0, {max_logprobs}] (--max-logprobs), got {self.logprobs}")
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})")
         for token_id, bias in (self.logit_bias or {}).items():
             if not 0 <= token_id < vocab_size:
-                raise ValueError(f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})")
+                raise ValueError(
+                    f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})"
+                )
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias: bias {bias} for token {token_id} must be in [-100, 100]")
