@@ -11,7 +11,8 @@ accepts indent, separators and sort_keys. The variables are the messages, `tools
 
 OpenAI-shaped messages are made plain first: a content list of text parts becomes one
 string (parts joined by newlines), keys whose value is null are dropped, and tool call
-arguments sent as a JSON string become objects, which is what templates expect.
+arguments sent as a JSON string become objects (missing or empty ones {}), which is what
+templates expect. Tool results (role "tool", with their tool_call_id) pass as they are.
 """
 
 from __future__ import annotations
@@ -204,14 +205,20 @@ def _join_text_parts(parts: list[Any], index: int) -> str:
 
 
 def _plain_tool_call(call: Any) -> Any:
-    """OpenAI sends a tool call's arguments as a JSON string; templates index them as an object."""
+    """OpenAI sends a tool call's arguments as a JSON string; templates index them as an object.
+
+    Missing, null or empty arguments become {} (a call without arguments), as vLLM reads them.
+    """
     if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
         return call
     arguments = call["function"].get("arguments")
-    if not isinstance(arguments, str):
+    if arguments is None or arguments == "":
+        parsed: Any = {}
+    elif not isinstance(arguments, str):
         return call
-    try:
-        parsed = json.loads(arguments)
-    except json.JSONDecodeError:
-        return call  # left as the client wrote it; the template shows it verbatim
+    else:
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return call  # left as the client wrote it; the template shows it verbatim
     return {**call, "function": {**call["function"], "arguments": parsed}}
