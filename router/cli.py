@@ -23,6 +23,10 @@ from typing import Any
 from common.config.arg_parser import JsonObjectAction, add_config_file_arg
 from common.config.arg_types import choice, human_int, int_at_least, registry_url, seconds
 from common.config.shared_args import add_block_hashing_args, add_cluster_secret_arg, add_model_args
+from common.config.structured_outputs_config import (
+    add_structured_outputs_args,
+    structured_outputs_config_from_args,
+)
 from common.frame_auth import load_cluster_secret
 from router.config import (
     DEFAULT_HOST,
@@ -87,6 +91,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (give the workers' values)")
     add_model_args(model)
     add_block_hashing_args(model)
+    # the JSON defaults and the backend of requests' constraints, checked here before any worker
+    add_structured_outputs_args(parser.add_argument_group("structured outputs (give the workers' values)"))
 
 
 def add_router_serving_args(parser: argparse.ArgumentParser) -> None:
@@ -320,6 +326,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSetti
         chat_template=args.chat_template,
         response_role=args.response_role,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        structured_outputs=structured_outputs_config_from_args(args),
     )
     return router_config, settings
 

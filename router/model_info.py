@@ -4,7 +4,8 @@ size, and the generation-config sampling defaults.
 
 The router validates every request against these before a worker sees it, so they must
 be the workers' own: start the router with the workers' --model, --tokenizer,
---max-model-len, --generation-config and --override-generation-config. Torch-free.
+--max-model-len, --generation-config, --override-generation-config and
+--structured-outputs-config. Torch-free.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.config.context_length import resolve_max_model_len
+from common.config.structured_outputs_config import StructuredOutputsConfig
 from common.generation_config import read_chat_template, read_generation_config, sampling_defaults
 from common.model_files import resolve_model
 from common.models.config import load_model_config
@@ -37,6 +39,8 @@ class ModelSettings:
     chat_template: str | None = None
     response_role: str = "assistant"
     enable_prompt_tokens_details: bool = False
+    # --structured-outputs-config with --reasoning-parser
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
 
 def load_served_model(settings: ModelSettings) -> ServedModel:
@@ -61,4 +65,5 @@ def load_served_model(settings: ModelSettings) -> ServedModel:
         enable_prompt_tokens_details=settings.enable_prompt_tokens_details,
         chat_template=read_chat_template(settings.chat_template),
         response_role=settings.response_role,
+        structured_outputs=settings.structured_outputs,
     )

@@ -29,6 +29,10 @@ from common.config.shared_args import (
     add_block_hashing_args,
     add_model_args,
 )
+from common.config.structured_outputs_config import (
+    add_structured_outputs_args,
+    structured_outputs_config_from_args,
+)
 
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}
@@ -58,6 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_cache_args(parser.add_argument_group("KV cache"))
     _add_scheduler_args(parser.add_argument_group("scheduler"))
     _add_parallel_args(parser.add_argument_group("parallelism and disaggregation"))
+    add_structured_outputs_args(parser.add_argument_group("structured outputs"))  # the router takes them too
     parser.add_namespace_check(_check_partial_prefills)
 
 
@@ -76,6 +81,7 @@ def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
         values["kv_transfer_config"] = KVTransferConfig.from_dict(values["kv_transfer_config"])
     if isinstance(values.get("kv_events_config"), dict):
         values["kv_events_config"] = KVEventsConfig.from_dict(values["kv_events_config"])
+    values["structured_outputs_config"] = structured_outputs_config_from_args(ns)
     return EngineConfig(**values)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KVTransferConfig
+from common.config.structured_outputs_config import StructuredOutputsConfig
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 256
@@ -66,3 +67,5 @@ class EngineConfig:
     kv_transfer_config: KVTransferConfig | None = None
     kv_events_config: KVEventsConfig | None = None
     disable_log_stats: bool = False
+    # structured outputs: the grammar backend, JSON defaults, the reasoning parser
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)

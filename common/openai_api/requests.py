@@ -2,9 +2,9 @@
 
 Pydantic v2 models with the OpenAI fields and vLLM's extras; unknown fields are kept
 and ignored (clients send provider-specific ones). `sampling_params()` turns a body
-into the engine's SamplingParams after the model's generation defaults, and
-`output_options()` into what the output processor needs (stop strings, detokenizer
-settings). Every rejection is an OpenAIError with vLLM's wording where vLLM has one.
+into the engine's SamplingParams after the model's generation defaults (with the
+output's constraint, structured_outputs.py), and `output_options()` into what the
+output processor needs (stop strings, detokenizer settings). Every rejection is an OpenAIError with vLLM's wording where vLLM has one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from common.config.context_length import context_length_error
 from common.openai_api.errors import bad_request, from_validation_error
 from common.openai_api.json_body import json_type_name
 from common.openai_api.served_model import ServedModel
+from common.openai_api.structured_outputs import StructuredOutputFields
 from common.output_processor import OutputOptions
 from common.sampling_params import SamplingParams
 
@@ -51,7 +52,12 @@ _PROMPT_SCHEMA = {
     "description": "text, a list of texts, token ids, or a list of token-id lists (one choice per prompt)",
     "anyOf": [
         {"type": "string", "minLength": 1},
-        {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": {"type": "string", "minLength": 1}},
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_CHOICES,
+            "items": {"type": "string", "minLength": 1},
+        },
         _TOKEN_IDS,
         {"type": "array", "minItems": 1, "maxItems": MAX_CHOICES, "items": _TOKEN_IDS},
     ],
@@ -93,8 +99,8 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class _GenerationRequest(BaseModel):
-    """Fields the two endpoints share."""
+class _GenerationRequest(StructuredOutputFields):
+    """Fields the two endpoints share (those that constrain the output in structured_outputs.py)."""
 
     model_config = _REQUEST_CONFIG
 
@@ -112,7 +118,6 @@ class _GenerationRequest(BaseModel):
         None, additionalProperties={"type": "number", "minimum": -100, "maximum": 100}
     )
     user: str | None = None
-    response_format: dict[str, Any] | None = _documented(None, properties={"type": {"enum": ["text"]}})
     # vLLM's extras
     top_k: Int64 | None = _documented(None, minimum=-1)
     min_p: float | None = _documented(None, minimum=0, maximum=1)
@@ -160,7 +165,9 @@ class _GenerationRequest(BaseModel):
             raise bad_request(f"n must be at most {MAX_N}, got {self.n}; send several requests instead", "n")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
-            raise bad_request(f"stop has {len(stops)} strings, more than the {MAX_STOP_STRINGS} allowed", "stop")
+            raise bad_request(
+                f"stop has {len(stops)} strings, more than the {MAX_STOP_STRINGS} allowed", "stop"
+            )
         if len(self.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
             raise bad_request(
                 f"stop_token_ids has {len(self.stop_token_ids)} ids, more than the {MAX_STOP_TOKEN_IDS} allowed",
@@ -174,12 +181,6 @@ class _GenerationRequest(BaseModel):
             raise bad_request(
                 "prompt_logprobs is not supported by this server (prompt logprobs are not computed); drop it",
                 "prompt_logprobs",
-            )
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise bad_request(
-                f"response_format type {self.response_format.get('type')!r} is not supported by this server "
-                '(no guided decoding); drop response_format or use {"type": "text"}',
-                "response_format",
             )
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise bad_request(
@@ -242,6 +243,7 @@ class _GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             stop_token_ids=list(self.stop_token_ids or []),
             logprobs=self._requested_logprobs(),
+            structured_outputs=self.structured_output_spec(served.structured_outputs),
         )
         try:
             params.validate(served.vocab_size, served.max_logprobs)
@@ -404,7 +406,12 @@ def _check_message(i: int, message: Any) -> None:
     content = message.get("content")
     if content is None:
         calls = message.get("tool_calls")
-        if role == "assistant" and isinstance(calls, list) and calls and all(isinstance(c, dict) for c in calls):
+        if (
+            role == "assistant"
+            and isinstance(calls, list)
+            and calls
+            and all(isinstance(c, dict) for c in calls)
+        ):
             return
         raise ValueError(f"{where}.content is missing; give a string or a list of text parts")
     if isinstance(content, str):

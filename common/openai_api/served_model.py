@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.config.structured_outputs_config import StructuredOutputsConfig
 from common.openai_api.errors import model_not_found
 
 
@@ -24,6 +25,9 @@ class ServedModel:
     enable_prompt_tokens_details: bool = False  # --enable-prompt-tokens-details
     chat_template: str | None = None  # --chat-template (Jinja source); None: the tokenizer's own
     response_role: str = "assistant"  # --response-role: the role of chat responses
+    # --structured-outputs-config (with --reasoning-parser): the JSON defaults of requests
+    # that do not set them, and the backend a request may not override
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     @property
     def name(self) -> str:

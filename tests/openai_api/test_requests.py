@@ -55,7 +55,16 @@ def test_unknown_fields_are_tolerated(served):
         ({"prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
         ({"prompt": {"text": "hi"}}, "prompt", ""),
         ({"echo": True, "logprobs": 1}, "echo", "prompt logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        (
+            {"response_format": {"type": "yaml"}},
+            "response_format",
+            "type must be one of 'text', 'json_object'",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "guided_regex": "a+"},
+            "response_format",
+            "guided_regex",
+        ),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
     ],
 )

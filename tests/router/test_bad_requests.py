@@ -167,8 +167,19 @@ BAD_REQUESTS = [
         "continue_final_message": True}, path=CHAT, says="cannot both be true"),
     Bad("tools with tool_choice auto", {"messages": HI, "tools": [{"type": "function"}], "tool_choice": "auto"},
         path=CHAT, says="tool calling is not supported"),
-    Bad("response_format json", {"messages": HI, "response_format": {"type": "json_object"}}, path=CHAT,
-        says="no guided decoding"),
+    # -- structured outputs: refused by the router before any worker sees them -------------------
+    Bad("invalid JSON schema", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": 5}}}}, path=CHAT, says="invalid JSON schema"),
+    Bad("JSON schema keyword the engine lacks", {"prompt": "hi", "guided_json": {"type": "array", "uniqueItems": True}},
+        says="JSON schema uses keywords the grammar engine does not support"),
+    Bad("bad regex", {"prompt": "hi", "structured_outputs": {"regex": "a("}}, says="invalid regex"),
+    Bad("grammar syntax error", {"prompt": "hi", "structured_outputs": {"grammar": "start: ("}},
+        says="grammar syntax error"),
+    Bad("empty choice list", {"messages": HI, "guided_choice": []}, path=CHAT, says="guided_choice is an empty list"),
+    Bad("two constraints", {"prompt": "hi", "response_format": {"type": "json_object"}, "guided_regex": "a+"},
+        says="response_format and guided_regex both constrain the output"),
+    Bad("response_format of unknown type", {"messages": HI, "response_format": {"type": "yaml"}}, path=CHAT,
+        says="type must be one of"),
     # -- other fields -----------------------------------------------------------------------------------
     Bad("unknown model", {"model": "gpt-9", "prompt": "hi"}, status=404, says="The model `gpt-9` does not exist."),
     Bad("request_id of 1000 characters", {"prompt": "hi", "request_id": "r" * 1000}, says="request_id"),
