@@ -50,10 +50,13 @@ from common.engine.request import Request
 from common.engine.sampler import can_sample_ahead
 from common.engine.scheduled_batch import ScheduledBatch
 from common.engine.scheduler import Scheduler
+from common.engine.structured_outputs import StructuredOutputs
 from common.generation_config import sampling_defaults
 from common.kv_connector import KVConnector
 from common.kv_events import KVEvent
+from common.model_files import resolve_model
 from common.sampling_params import SamplingParams
+from common.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 
 class LLMEngine:
@@ -108,6 +111,9 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             step_sender=executor,
+        )
+        self.structured_outputs = StructuredOutputs(
+            self._load_tokenizer, self.vocab_size, config.structured_outputs_config.backend
         )
         self.async_scheduling = resolve_async_scheduling(config, self.runner.cuda_graphs is not None)
         self._ahead: tuple[ScheduledBatch, StepHandle] | None = None  # launched, tokens not read yet
@@ -201,6 +207,7 @@ class LLMEngine:
             # the model's other end-of-generation ids stop it too (generation_config eos list)
             stop_ids = list(dict.fromkeys([*sampling_params.stop_token_ids, *self.extra_stop_token_ids]))
             sampling_params = dataclasses.replace(sampling_params, stop_token_ids=stop_ids)
+        spec = sampling_params.structured_outputs
         request = Request(
             request_id,
             prompt,
@@ -211,6 +218,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             kv_transfer_params=kv_transfer_params,
             prefill_only=prefill_only,
+            grammar=None if spec is None else self.structured_outputs.matcher_for(spec),
         )
         self._admit_kv_transfer(request)
         self.scheduler.add_request(request)
@@ -256,6 +264,13 @@ class LLMEngine:
     def num_steps(self) -> int:
         """Steps that ran a batch so far (stats().num_steps without building the stats)."""
         return self._num_steps
+
+    def _load_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (for grammars: the engine itself reads token ids only)."""
+        config = self.config
+        return load_tokenizer(
+            resolve_model(config.model, config.revision, config.download_dir), config.tokenizer
+        )
 
     # -- KV transfer -------------------------------------------------------------------
 

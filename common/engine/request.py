@@ -73,6 +73,12 @@ class Request:
     block_hashes: list = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: int | None = None  # the stop token id that ended it, if one did
+    # structured outputs: the grammar matcher (common/structured_output/matcher.py) that
+    # every output token advances; None for free text
+    grammar: Any = None
+    # an output token the grammar refused (a producer's first token sampled without it):
+    # the request cannot go on under its grammar and ends
+    grammar_refused: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -100,3 +106,5 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        if self.grammar is not None and not self.grammar.accept_token(token_id):
+            self.grammar_refused = True

@@ -1,6 +1,9 @@
 """Turn a batch of next-token logits into chosen tokens, one row per request.
 
 Order of processing, as vLLM applies it:
+  0. rows under a grammar (structured outputs) lose every token their grammar does not
+     allow next: the batch's bitmask is filled from the requests' matchers on the CPU,
+     while the GPU still runs the forward, and applied to those rows on the device;
   1. logprobs are taken from the model's raw logits (vLLM's default
      `logprobs_mode=raw_logprobs`): what a client sees is the model's distribution,
      not the one after penalties, bias or temperature;
@@ -26,12 +29,14 @@ GPU only where it reads the chosen tokens (and logprobs) back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from common.engine.outputs import SampledToken, TokenLogprobs
 from common.sampling_params import SamplingParams
+from common.structured_output.apply_bitmask import apply_token_bitmask_
+from common.structured_output.matcher import allocate_bitmask, fill_bitmasks
 
 _MASK64 = (1 << 64) - 1
 
@@ -42,6 +47,7 @@ class SamplingRequest(Protocol):
     sampling_params: SamplingParams
     all_token_ids: list[int]
     eos_token_id: int | None
+    grammar: Any  # a GrammarMatcher, or None for free text
 
     @property
     def num_prompt_tokens(self) -> int: ...
@@ -51,15 +57,17 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._bitmask: torch.Tensor | None = None  # grammar rows' bitmask, reused step to step
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> list[SampledToken]:
         """Pick one token per row of `logits` ([n, V] fp32) for requests[i]."""
+        logits = self.apply_grammars(logits, requests)
         params = [r.sampling_params for r in requests]
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         want_rows = _to_device(want_logprobs, logits.device) if want_logprobs else None
         raw_logprobs = torch.log_softmax(logits[want_rows], dim=-1) if want_logprobs else None
 
-        token_ids = self.sample_token_ids(logits, requests)
+        token_ids = self._choose(process_logits(logits, requests), requests, params)
 
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -72,7 +80,28 @@ class Sampler:
     def sample_token_ids(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
         """The chosen token of each row ([n] int64), left where the logits are: the host does
         not wait for it (no logprobs here)."""
+        logits = self.apply_grammars(logits, requests)
         return self._choose(process_logits(logits, requests), requests, [r.sampling_params for r in requests])
+
+    def apply_grammars(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
+        """Step 0: `logits` with the tokens each constrained row's grammar forbids at -inf
+        (a copy; `logits` itself when no row has a grammar)."""
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return logits
+        vocab_size = requests[rows[0]].grammar.vocab_size
+        bitmask = self._bitmask
+        if bitmask is None or bitmask.shape[0] < len(rows) or bitmask.shape[1] != (vocab_size + 31) // 32:
+            bitmask = allocate_bitmask(max(len(rows), 8), vocab_size)
+            if logits.device.type == "cuda":
+                bitmask = bitmask.pin_memory()
+            self._bitmask = bitmask
+        bitmask = bitmask[: len(rows)]
+        fill_bitmasks([(requests[i].grammar, j) for j, i in enumerate(rows)], bitmask)
+        logits = logits.clone()  # the caller's tensor stays the model's output
+        indices = None if len(rows) == len(requests) else _to_device(rows, logits.device)
+        apply_token_bitmask_(logits, _host_to_device(bitmask, logits.device), indices)
+        return logits
 
     # -- choosing --------------------------------------------------------------------
 
@@ -122,12 +151,17 @@ def can_sample_ahead(params: SamplingParams, num_output_tokens: int, num_unknown
     """Whether a request's next token may be chosen on the GPU without the host waiting for
     it, while `num_unknown` of its latest tokens are not known to the host yet (the host
     knows `num_output_tokens` outputs). Logprobs are read back at once; penalties, a seeded
-    draw and min_tokens below its count read the request's own outputs."""
+    draw, min_tokens below its count and a grammar read the request's own outputs."""
     if params.logprobs is not None:
         return False
     if num_unknown == 0:
         return True
-    return params.seed is None and not _has_penalty(params) and num_output_tokens >= params.min_tokens
+    return (
+        params.seed is None
+        and params.structured_outputs is None
+        and not _has_penalty(params)
+        and num_output_tokens >= params.min_tokens
+    )
 
 
 def process_logits(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Whether a request is done after its newest token: EOS, stop token ids, or a length limit.
+"""Whether a request is done after its newest token: EOS, stop token ids, its grammar
+finished, or a length limit.
 
 Stop strings are not here: they need text, which the router (or the batch front end)
 checks and answers with an abort.
@@ -15,9 +16,16 @@ def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
     A stop token (EOS unless ignore_eos, or one of stop_token_ids) counts only once
     min_tokens outputs exist, and wins over a length limit reached by the same token, so
     a model that ended on its own reads "stop". Sets request.stop_reason for stop_token_ids.
+    A grammar that can take no token but EOS ends the request ("stop") at once, min_tokens
+    or not; a token the grammar refused aborts it.
     """
     params = request.sampling_params
     num_output = request.num_output_tokens
+    if request.grammar is not None and num_output > 0:
+        if request.grammar_refused:
+            return RequestStatus.FINISHED_ABORTED
+        if request.grammar.is_terminated():
+            return RequestStatus.FINISHED_STOPPED
     if num_output >= params.min_tokens and num_output > 0:
         last = request.all_token_ids[-1]
         if last == request.eos_token_id and not params.ignore_eos:
