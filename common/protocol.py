@@ -290,7 +290,13 @@ def sampling_params_from_wire(wire: dict[str, Any]) -> SamplingParams:
         raise ProtocolError(f"sampling_params: unknown fields {sorted(unknown)}")
     structured = None
     for name, value in wire.items():
-        if value is None and name in ("seed", "logit_bias", "logprobs", "structured_outputs"):
+        if value is None and name in (
+            "seed",
+            "logit_bias",
+            "logprobs",
+            "structured_outputs",
+            "structured_outputs_after",
+        ):
             continue
         if name in (
             "temperature",

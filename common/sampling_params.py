@@ -30,6 +30,9 @@ class SamplingParams:
     logprobs: int | None = None
     # The grammar the output must follow (JSON schema, regex, choice, ...); None: free text.
     structured_outputs: StructuredOutputSpec | None = None
+    # The token that ends the model's reasoning (a reasoning parser's </think>): the grammar
+    # applies only to the output after it. None: from the first output token.
+    structured_outputs_after: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +62,9 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise ValueError(f"logprobs must be in [0, {max_logprobs}] (--max-logprobs), got {self.logprobs}")
+        after = self.structured_outputs_after
+        if after is not None and not 0 <= after < vocab_size:
+            raise ValueError(f"structured_outputs_after: {after} is outside the vocabulary [0, {vocab_size})")
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})")

@@ -76,12 +76,20 @@ class Request:
     # structured outputs: the grammar matcher (common/structured_output/matcher.py) that
     # every output token advances; None for free text
     grammar: Any = None
+    # the grammar waits for sampling_params.structured_outputs_after (the end of reasoning)
+    awaits_grammar: bool = field(init=False)
     # an output token the grammar refused (a producer's first token sampled without it):
     # the request cannot go on under its grammar and ends
     grammar_refused: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        self.awaits_grammar = self.sampling_params.structured_outputs_after is not None
+
+    @property
+    def active_grammar(self) -> Any:
+        """The matcher that constrains the next token, or None (free text, or reasoning)."""
+        return None if self.awaits_grammar else self.grammar
 
     @property
     def awaits_remote_kv_admission(self) -> bool:
@@ -106,5 +114,9 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
-        if self.grammar is not None and not self.grammar.accept_token(token_id):
+        if self.grammar is None:
+            return
+        if self.awaits_grammar:
+            self.awaits_grammar = token_id != self.sampling_params.structured_outputs_after
+        elif not self.grammar.accept_token(token_id):
             self.grammar_refused = True

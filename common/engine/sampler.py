@@ -47,7 +47,7 @@ class SamplingRequest(Protocol):
     sampling_params: SamplingParams
     all_token_ids: list[int]
     eos_token_id: int | None
-    grammar: Any  # a GrammarMatcher, or None for free text
+    active_grammar: Any  # the GrammarMatcher of the next token, or None for free text
 
     @property
     def num_prompt_tokens(self) -> int: ...
@@ -86,10 +86,10 @@ class Sampler:
     def apply_grammars(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:
         """Step 0: `logits` with the tokens each constrained row's grammar forbids at -inf
         (a copy; `logits` itself when no row has a grammar)."""
-        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        rows = [i for i, r in enumerate(requests) if r.active_grammar is not None]
         if not rows:
             return logits
-        vocab_size = requests[rows[0]].grammar.vocab_size
+        vocab_size = requests[rows[0]].active_grammar.vocab_size
         bitmask = self._bitmask
         if bitmask is None or bitmask.shape[0] < len(rows) or bitmask.shape[1] != (vocab_size + 31) // 32:
             bitmask = allocate_bitmask(max(len(rows), 8), vocab_size)
@@ -97,7 +97,7 @@ class Sampler:
                 bitmask = bitmask.pin_memory()
             self._bitmask = bitmask
         bitmask = bitmask[: len(rows)]
-        fill_bitmasks([(requests[i].grammar, j) for j, i in enumerate(rows)], bitmask)
+        fill_bitmasks([(requests[i].active_grammar, j) for j, i in enumerate(rows)], bitmask)
         logits = logits.clone()  # the caller's tensor stays the model's output
         indices = None if len(rows) == len(requests) else _to_device(rows, logits.device)
         apply_token_bitmask_(logits, _host_to_device(bitmask, logits.device), indices)

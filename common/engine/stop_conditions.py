@@ -21,10 +21,10 @@ def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
     """
     params = request.sampling_params
     num_output = request.num_output_tokens
-    if request.grammar is not None and num_output > 0:
+    if request.active_grammar is not None and num_output > 0:
         if request.grammar_refused:
             return RequestStatus.FINISHED_ABORTED
-        if request.grammar.is_terminated():
+        if request.active_grammar.is_terminated():
             return RequestStatus.FINISHED_STOPPED
     if num_output >= params.min_tokens and num_output > 0:
         last = request.all_token_ids[-1]

@@ -225,3 +225,18 @@ def test_async_scheduling_gives_the_same_constrained_tokens(smollm2_model, engin
     expected = run(engine, requests)
     ahead = make_engine(smollm2_model, async_scheduling=True)
     assert run(ahead, requests) == expected
+
+
+def test_a_grammar_that_waits_for_the_end_of_reasoning_leaves_the_text_before_it_free(
+    engine, chat, tokenizer
+):
+    prompt = chat("Give me a phone number.")
+    free, _ = run(engine, {"free": (prompt, greedy(None, 12))})["free"]
+    end = free[3]  # stands for </think>: the model writes it unconstrained
+    cut = free.index(end) + 1
+    params = SamplingParams(
+        max_tokens=40, temperature=0.0, structured_outputs=spec_of(regex=PHONE), structured_outputs_after=end
+    )
+    tokens, finish = run(engine, {"r": (prompt, params)})["r"]
+    assert tokens[:cut] == free[:cut]
+    assert re.fullmatch(PHONE, tokenizer.decode(tokens[cut:])) and finish == "stop"
