@@ -59,6 +59,17 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time every small-M matmul tile config on each weight shape with cold weights and print the best",
     )
+    parser.add_argument(
+        "--structured-outputs",
+        action="store_true",
+        help="also time the engine step with every sequence under a JSON schema, against the same step free",
+    )
+    parser.add_argument(
+        "--grammar-tokenizer",
+        default=None,
+        help="tokenizer of the --structured-outputs grammars (a folder with tokenizer.json or a .gguf); "
+        "default: the embedded model's, grown to the model's vocabulary with synthetic merges",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the figures here as JSON")
 
 
@@ -107,6 +118,10 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     bench = StepBench(model, model_config, args, device, dtype, batch_sizes, max_model_len)
     rows = bench.run(bandwidth)
     extra = {}
+    if args.structured_outputs:
+        from pdserve.bench.decode_step.constrained import constrained_table, time_constrained
+
+        extra["structured_outputs"] = {"data": time_constrained(bench, batch_sizes, args.grammar_tokenizer)}
     if args.gemv and device.type == "cuda":
         extra["gemv"] = gemv_table(bench, bandwidth)
     if args.gemv_sweep and device.type == "cuda":
@@ -137,6 +152,9 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
             print(extra[section]["text"])
             print()
     print(step_table(rows, bandwidth, name, args))
+    if "structured_outputs" in extra:
+        print()
+        print(constrained_table(extra["structured_outputs"]["data"]))
     if args.json_path:
         with open(args.json_path, "w") as f:
             payload = {

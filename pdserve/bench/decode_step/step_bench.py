@@ -198,9 +198,10 @@ class StepBench:
             kv_gb=kv_bytes / 1e9,
         )
 
-    def time_engine_steps(self, batch) -> float:
+    def time_engine_steps(self, batch, restart_grammars: bool = False) -> float:
         """Median wall time of ModelRunner.execute over consecutive decode steps (each one
-        token longer), from packing the inputs to the sampled tokens on the host."""
+        token longer), from packing the inputs to the sampled tokens on the host.
+        restart_grammars: a request whose grammar has finished starts it again."""
         runner = self.runner
         times = []
         for _ in range(max(3, self.args.engine_steps)):
@@ -210,6 +211,8 @@ class StepBench:
             for request in batch.requests:
                 request.num_computed_tokens += 1
                 request.append_output_token(sampled[request.request_id].token_id)
+                if restart_grammars and request.grammar.is_terminated():
+                    request.grammar.reset()
         return statistics.median(times[2:])  # the first steps warm the host path
 
 
