@@ -16,15 +16,18 @@ def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
     A stop token (EOS unless ignore_eos, or one of stop_token_ids) counts only once
     min_tokens outputs exist, and wins over a length limit reached by the same token, so
     a model that ended on its own reads "stop". Sets request.stop_reason for stop_token_ids.
-    A grammar that can take no token but EOS ends the request ("stop") at once, min_tokens
-    or not; a token the grammar refused aborts it.
+    A complete grammar lets only EOS through its mask, and the EOS it takes ends the request
+    ("stop"), min_tokens and ignore_eos or not, as vLLM ends it; a token the grammar refused
+    aborts it. (A "stop" request's last token is never text: the grammar's last token, a
+    closing brace, must not end it.)
     """
     params = request.sampling_params
     num_output = request.num_output_tokens
-    if request.active_grammar is not None and num_output > 0:
+    grammar = request.active_grammar
+    if grammar is not None and num_output > 0:
         if request.grammar_refused:
             return RequestStatus.FINISHED_ABORTED
-        if request.active_grammar.is_terminated():
+        if grammar.is_terminated() and request.all_token_ids[-1] in grammar.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
     if num_output >= params.min_tokens and num_output > 0:
         last = request.all_token_ids[-1]

@@ -78,6 +78,11 @@ class GrammarMatcher:
         should end (or it has already taken EOS)."""
         return self._engine.is_stopped()
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The end tokens a complete grammar takes."""
+        return self._eos
+
     def is_accepting(self) -> bool:
         """True when the text so far is a complete match (EOS is allowed now)."""
         return self._engine.is_accepting()
