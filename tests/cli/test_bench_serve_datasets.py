@@ -1,6 +1,7 @@
 """`pdserve bench serve`'s requests: prompts with exactly the asked token count, shared
-prefixes that are equal token for token, ShareGPT-style files, Mooncake-style traces;
-and the streaming client's handling of chunks, usage and failures."""
+prefixes that are equal token for token, ShareGPT-style files, Mooncake-style traces,
+prompts that ask for JSON under a schema (json, json-unique) and how their answers are
+counted; and the streaming client's handling of chunks, usage, failures and schemas."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import pytest
 
 from pdserve.bench.serve.client import ApiTarget, send_request
 from pdserve.bench.serve.datasets import (
+    BUILT_IN_SCHEMAS_PATH,
     SampleRequest,
+    check_structured_outputs,
+    follows_schema,
+    json_schema_requests,
     prefix_repetition_requests,
     random_requests,
     sharegpt_requests,
     trace_requests,
 )
-from pdserve.bench.serve.metrics import RequestResult
+from pdserve.bench.serve.metrics import RequestResult, compute_metrics
 from pdserve.bench.serve.prompt_builder import PromptBuilder
+from pdserve.bench.serve.report import RunSettings, format_summary, result_json
 from pdserve.bench.serve.text_tokenizer import LocalTokenizer
 
 
@@ -145,6 +151,117 @@ def test_sharegpt_file_that_is_not_a_list_is_refused(tmp_path, tokenizer):
         sharegpt_requests(str(path), tokenizer, True, num_prompts=1)
 
 
+# -- json, json-unique: answers under a JSON schema ------------------------------------
+
+POINT = {
+    "title": "point on a map",
+    "type": "object",
+    "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+    "required": ["x", "y"],
+}
+
+
+def _built_ins() -> list[dict]:
+    return [entry["schema"] for entry in json.loads(BUILT_IN_SCHEMAS_PATH.read_text())]
+
+
+def test_json_prompts_ask_for_each_built_in_schema_in_turn_and_show_it(tokenizer):
+    built_ins = _built_ins()
+    assert len(built_ins) == 5
+    requests = json_schema_requests(tokenizer, True, num_prompts=7, output_len=64, seed=1)
+    assert [r.json_schema for r in requests] == [built_ins[i % 5] for i in range(7)]
+    for request in requests:
+        assert json.dumps(request.json_schema) in request.prompt
+        assert request.prompt_len == len(_ids(tokenizer, request))
+        assert request.expected_output_len == 64
+    assert "a customer order" in requests[3].prompt
+
+
+def test_json_unique_gives_every_request_a_schema_of_its_own(tokenizer):
+    built_ins = _built_ins()
+    requests = json_schema_requests(tokenizer, False, num_prompts=6, output_len=8, unique=True, seed=2)
+    assert len({json.dumps(r.json_schema) for r in requests}) == 6
+    for i, request in enumerate(requests):
+        base = built_ins[i % 5]
+        extra = set(request.json_schema["properties"]) - set(base["properties"])
+        assert len(extra) == 1 and next(iter(extra)).startswith("__optional_field_")
+        assert request.json_schema["required"] == base["required"]  # the extra field is optional
+        assert request.prompt_len == len(tokenizer.encode(request.prompt, False))
+    assert _built_ins() == built_ins and "__optional_field" not in json.dumps(built_ins)
+    again = json_schema_requests(tokenizer, False, num_prompts=6, output_len=8, unique=True, seed=2)
+    assert [r.json_schema for r in again] == [r.json_schema for r in requests]
+
+
+def test_structured_output_ratio_constrains_that_share_of_the_same_prompts(tokenizer):
+    half = json_schema_requests(tokenizer, True, num_prompts=10, output_len=8, structured_ratio=0.5)
+    assert sum(r.json_schema is not None for r in half) == 5
+    every = json_schema_requests(tokenizer, True, num_prompts=10, output_len=8)
+    assert [r.prompt for r in half] == [r.prompt for r in every]  # free or not, the same question
+    none = json_schema_requests(tokenizer, True, num_prompts=4, output_len=8, structured_ratio=0.0)
+    assert all(r.json_schema is None for r in none)
+    with pytest.raises(ValueError, match="--structured-output-ratio 1.5 must be in"):
+        json_schema_requests(tokenizer, True, num_prompts=4, output_len=8, structured_ratio=1.5)
+
+
+def test_a_schema_file_gives_the_schemas_and_a_bad_one_is_named(tmp_path, tokenizer):
+    one = tmp_path / "point.json"
+    one.write_text(json.dumps(POINT))
+    requests = json_schema_requests(tokenizer, True, num_prompts=2, output_len=8, schema_path=str(one))
+    assert [r.json_schema for r in requests] == [POINT, POINT]
+    assert "an example of a point on a map as JSON" in requests[0].prompt
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps([POINT, {"type": "array"}]))
+    requests = json_schema_requests(tokenizer, True, num_prompts=3, output_len=8, schema_path=str(several))
+    assert [r.json_schema for r in requests] == [POINT, {"type": "array"}, POINT]
+    assert "an example of an object as JSON" in requests[1].prompt  # no title
+    for text, says in (
+        ("{not json", "cannot read it as JSON"),
+        ("[]", "a non-empty list"),
+        ('[{"type": "object"}, {"type": 5}]', "schema 1 is not a valid JSON schema"),
+    ):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=says):
+            json_schema_requests(tokenizer, True, num_prompts=1, output_len=8, schema_path=str(bad))
+
+
+def test_an_answer_follows_its_schema_only_as_one_valid_json_value():
+    assert follows_schema(' {"x": 1, "y": 2}\n', POINT)
+    assert not follows_schema('{"x": 1}', POINT)  # y is required
+    assert not follows_schema('{"x": 1, "y": 2', POINT)  # cut short
+    assert not follows_schema('Sure! {"x": 1, "y": 2}', POINT)
+    email = {"type": "string", "format": "email"}
+    assert follows_schema('"ada@example.com"', email) and not follows_schema('"ada"', email)
+
+
+def test_the_report_counts_the_valid_structured_outputs():
+    requests = [SampleRequest("q", 1, 8, json_schema=POINT) for _ in range(3)] + [SampleRequest("q", 1, 8)]
+    texts = ['{"x": 1, "y": 2}', '{"x": 1}', '{"x": 1, "y": 2}', "free text"]
+    results = [
+        RequestResult(prompt_len=1, success=True, output_tokens=4, ttft=0.1, latency=0.2, generated_text=t)
+        for t in texts
+    ]
+    results[2].success = False  # failed: its answer does not count, whatever came
+    check_structured_outputs(requests, results)
+    assert [r.follows_schema for r in results] == [True, False, False, None]
+    metrics = compute_metrics(results, duration=1.0)
+    assert (metrics.structured_outputs.constrained, metrics.structured_outputs.valid) == (3, 1)
+    settings = RunSettings("openai-chat", "m", "t", 4, float("inf"), 1.0, None, ["ttft"])
+    summary = format_summary(metrics, settings)
+    assert "Structured outputs requested:            3" in summary
+    assert "Valid structured outputs:                1" in summary
+    assert "Correct rate (%):                        33.33" in summary
+    document = result_json(metrics, settings, results, "date", detailed=True)
+    assert document["num_structured_outputs"] == 3 and document["num_valid_structured_outputs"] == 1
+    assert document["correct_rate(%)"] == pytest.approx(100 / 3)
+    assert document["follows_schema"] == [True, False, False, None]
+    # a run without constraints reports none of it
+    free = compute_metrics(results[3:], duration=1.0)
+    assert free.structured_outputs is None
+    assert "Valid structured outputs" not in format_summary(free, settings)
+    assert "correct_rate(%)" not in result_json(free, settings, results[3:], "date", detailed=True)
+
+
 # -- the streaming client, against canned server answers ---------------------------------
 
 
@@ -154,7 +271,9 @@ def _sse(*payloads: object) -> bytes:
     )
 
 
-def _send(handler, chat: bool = False, **target) -> tuple[RequestResult, list[dict]]:
+def _send(
+    handler, chat: bool = False, sample: SampleRequest | None = None, **target
+) -> tuple[RequestResult, list[dict]]:
     seen: list[dict] = []
 
     def recording(request: httpx.Request) -> httpx.Response:
@@ -165,7 +284,7 @@ def _send(handler, chat: bool = False, **target) -> tuple[RequestResult, list[di
         transport = httpx.MockTransport(recording)
         async with httpx.AsyncClient(transport=transport) as client:
             api = ApiTarget(url="http://server/v1/x", model="m", chat=chat, **target)
-            return await send_request(client, api, SampleRequest("hello", 3, 4))
+            return await send_request(client, api, sample or SampleRequest("hello", 3, 4))
 
     return asyncio.run(go()), seen
 
@@ -227,3 +346,18 @@ def test_client_records_a_stream_without_tokens_and_a_refused_connection():
 
     result, _ = _send(refuse)
     assert not result.success and result.error.startswith("ConnectError")
+
+
+def test_client_sends_the_schema_as_response_format_on_chat_and_structured_outputs_on_completions():
+    body = _sse({"choices": [{"text": "{}", "delta": {"content": "{}"}}]}, b"[DONE]")
+    sample = SampleRequest("a point?", 3, 16, json_schema=POINT)
+    _, (chat,) = _send(lambda request: httpx.Response(200, content=body), chat=True, sample=sample)
+    assert chat["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": POINT},
+    }
+    assert "structured_outputs" not in chat
+    _, (completion,) = _send(lambda request: httpx.Response(200, content=body), sample=sample)
+    assert completion["structured_outputs"] == {"json": POINT} and "response_format" not in completion
+    _, (free,) = _send(lambda request: httpx.Response(200, content=body), chat=True)
+    assert "response_format" not in free and "structured_outputs" not in free

@@ -72,7 +72,9 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
         default="random",
         help="Requests to send: random words of given lengths, prefix_repetition (shared prefixes), "
         "sharegpt (a ShareGPT-style JSON file), trace (a Mooncake-style JSONL trace replayed on "
-        "its timestamps).",
+        "its timestamps), json (answers constrained to a JSON schema: response_format json_schema "
+        "on chat, structured_outputs.json on completions; the valid answers are counted), "
+        "json-unique (json with a schema of its own for every request).",
     )
     data.add_argument("--dataset-path", default=None, help="The file of --dataset-name sharegpt or trace.")
     data.add_argument(
@@ -125,6 +127,27 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="sharegpt: output tokens per request. (default: the reply's length in the file)",
+    )
+    data.add_argument(
+        "--json-schema-path",
+        default=None,
+        help="json, json-unique: a JSON file with the schema every request asks for, or a list of "
+        "schemas taken in turn. (default: five built-in schemas: a user profile, a product, a "
+        "calendar event, an order, a book review)",
+    )
+    data.add_argument(
+        "--json-output-len",
+        type=int,
+        default=256,
+        help="json, json-unique: output tokens per request at most; an answer cut short there is "
+        "not valid JSON and counts as invalid.",
+    )
+    data.add_argument(
+        "--structured-output-ratio",
+        type=float,
+        default=1.0,
+        help="json, json-unique: share of the requests constrained to their schema (chosen at "
+        "random); the others ask the same in free text. 0 measures the same prompts unconstrained.",
     )
     data.add_argument(
         "--trace-time-scale",

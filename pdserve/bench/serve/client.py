@@ -2,9 +2,11 @@
 
 `--backend openai` posts to /v1/completions (`prompt`), `openai-chat` to
 /v1/chat/completions (one user message), both with `stream: true` and
-`stream_options.include_usage`, so the output token count is the server's own. Any
-failure (connection refused, an HTTP error status, an error event in the stream, a
-stream that ends without a token) is recorded in the result, never raised. Torch-free.
+`stream_options.include_usage`, so the output token count is the server's own; a request
+with a JSON schema sends it as `response_format` json_schema (chat) or
+`structured_outputs.json` (completions). Any failure (connection refused, an HTTP error
+status, an error event in the stream, a stream that ends without a token) is recorded in
+the result, never raised. Torch-free.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class ApiTarget:
         body.update(self.sampling)
         if self.ignore_eos:
             body["ignore_eos"] = True
+        if request.json_schema is not None:
+            if self.chat:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "answer", "schema": request.json_schema},
+                }
+            else:
+                body["structured_outputs"] = {"json": request.json_schema}
         body.update(self.extra_body)
         return body
 

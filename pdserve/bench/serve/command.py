@@ -30,7 +30,10 @@ from pdserve.bench.serve.arrivals import send_times
 from pdserve.bench.serve.cli_args import CHAT_SUFFIX, Choices, resolve_backend
 from pdserve.bench.serve.client import ApiTarget
 from pdserve.bench.serve.datasets import (
+    JSON_DATASETS,
     SampleRequest,
+    check_structured_outputs,
+    json_schema_requests,
     prefix_repetition_requests,
     random_requests,
     sharegpt_requests,
@@ -142,6 +145,7 @@ def _benchmark(
         progress = ProgressBar(len(requests), enabled=not args.disable_tqdm)
         results, duration = asyncio.run(run_requests(target, requests, times, args.max_concurrency, progress))
         progress.close()
+        check_structured_outputs(requests, results)
         metrics = compute_metrics(results, duration, choices.percentiles, choices.slos)
         replayed = requests[0].send_at_s is not None
         settings = replace(settings, num_prompts=len(requests), request_rate="trace" if replayed else rate)
@@ -173,6 +177,11 @@ def build_requests(
     if name in ("sharegpt", "trace") and not args.dataset_path:
         raise ValueError(f"--dataset-name {name} needs --dataset-path FILE")
     add_special = not chat  # a chat's content gets no BOS of its own: the template adds the frame
+    if name in JSON_DATASETS:
+        return json_schema_requests(
+            tokenizer, add_special, args.num_prompts, args.json_output_len, args.json_schema_path,
+            unique=name == "json-unique", structured_ratio=args.structured_output_ratio, seed=args.seed,
+        )  # fmt: skip
     if name == "sharegpt":
         return sharegpt_requests(
             args.dataset_path, tokenizer, add_special, args.num_prompts, args.sharegpt_output_len,

@@ -1,24 +1,33 @@
 """The requests a benchmark sends: `--dataset-name` random, prefix_repetition, sharegpt
-(a ShareGPT-style JSON file) or trace (a Mooncake-style JSONL trace replayed on its
-timestamps). Torch-free.
+(a ShareGPT-style JSON file), trace (a Mooncake-style JSONL trace replayed on its
+timestamps), or json / json-unique (structured outputs: each answer constrained to a JSON
+schema, vLLM's structured-output benchmark datasets). Torch-free.
 
 Every sample knows its prompt's token count as the server counts it and the output
-length to ask for (`max_tokens`).
+length to ask for (`max_tokens`); a constrained one also carries its JSON schema.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench.serve.metrics import RequestResult
 from pdserve.bench.serve.prompt_builder import PromptBuilder
 from pdserve.bench.serve.text_tokenizer import TextTokenizer
 
-DATASET_NAMES = ("random", "prefix_repetition", "sharegpt", "trace")
+DATASET_NAMES = ("random", "prefix_repetition", "sharegpt", "trace", "json", "json-unique")
+JSON_DATASETS = ("json", "json-unique")
+# the schemas of --dataset-name json when no --json-schema-path is given: {"what": a
+# description for the prompt, "schema": ...}, each bounded so that a complete answer fits
+# in a few hundred tokens
+BUILT_IN_SCHEMAS_PATH = Path(__file__).with_name("json_schemas.json")
 # ShareGPT conversations kept, as vLLM's bench keeps them
 _SHAREGPT_MIN_LEN = 4
 _SHAREGPT_MAX_PROMPT_LEN = 1024
@@ -32,6 +41,8 @@ class SampleRequest:
     expected_output_len: int
     # trace replay: seconds after the start at which to send it (None: the request rate decides)
     send_at_s: float | None = None
+    # json datasets: the schema the answer must follow (None: free text)
+    json_schema: dict[str, Any] | None = None
 
 
 def random_requests(
@@ -155,6 +166,117 @@ def trace_requests(
         send_at = (record["timestamp"] - start_ms) / 1000.0 * time_scale
         requests.append(SampleRequest(text, count, max(record["output_length"], 1), send_at))
     return requests
+
+
+def json_schema_requests(
+    tokenizer: TextTokenizer,
+    add_special_tokens: bool,
+    num_prompts: int,
+    output_len: int,
+    schema_path: str | None = None,
+    unique: bool = False,
+    structured_ratio: float = 1.0,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """Prompts that ask for a JSON object and show its schema, the schemas taken in turn
+    from `schema_path` (a schema, or a list of them) or the built-in ones; a share
+    `structured_ratio` of the requests (chosen at random) is constrained to its schema, the
+    rest ask the same in free text. `unique` (json-unique) gives every request's schema an
+    optional property of its own, so no two requests share a compiled grammar."""
+    if not 0.0 <= structured_ratio <= 1.0:
+        raise ValueError(f"--structured-output-ratio {structured_ratio} must be in [0, 1]")
+    require_schema_checker()
+    rng = random.Random(seed)
+    examples = _read_schemas(schema_path) if schema_path else _built_in_schemas()
+    constrained = set(rng.sample(range(num_prompts), round(num_prompts * structured_ratio)))
+    requests = []
+    for i in range(num_prompts):
+        what, schema = examples[i % len(examples)]
+        if unique:
+            schema = copy.deepcopy(schema)
+            schema.setdefault("properties", {})[f"__optional_field_{rng.getrandbits(64):016x}"] = {
+                "type": "string",
+                "description": "A field of this request alone, so that no two requests share a grammar",
+            }
+        prompt = (
+            f"Generate an example of {what} as JSON. Answer with the JSON object alone; it must follow "
+            f"this JSON schema: {json.dumps(schema)}"
+        )
+        prompt_len = len(tokenizer.encode(prompt, add_special_tokens))
+        requests.append(
+            SampleRequest(prompt, prompt_len, output_len, json_schema=schema if i in constrained else None)
+        )
+    return requests
+
+
+def require_schema_checker() -> None:
+    """The json datasets check every answer with the jsonschema package: stop before the run
+    if it is missing."""
+    try:
+        import jsonschema  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "--dataset-name json and json-unique check every answer against its schema with the "
+            "jsonschema package, which is not installed; pip install jsonschema"
+        ) from None
+
+
+def follows_schema(text: str, schema: dict[str, Any]) -> bool:
+    """Whether `text` is one JSON value, whitespace around it aside, valid under `schema`
+    (the formats the jsonschema package checks included)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    validator = jsonschema.validators.validator_for(schema)
+    return validator(schema, format_checker=validator.FORMAT_CHECKER).is_valid(value)
+
+
+def check_structured_outputs(requests: Sequence[SampleRequest], results: Sequence[RequestResult]) -> None:
+    """Set `follows_schema` on the result of every constrained request (a failed one does not)."""
+    for request, result in zip(requests, results, strict=True):
+        if request.json_schema is not None:
+            result.follows_schema = result.success and follows_schema(
+                result.generated_text, request.json_schema
+            )
+
+
+def _built_in_schemas() -> list[tuple[str, dict[str, Any]]]:
+    entries = json.loads(BUILT_IN_SCHEMAS_PATH.read_text())
+    return [(entry["what"], entry["schema"]) for entry in entries]
+
+
+def _read_schemas(path: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--json-schema-path {path}: cannot read it as JSON ({exc})") from None
+    schemas = data if isinstance(data, list) else [data]
+    if not schemas or not all(isinstance(schema, dict) for schema in schemas):
+        raise ValueError(
+            f"--json-schema-path {path}: expected a JSON schema (an object) or a non-empty list of them"
+        )
+    import jsonschema
+
+    for i, schema in enumerate(schemas):
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            where = f"schema {i}" if isinstance(data, list) else "the schema"
+            raise ValueError(
+                f"--json-schema-path {path}: {where} is not a valid JSON schema ({exc.message})"
+            ) from None
+    return [(_schema_subject(schema), schema) for schema in schemas]
+
+
+def _schema_subject(schema: dict[str, Any]) -> str:
+    """What the prompt asks for: the schema's title or description, else "an object"."""
+    for key in ("title", "description"):
+        if isinstance(schema.get(key), str) and schema[key].strip():
+            return f"a {schema[key].strip()}"
+    return "an object"
 
 
 def _around(rng: random.Random, length: int, range_ratio: float) -> int:

@@ -4,7 +4,8 @@ computes them. Pure arithmetic on plain data: no clock, no network. Torch-free.
 TTFT = first streamed token − request start; ITL = each gap between streamed chunks;
 TPOT = (latency − TTFT) / (output tokens − 1), only for outputs of more than one token;
 E2EL = the request's latency. A request is good (goodput) when every SLO given holds;
-an output of one token counts as TPOT 0 there.
+an output of one token counts as TPOT 0 there. With structured outputs, the share of
+constrained answers that followed their schema is vLLM's correct rate.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class RequestResult:
     start_time: float = 0.0
     generated_text: str = ""
     error: str = ""
+    # a constrained request: whether its answer followed its schema (None: free text)
+    follows_schema: bool | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -69,6 +72,20 @@ class Distribution:
 
 
 @dataclass(frozen=True)
+class StructuredOutputCount:
+    """The constrained requests of a run and how many answers followed their schema (a
+    failed request's did not)."""
+
+    constrained: int
+    valid: int
+
+    @property
+    def correct_rate(self) -> float:
+        """Per cent of the constrained requests whose answer was valid (vLLM's correct_rate(%))."""
+        return 100.0 * self.valid / self.constrained if self.constrained else 0.0
+
+
+@dataclass(frozen=True)
 class BenchmarkMetrics:
     completed: int
     failed: int
@@ -82,6 +99,7 @@ class BenchmarkMetrics:
     max_output_tokens_per_s: float
     max_concurrent_requests: int
     latencies: dict[str, Distribution]  # "ttft", "tpot", "itl", "e2el"
+    structured_outputs: StructuredOutputCount | None = None  # None: no request was constrained
 
 
 def parse_goodput(items: Iterable[str]) -> dict[str, float]:
@@ -125,6 +143,8 @@ def compute_metrics(
     goodput = None
     if goodput_slos:
         goodput = sum(1 for r in done if meets_slos(r, goodput_slos)) * per_s
+    checked = [r.follows_schema for r in results if r.follows_schema is not None]
+    structured = StructuredOutputCount(len(checked), sum(checked)) if checked else None
     return BenchmarkMetrics(
         completed=len(done),
         failed=len(results) - len(done),
@@ -138,6 +158,7 @@ def compute_metrics(
         max_output_tokens_per_s=peak_output_tokens_per_s(done),
         max_concurrent_requests=peak_concurrency(results),
         latencies={name: Distribution.of(values, percentiles) for name, values in samples.items()},
+        structured_outputs=structured,
     )
 
 

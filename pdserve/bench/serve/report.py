@@ -1,6 +1,7 @@
 """The printed summary table and the JSON result of a run, laid out as `vllm bench serve`
-lays them out (same labels, same JSON keys), so results compare side by side.
-Torch-free.
+lays them out (same labels, same JSON keys), so results compare side by side; a run
+with structured outputs adds the valid answers and vLLM's structured-output benchmark's
+correct_rate(%). Torch-free.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def format_summary(metrics: BenchmarkMetrics, settings: RunSettings) -> str:
 
     row("Successful requests:", metrics.completed)
     row("Failed requests:", metrics.failed)
+    if metrics.structured_outputs is not None:
+        row("Structured outputs requested:", metrics.structured_outputs.constrained)
+        row("Valid structured outputs:", metrics.structured_outputs.valid)
+        row("Correct rate (%):", metrics.structured_outputs.correct_rate)
     if settings.max_concurrency is not None:
         row("Maximum request concurrency:", settings.max_concurrency)
     row("Request rate configured (RPS):", _rate_text(settings.request_rate))
@@ -102,6 +107,10 @@ def result_json(
         "max_output_tokens_per_s": metrics.max_output_tokens_per_s,
         "max_concurrent_requests": metrics.max_concurrent_requests,
     }
+    if metrics.structured_outputs is not None:
+        result["num_structured_outputs"] = metrics.structured_outputs.constrained
+        result["num_valid_structured_outputs"] = metrics.structured_outputs.valid
+        result["correct_rate(%)"] = metrics.structured_outputs.correct_rate
     for name in settings.percentile_metrics:
         dist = metrics.latencies[name]
         result[f"mean_{name}_ms"] = dist.mean
@@ -118,6 +127,8 @@ def result_json(
         result["latencies"] = [r.latency for r in results]
         result["generated_texts"] = [r.generated_text for r in results]
         result["errors"] = [r.error for r in results]
+        if metrics.structured_outputs is not None:
+            result["follows_schema"] = [r.follows_schema for r in results]
     return result
 
 
