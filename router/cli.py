@@ -28,6 +28,8 @@ from common.config.structured_outputs_config import (
     structured_outputs_config_from_args,
 )
 from common.frame_auth import load_cluster_secret
+from common.openai_api.served_model import AUTO_TOOL_CHOICE_NEEDS_PARSER
+from common.openai_api.tool_calls import TOOL_PARSERS
 from router.config import (
     DEFAULT_HOST,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -275,6 +277,45 @@ def _add_api_args(group: Any) -> None:
         action="store_true",
         help="Add an X-Request-Id header to every response (a client's own X-Request-Id is always echoed).",
     )
+    add_tool_calling_args(group)
+
+
+def add_tool_calling_args(group: Any) -> None:
+    """vLLM's tool-calling flags (docs/structured-outputs.md, "Tool calling and reasoning")."""
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='Enable auto tool choice for supported models: tool_choice "auto" (the default when a '
+        "request sends tools) lets the model decide, and --tool-call-parser reads its calls. Needs "
+        '--tool-call-parser. Without it, requests may still force calls with tool_choice "required" '
+        "or a named function.",
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        type=choice(tuple(TOOL_PARSERS)),
+        choices=tuple(TOOL_PARSERS),
+        default=None,
+        help="Select the tool call parser depending on the model that you're using: the format the "
+        "model writes its calls in (hermes: Hermes 2 Pro, Qwen2.5, Qwen3; llama3_json and "
+        "llama4_json: Llama 3.1 and later; mistral; qwen3_coder). This is used to parse the "
+        "model-generated tool call into OpenAI API format. Required for --enable-auto-tool-choice. "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--exclude-tools-when-tool-choice-none",
+        action="store_true",
+        help='If specified, exclude tool definitions in prompts when tool_choice is "none" (by '
+        "default the chat template shows them anyway).",
+    )
+
+
+def check_tool_calling_args(args: argparse.Namespace) -> None:
+    """vLLM's start-up check; ValueError before anything starts."""
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError(
+            f"{AUTO_TOOL_CHOICE_NEEDS_PARSER} (the format the model writes its calls in: "
+            f"{', '.join(TOOL_PARSERS)})"
+        )
 
 
 def api_keys_from_env() -> list[str] | None:
@@ -285,7 +326,8 @@ def api_keys_from_env() -> list[str] | None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSettings]:
-    """ValueError when the cluster secret cannot be read."""
+    """ValueError when the cluster secret cannot be read, or the tool-calling flags do not fit."""
+    check_tool_calling_args(args)
     router_config = RouterConfig(
         prefill_workers=list(args.prefill_workers),
         decode_workers=list(args.decode_workers),
@@ -327,6 +369,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSetti
         response_role=args.response_role,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         structured_outputs=structured_outputs_config_from_args(args),
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
     )
     return router_config, settings
 

@@ -7,8 +7,10 @@ ends the worker request as soon as its text is finished: a stop string matched h
 closes the orchestrator's generator, which aborts the request on the worker. The
 choices' deltas are merged in arrival order, and then either collected into one
 response body or framed as server-sent events, with the usage chunk before
-`data: [DONE]` when asked. If the stream is dropped (client gone), every choice still
-running is cancelled, which aborts it on its worker. Torch-free.
+`data: [DONE]` when asked. A streamed chat request with a reader (reasoning, tool calls)
+has one ChoiceStream per choice, which turns each delta's text into the message's pieces.
+If the stream is dropped (client gone), every choice still running is cancelled, which
+aborts it on its worker. Torch-free.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from common.openai_api import (
     sse_error,
     usage_chunk,
 )
+from common.openai_api.chat_output import ChatDelta
 from common.output_processor import RequestText, TextDelta, TokenStrings
 from common.protocol import TokenDelta
 from router.metrics import RouterMetrics
@@ -150,13 +153,20 @@ class CompletionRun:
         )
         sent_any = [False] * len(self.outputs)
         text_sent = [0] * len(self.outputs)
+        reader = prepared.reader if prepared.kind == "chat" else None
+        streams = [reader.stream() for _ in self.outputs] if reader is not None else None
         try:
             async with aclosing(self.deltas()) as deltas:
                 async for position, delta in deltas:
                     first = not sent_any[position]
-                    if not first and _nothing_to_show(delta, request.return_token_ids):
+                    message, finish_reason = None, None
+                    if streams is not None:
+                        stream = streams[position]
+                        message = stream.feed(delta.text, final=delta.finished)
+                        finish_reason = stream.finish_reason(delta.finish_reason) if delta.finished else None
+                    if not first and _nothing_to_show(delta, message, request.return_token_ids):
                         continue
-                    chunk = self._chunk(position, delta, first, text_sent[position])
+                    chunk = self._chunk(position, delta, first, text_sent[position], message, finish_reason)
                     if continuous_usage:
                         chunk["usage"] = self._choice_usage(position)
                     sent_any[position] = True
@@ -171,10 +181,18 @@ class CompletionRun:
             yield sse_error(OpenAIError(500, f"internal error in the router: {type(exc).__name__}: {exc}"))
         yield SSE_DONE
 
-    def _chunk(self, position: int, delta: TextDelta, first: bool, text_offset: int) -> dict[str, Any]:
+    def _chunk(
+        self,
+        position: int,
+        delta: TextDelta,
+        first: bool,
+        text_offset: int,
+        message: ChatDelta | None = None,
+        finish_reason: str | None = None,
+    ) -> dict[str, Any]:
         index = self.prepared.sequences[position].index
         if self.prepared.kind == "chat":
-            return chat_chunk(self.prepared, index, delta, first=first)
+            return chat_chunk(self.prepared, index, delta, first, message, finish_reason)
         prefix = self._echo_prefix(position) if first else ""
         return completion_chunk(self.prepared, index, delta, text_offset=text_offset, text_prefix=prefix)
 
@@ -195,11 +213,11 @@ class CompletionRun:
         }
 
 
-def _nothing_to_show(delta: TextDelta, return_token_ids: bool) -> bool:
-    """A delta whose text is held back (a stop string may still match) and that carries
-    nothing else the client asked for."""
+def _nothing_to_show(delta: TextDelta, message: ChatDelta | None, return_token_ids: bool) -> bool:
+    """A delta whose text is held back (a stop string may still match, or a tool call is
+    still being written) and that carries nothing else the client asked for."""
     return (
-        not delta.text
+        (not delta.text if message is None else message.empty)
         and delta.finish_reason is None
         and not delta.logprobs
         and not (return_token_ids and delta.token_ids)

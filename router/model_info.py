@@ -41,10 +41,14 @@ class ModelSettings:
     enable_prompt_tokens_details: bool = False
     # --structured-outputs-config with --reasoning-parser
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
 
 
 def load_served_model(settings: ModelSettings) -> ServedModel:
-    """The ServedModel of `settings`; ValueError saying what to fix when the files are wrong."""
+    """The ServedModel of `settings`; ValueError saying what to fix when the files are wrong,
+    or when the model's vocabulary lacks the --reasoning-parser's tags."""
     source = resolve_model(settings.model, settings.revision, settings.download_dir)
     model_config = load_model_config(source, settings.hf_config_path)
     tokenizer = load_tokenizer(source, settings.tokenizer)
@@ -66,4 +70,7 @@ def load_served_model(settings: ModelSettings) -> ServedModel:
         chat_template=read_chat_template(settings.chat_template),
         response_role=settings.response_role,
         structured_outputs=settings.structured_outputs,
+        enable_auto_tool_choice=settings.enable_auto_tool_choice,
+        tool_call_parser=settings.tool_call_parser,
+        exclude_tools_when_tool_choice_none=settings.exclude_tools_when_tool_choice_none,
     )

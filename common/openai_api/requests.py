@@ -3,12 +3,14 @@
 Pydantic v2 models with the OpenAI fields and vLLM's extras; unknown fields are kept
 and ignored (clients send provider-specific ones). `sampling_params()` turns a body
 into the engine's SamplingParams after the model's generation defaults (with the
-output's constraint, structured_outputs.py), and `output_options()` into what the
-output processor needs (stop strings, detokenizer settings). Every rejection is an OpenAIError with vLLM's wording where vLLM has one.
+output's constraint, structured_outputs.py, or a chat request's tool_choice), and
+`output_options()` into what the output processor needs (stop strings, detokenizer
+settings). Every rejection is an OpenAIError with vLLM's wording where vLLM has one.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
@@ -18,8 +20,11 @@ from common.openai_api.errors import bad_request, from_validation_error
 from common.openai_api.json_body import json_type_name
 from common.openai_api.served_model import ServedModel
 from common.openai_api.structured_outputs import StructuredOutputFields
+from common.openai_api.tool_calls import ToolChoice, parse_tool_choice, tool_choice_spec, validate_tools
 from common.output_processor import OutputOptions
 from common.sampling_params import SamplingParams
+from common.structured_output.spec import StructuredOutputSpec
+from common.structured_output.validation_cache import check_spec
 
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound for chat top_logprobs
@@ -202,8 +207,15 @@ class _GenerationRequest(StructuredOutputFields):
             return_tokens_as_token_ids=self.return_tokens_as_token_ids,
         )
 
-    def sampling_params(self, num_prompt_tokens: int, served: ServedModel) -> SamplingParams:
-        """The engine's SamplingParams for one prompt of this request.
+    def output_constraint(self, served: ServedModel) -> StructuredOutputSpec | None:
+        """The one constraint of the output, checked; None for free text."""
+        return self.structured_output_spec(served.structured_outputs)
+
+    def sampling_params(
+        self, num_prompt_tokens: int, served: ServedModel, constraint: StructuredOutputSpec | None
+    ) -> SamplingParams:
+        """The engine's SamplingParams for one prompt of this request, whose output follows
+        `constraint` (output_constraint(), computed once for all the prompts).
 
         Precedence: the request's field, then the model's generation_config default,
         then SamplingParams' own default. Without max_tokens the request may use the
@@ -243,7 +255,7 @@ class _GenerationRequest(StructuredOutputFields):
             ignore_eos=self.ignore_eos,
             stop_token_ids=list(self.stop_token_ids or []),
             logprobs=self._requested_logprobs(),
-            structured_outputs=self.structured_output_spec(served.structured_outputs),
+            structured_outputs=constraint,
         )
         try:
             params.validate(served.vocab_size, served.max_logprobs)
@@ -318,8 +330,23 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = _documented(None, minimum=1)
     logprobs: bool = False
     top_logprobs: int | None = _documented(None, minimum=0, maximum=_MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description='Functions the model may call: [{"type": "function", "function": {"name", '
+        '"description", "parameters": <JSON schema>}}]. They are rendered into the chat template.',
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None,
+        description='"none", "auto" (needs --enable-auto-tool-choice and --tool-call-parser), "required" '
+        '(at least one call) or {"type": "function", "function": {"name": ...}}. Default: "auto" with '
+        'tools, "none" without.',
+    )
+    parallel_tool_calls: bool = Field(
+        True, description='false: tool_choice "required" makes exactly one call.'
+    )
+    include_reasoning: bool = Field(
+        True, description="false: leave reasoning_content out (with --reasoning-parser)."
+    )
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -346,13 +373,6 @@ class ChatCompletionRequest(_GenerationRequest):
                     f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
                     "top_logprobs",
                 )
-        # tools are accepted only with tool_choice "none": there is no tool-call parser here
-        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
-            raise bad_request(
-                "tool calling is not supported by this server; drop tools and tool_choice "
-                '(or set tool_choice to "none")',
-                "tool_choice" if self.tool_choice is not None else "tools",
-            )
         if self.continue_final_message and self.add_generation_prompt:
             raise bad_request(
                 "continue_final_message and add_generation_prompt cannot both be true; "
@@ -364,6 +384,67 @@ class ChatCompletionRequest(_GenerationRequest):
                 "continue_final_message needs the last message to be the assistant's",
                 "continue_final_message",
             )
+
+    def checked_tools(self) -> list[dict[str, Any]] | None:
+        """`tools` when every definition is well formed; a 400 naming the first that is not."""
+        if self.tools is None:
+            return None
+        try:
+            return validate_tools(self.tools)
+        except ValueError as exc:
+            raise bad_request(str(exc), "tools") from None
+
+    def tool_choice_of(self, served: ServedModel) -> ToolChoice:
+        """What tool_choice asks for, checked against the tools and what the server offers."""
+        tools = self.checked_tools()
+        try:
+            choice = parse_tool_choice(self.tool_choice, tools)
+        except ValueError as exc:
+            raise bad_request(str(exc), "tool_choice") from None
+        if choice.mode == "auto" and served.auto_tool_parser is None:
+            raise bad_request(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set '
+                '(tool_choice is "auto" when tools are sent without it); start the server with both, '
+                'or send tool_choice "required", "none" or {"type": "function", "function": {"name": ...}}',
+                "tool_choice",
+            )
+        return choice
+
+    def template_tools(self, served: ServedModel) -> list[dict[str, Any]] | None:
+        """The tools the chat template shows the model: none with tool_choice "none" under
+        --exclude-tools-when-tool-choice-none."""
+        tools = self.checked_tools()
+        if self.tool_choice == "none" and served.exclude_tools_when_tool_choice_none:
+            return None
+        return tools
+
+    def output_constraint(
+        self, served: ServedModel, choice: ToolChoice | None = None
+    ) -> StructuredOutputSpec | None:
+        """The output's one constraint: tool_choice "required" or a named function makes one
+        (with the structured_outputs switches, else the server's defaults), which leaves
+        no room for another."""
+        choice = choice if choice is not None else self.tool_choice_of(served)
+        if not choice.constrained:
+            return super().output_constraint(served)
+        others = [constraint.param for constraint in self._constraints()]
+        if others:
+            raise bad_request(
+                f"{_described(choice)} and {' and '.join(others)} both constrain the output, and a request "
+                f'takes one constraint; drop {" and ".join(others)}, or send tool_choice "auto" or "none"',
+                "tool_choice",
+            )
+        config = served.structured_outputs
+        self._refuse_whitespace_patterns()
+        self._check_backend(config)
+        try:
+            spec = tool_choice_spec(choice, self.tools or [], self.parallel_tool_calls)
+            assert spec is not None
+            spec = replace(spec, **self._switches(config))
+            check_spec(spec)
+        except ValueError as exc:
+            raise bad_request(f"{_described(choice)}: {exc}", "tools") from None
+        return spec
 
     def template_messages(self) -> list[dict[str, Any]]:
         """The messages as the chat template reads them: text parts joined into one string."""
@@ -429,6 +510,12 @@ def _check_message(i: int, message: Any) -> None:
             )
         if not isinstance(part.get("text"), str):
             raise ValueError(f"{where}.content[{j}].text must be a string")
+
+
+def _described(choice: ToolChoice) -> str:
+    if choice.mode == "function":
+        return f"tool_choice (the function {choice.function!r})"
+    return f'tool_choice "{choice.mode}"'
 
 
 def _field_named_in(message: str) -> str | None:

@@ -2,8 +2,9 @@
 
 `completion_response` gives a `text_completion` object and `chat_completion_response`
 a `chat.completion` one, from a PreparedRequest and the finished RequestText of each
-of its choices (same order as `prepared.sequences`). The logprob formatters are
-shared with the streaming chunks.
+of its choices (same order as `prepared.sequences`). A chat choice's message is its
+output as the request's reader sees it (chat_output.py): reasoning_content, content
+and tool_calls. The logprob formatters are shared with the streaming chunks.
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def chat_completion_response(
     request = prepared.request
     choices = []
     for spec, output in zip(prepared.sequences, outputs, strict=True):
+        message, finish_reason = chat_message(prepared, output, role)
         choice: dict[str, Any] = {
             "index": spec.index,
-            "message": {"role": role, "content": output.text, "refusal": None, "tool_calls": []},
+            "message": message,
             "logprobs": chat_logprobs(output.logprobs) if output.logprobs is not None else None,
-            "finish_reason": output.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": output.stop_reason,
         }
         if request.return_token_ids:
@@ -83,6 +85,26 @@ def chat_completion_response(
     if request.return_token_ids:
         body["prompt_token_ids"] = prepared.prompts[0].token_ids
     return body
+
+
+def chat_message(
+    prepared: PreparedRequest, output: RequestText, role: str = "assistant"
+) -> tuple[dict[str, Any], str | None]:
+    """One finished choice's message, and its finish_reason ("tool_calls" when it called tools)."""
+    message: dict[str, Any] = {
+        "role": role,
+        "content": output.text,
+        "refusal": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
+    if prepared.reader is None:
+        return message, output.finish_reason
+    parts, finish_reason = prepared.reader.read(output.text, output.finish_reason)
+    message["content"] = parts.content
+    message["reasoning_content"] = parts.reasoning_content
+    message["tool_calls"] = [call.to_dict() for call in parts.tool_calls]
+    return message, finish_reason
 
 
 def usage(prepared: PreparedRequest, outputs: list[RequestText], prompt_tokens_details: bool = False) -> dict:

@@ -11,10 +11,21 @@ from typing import Any
 
 from common.config.structured_outputs_config import StructuredOutputsConfig
 from common.openai_api.errors import model_not_found
+from common.openai_api.reasoning import (
+    ReasoningParser,
+    ReasoningTokenIds,
+    get_reasoning_parser,
+    reasoning_token_ids,
+)
+from common.openai_api.tool_calls import ToolParser, get_tool_parser
+
+AUTO_TOOL_CHOICE_NEEDS_PARSER = "Error: --enable-auto-tool-choice requires --tool-call-parser"
 
 
 @dataclass
 class ServedModel:
+    """Raises ValueError when the tool-call or reasoning settings do not fit the model."""
+
     names: list[str]  # --served-model-name, or the model source's name; the first is reported
     max_model_len: int
     tokenizer: Any  # common.tokenizer.Tokenizer
@@ -28,10 +39,37 @@ class ServedModel:
     # --structured-outputs-config (with --reasoning-parser): the JSON defaults of requests
     # that do not set them, and the backend a request may not override
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is served
+    tool_call_parser: str | None = None  # --tool-call-parser: reads calls out of "auto" outputs
+    exclude_tools_when_tool_choice_none: bool = False  # --exclude-tools-when-tool-choice-none
+    # the reasoning tags of --reasoning-parser in this tokenizer's vocabulary; None without one
+    reasoning_ids: ReasoningTokenIds | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # its ValueError lists the parsers
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError(AUTO_TOOL_CHOICE_NEEDS_PARSER)
+        parser = self.reasoning_parser
+        # a model without the tags cannot be read this way: refuse now, not on every request
+        self.reasoning_ids = reasoning_token_ids(self.tokenizer, parser) if parser is not None else None
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @property
+    def reasoning_parser(self) -> ReasoningParser | None:
+        """--reasoning-parser: splits chat outputs into reasoning_content and content."""
+        name = self.structured_outputs.reasoning_parser
+        return get_reasoning_parser(name) if name else None
+
+    @property
+    def auto_tool_parser(self) -> type[ToolParser] | None:
+        """The parser of tool_choice "auto" outputs; None when "auto" is not served."""
+        if not self.enable_auto_tool_choice or not self.tool_call_parser:
+            return None
+        return get_tool_parser(self.tool_call_parser)
 
     def check_model(self, requested: str | None) -> str:
         """The name to report in responses; a 404 OpenAIError for a name not served here.

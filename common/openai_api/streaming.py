@@ -2,7 +2,8 @@
 
 One chunk per TextDelta of one choice: `text_completion` objects for completions,
 `chat.completion.chunk` objects for chat (the first chunk of each choice carries the
-role). With `stream_options.include_usage`, every chunk has `"usage": null` and
+role; a chat request with a reader, chat_output.py, streams what its choice's stream
+made of the delta: reasoning_content, content, tool_calls pieces). With `stream_options.include_usage`, every chunk has `"usage": null` and
 `usage_chunk` (no choices, the whole usage) goes just before `data: [DONE]`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.openai_api.chat_output import ChatDelta
 from common.openai_api.errors import OpenAIError
 from common.openai_api.prepare import PreparedRequest
 from common.openai_api.responses import chat_logprobs, completion_logprobs, usage
@@ -39,17 +41,26 @@ def completion_chunk(
 
 
 def chat_chunk(
-    prepared: PreparedRequest, index: int, delta: TextDelta, first: bool = False
+    prepared: PreparedRequest,
+    index: int,
+    delta: TextDelta,
+    first: bool = False,
+    message: ChatDelta | None = None,
+    finish_reason: str | None = None,
 ) -> dict[str, Any]:
-    """One choice's delta; `first` adds the assistant role, as the first chunk of a choice must."""
-    message: dict[str, Any] = (
-        {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
-    )
+    """One choice's delta; `first` adds the assistant role, as the first chunk of a choice must.
+
+    `message` is what the choice's ChoiceStream made of the delta, and `finish_reason` the
+    one it decided (ChoiceStream.finish_reason); without them the delta's text is content.
+    """
+    body = {"content": delta.text} if message is None else message.to_dict()
+    if message is None:
+        finish_reason = delta.finish_reason
     choice: dict[str, Any] = {
         "index": index,
-        "delta": message,
+        "delta": {"role": "assistant", **body} if first else body,
         "logprobs": chat_logprobs(delta.logprobs) if delta.logprobs is not None else None,
-        "finish_reason": delta.finish_reason,
+        "finish_reason": finish_reason,
         "stop_reason": delta.stop_reason,
     }
     if prepared.request.return_token_ids:

@@ -42,7 +42,7 @@ from common.config.argv_of import argv_of
 from common.config.engine_args import add_engine_args
 from common.frame_auth import load_cluster_secret
 from common.worker.worker_args import add_registry_args, add_worker_args
-from router.cli import add_router_args, add_router_serving_args
+from router.cli import add_router_args, add_router_serving_args, check_tool_calling_args
 
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 _STOP_GRACE_S = 15.0
@@ -219,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
     deadline = time.monotonic() + args.startup_timeout
-    try:  # a secret that cannot be read, or no shared hash seed, stops everything before anything starts
+    try:  # a secret that cannot be read, no shared hash seed, or tool-calling flags that do not
+        # fit stop everything before anything starts
+        check_tool_calling_args(args)
         secret = load_cluster_secret(args.cluster_secret_file)
         if args.prefix_caching_hash_algo is not None:
             require_shared_hash_seed(args.prefix_caching_hash_algo, secret, "pdserve serve")

@@ -50,7 +50,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None  # --enable-prompt-tokens-details
 
 
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
 StopReason = int | str | None  # the stop token id, or the stop string, that ended the choice
 
 
@@ -96,11 +96,23 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str | None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = []
+    tool_calls: list[ToolCall] = []
+    reasoning_content: str | None = None  # with --reasoning-parser
 
 
 class ChatChoice(BaseModel):

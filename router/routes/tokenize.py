@@ -28,6 +28,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered with the messages, as a chat request's
     return_token_strs: bool = False
 
 
@@ -59,6 +60,7 @@ def _tokenize(request: TokenizeRequest, ctx: RouterContext) -> list[int]:
             "add_generation_prompt": request.add_generation_prompt,
             "continue_final_message": request.continue_final_message,
             "chat_template_kwargs": request.chat_template_kwargs,
+            "tools": request.tools,
         }
     )
     chat.check_supported()

@@ -5,6 +5,7 @@ and both reaching the router and every worker that `pdserve serve` starts."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -157,8 +158,12 @@ def test_every_flag_has_help():
 
 
 def test_the_router_serves_with_the_config_it_was_given():
-    config = StructuredOutputsConfig(disable_additional_properties=True, reasoning_parser="qwen3")
-    assert load_served_model(ModelSettings(structured_outputs=config)).structured_outputs == config
+    config = StructuredOutputsConfig(disable_additional_properties=True, disable_any_whitespace=True)
+    served = load_served_model(ModelSettings(structured_outputs=config))
+    assert served.structured_outputs == config
+    # the embedded SmolLM2 has no </think>: the router refuses a reasoning parser for it
+    with pytest.raises(ValueError, match="--reasoning-parser qwen3 needs </think> as one token"):
+        dataclasses.replace(served, structured_outputs=dataclasses.replace(config, reasoning_parser="qwen3"))
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:

@@ -102,10 +102,13 @@ def test_top_logprobs_needs_logprobs(served):
     assert error.status == 400 and "`logprobs` must be set to true" in error.message
 
 
-def test_tool_calling_is_refused_but_tool_choice_none_is_accepted(served):
+def test_tool_choice_auto_needs_a_tool_parser_but_none_and_required_are_served(served):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert refusal(chat, served, tools=tools).status == 400
+    error = refusal(chat, served, tools=tools)  # no tool_choice with tools: "auto"
+    assert (error.status, error.param) == (400, "tool_choice")
+    assert '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser' in error.message
     assert chat(served, tools=tools, tool_choice="none").sequences
+    assert chat(served, tools=tools, tool_choice="required").sequences[0].sampling_params.structured_outputs
 
 
 def test_error_body_has_the_openai_shape(served):

@@ -165,8 +165,8 @@ BAD_REQUESTS = [
         path=CHAT, says="content is missing"),
     Bad("continue and add_generation_prompt", {"messages": HI + [{"role": "assistant", "content": "I"}],
         "continue_final_message": True}, path=CHAT, says="cannot both be true"),
-    Bad("tools with tool_choice auto", {"messages": HI, "tools": [{"type": "function"}], "tool_choice": "auto"},
-        path=CHAT, says="tool calling is not supported"),
+    Bad("a tool without its function", {"messages": HI, "tools": [{"type": "function"}], "tool_choice": "auto"},
+        path=CHAT, says='tools[0] has no "function" object'),
     # -- structured outputs: refused by the router before any worker sees them -------------------
     Bad("invalid JSON schema", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": 5}}}}, path=CHAT, says="invalid JSON schema"),
