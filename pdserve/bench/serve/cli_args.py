@@ -138,8 +138,9 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--json-output-len",
         type=int,
-        default=256,
-        help="json, json-unique: output tokens per request at most; an answer cut short there is "
+        default=512,
+        help="json, json-unique: output tokens per request at most (an answer ends where its "
+        "schema does; the built-in ones fit in about 300 tokens); an answer cut short there is "
         "not valid JSON and counts as invalid.",
     )
     data.add_argument(

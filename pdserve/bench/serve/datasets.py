@@ -25,8 +25,8 @@ from pdserve.bench.serve.text_tokenizer import TextTokenizer
 DATASET_NAMES = ("random", "prefix_repetition", "sharegpt", "trace", "json", "json-unique")
 JSON_DATASETS = ("json", "json-unique")
 # the schemas of --dataset-name json when no --json-schema-path is given: {"what": a
-# description for the prompt, "schema": ...}, each bounded so that a complete answer fits
-# in a few hundred tokens
+# description for the prompt, "schema": ...}, each bounded (strings, arrays, closed objects)
+# so that a complete answer fits in a few hundred tokens
 BUILT_IN_SCHEMAS_PATH = Path(__file__).with_name("json_schemas.json")
 # ShareGPT conversations kept, as vLLM's bench keeps them
 _SHAREGPT_MIN_LEN = 4
