@@ -317,6 +317,7 @@ class LLMEngine:
         if self._ahead is not None:
             batch, handle = self._ahead
             self._ahead = None
+            handle.sample()  # the step before it is in: its grammars' masks can be filled
         else:
             batch = self.scheduler.schedule()
             # pulls admitted by this schedule start now and run while the model does

@@ -164,18 +164,28 @@ class ModelRunner:
             logits = self.cuda_graphs.replay(inputs.graph_size)[:n]
         else:
             logits = self.forward(inputs)
-        token_ids = self.sampler.sample_token_ids(logits, inputs.sample_requests)
-        return self._read_back_later(batch, token_ids)
+        requests = inputs.sample_requests
+        row_of = {r.request_id: i for i, r in enumerate(batch.requests)}
+        if feed is not None and any(r.grammar is not None for r in requests):
+            # the masks need `feed`'s tokens in the matchers: sample once the host has them
+            # (StepHandle.sample), while this forward runs; the logits must outlive a replay
+            pending = logits.clone() if inputs.graph_size is not None else logits
+            return StepHandle(
+                row_of, None, lambda: self._read_back_later(self.sampler.sample_token_ids(pending, requests))
+            )
+        return StepHandle(row_of, self._read_back_later(self.sampler.sample_token_ids(logits, requests)))
 
     def _to_device_index(self, rows: list[int]) -> torch.Tensor:
         index = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return index.to(self.device, non_blocking=True)
 
-    def _read_back_later(self, batch: ScheduledBatch, token_ids: torch.Tensor) -> StepHandle:
-        """A handle on `token_ids`, copied to pinned host memory behind the step on its stream."""
-        row_of = {r.request_id: i for i, r in enumerate(batch.requests)}
+    def _read_back_later(
+        self, token_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+        """`token_ids`, a pinned host copy under way behind the step on its stream, and the
+        event after that copy (StepHandle's `sampled`)."""
         if self.device.type != "cuda":
-            return StepHandle(row_of, token_ids, token_ids, None)
+            return token_ids, token_ids, None
         # two host buffers in turn: the step launched before this one may not be read yet
         self._token_buffer_turn ^= 1
         name = ("token_ids_a", "token_ids_b")[self._token_buffer_turn]
@@ -183,7 +193,7 @@ class ModelRunner:
         host.copy_(token_ids, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return StepHandle(row_of, token_ids, host, ready)
+        return token_ids, host, ready
 
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """The model on an eager step; the logits of its sampling rows (None when no row

@@ -151,17 +151,14 @@ def can_sample_ahead(params: SamplingParams, num_output_tokens: int, num_unknown
     """Whether a request's next token may be chosen on the GPU without the host waiting for
     it, while `num_unknown` of its latest tokens are not known to the host yet (the host
     knows `num_output_tokens` outputs). Logprobs are read back at once; penalties, a seeded
-    draw, min_tokens below its count and a grammar read the request's own outputs."""
+    draw and min_tokens below its count read the request's own outputs. A grammar does too,
+    but only at sampling, which a step launched ahead leaves until its input tokens are in
+    (ModelRunner.launch): its forward still runs ahead."""
     if params.logprobs is not None:
         return False
     if num_unknown == 0:
         return True
-    return (
-        params.seed is None
-        and params.structured_outputs is None
-        and not _has_penalty(params)
-        and num_output_tokens >= params.min_tokens
-    )
+    return params.seed is None and not _has_penalty(params) and num_output_tokens >= params.min_tokens
 
 
 def process_logits(logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> torch.Tensor:

@@ -8,6 +8,7 @@ StepHandle: a launched step whose sampled tokens are still on their way to the h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,25 +30,47 @@ class StepInputs:
 
 
 class StepHandle:
-    """A launched step (ModelRunner.launch) whose sampled tokens are on their way to the host."""
+    """A launched step (ModelRunner.launch) whose sampled tokens are on their way to the host.
+
+    A step with grammars that was launched ahead of its input tokens samples later: its
+    forward runs while the host takes the step before it, and its masks need that step's
+    tokens in the matchers first. `sample()` then samples (the engine calls it once the
+    tokens feeding the step are in); `result()` and a step fed by this one need it done.
+    """
 
     def __init__(
         self,
         row_of: dict[str, int],
-        token_ids: torch.Tensor,
-        host: torch.Tensor,
-        ready: torch.cuda.Event | None,
+        sampled: tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None,
+        sample: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] | None = None,
     ) -> None:
+        """sampled: (token ids [n] int64 where the step ran, their host copy, the event after
+        the copy); None while `sample` (which returns them) is still to run."""
         self.row_of = row_of  # request id -> its row in token_ids
-        self.token_ids = token_ids  # [n] int64 where the step ran
-        self._host = host
-        self._ready = ready
+        self._sampled = sampled
+        self._sample = sample
+
+    def sample(self) -> None:
+        """Run the step's sampling if it was left for later (idempotent)."""
+        if self._sampled is None:
+            assert self._sample is not None
+            self._sampled, self._sample = self._sample(), None
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """[n] int64 sampled tokens where the step ran."""
+        if self._sampled is None:
+            raise RuntimeError("the step's sampling was left for later; call sample() first")
+        return self._sampled[0]
 
     def result(self) -> dict[str, SampledToken]:
         """The sampled token of every request, by id; waits for the step to end."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        tokens = self._host.tolist()
+        self.sample()
+        assert self._sampled is not None
+        _, host, ready = self._sampled
+        if ready is not None:
+            ready.synchronize()
+        tokens = host.tolist()
         return {rid: SampledToken(tokens[row]) for rid, row in self.row_of.items()}
 
 

@@ -36,6 +36,15 @@ class StructuredOutputs:
         self.vocab_size = vocab_size
         self.cache = GrammarCache(capacity, backend)
 
+    def use_tokenizer(self, tokenizer: GrammarTokenizer) -> None:
+        """Compile against `tokenizer` instead of loading the model's (a model of dummy
+        weights in a benchmark has none)."""
+        if tokenizer.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"the tokenizer's view has {tokenizer.vocab_size} ids, the logits {self.vocab_size}"
+            )
+        self._tokenizer = tokenizer
+
     def matcher_for(self, spec: StructuredOutputSpec) -> GrammarMatcher:
         """A fresh matcher at the start of `spec`'s grammar; ValueError naming the problem
         when the grammar does not compile."""

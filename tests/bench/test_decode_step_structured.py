@@ -33,7 +33,12 @@ def test_the_constrained_step_is_timed_beside_the_free_one(tmp_path, capsys):
         "--structured-outputs", "--json", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
-    (row,) = json.loads(out.read_text())["structured_outputs"]
+    figures = json.loads(out.read_text())
+    (row,) = figures["structured_outputs"]
     assert row["batch"] == 3 and row["vocab_size"] == 49152
     assert row["free_ms"] > 0 and row["constrained_ms"] > 0 and row["mask_fill_ms"] > 0
-    assert "every sequence under a JSON schema" in capsys.readouterr().out
+    engine = figures["structured_outputs_engine"]
+    assert [r["constrained"] for r in engine] == [0, 2, 3]  # none, half (rounded), all
+    assert all(r["step_ms"] > 0 for r in engine)
+    printed = capsys.readouterr().out
+    assert "every sequence under a JSON schema" in printed and "whole engine" in printed

@@ -217,7 +217,7 @@ def test_preempted_constrained_requests_write_the_same_valid_output(smollm2_mode
         assert_valid_json(tokenizer.decode(tokens), PERSON)
 
 
-def test_async_scheduling_gives_the_same_constrained_tokens(smollm2_model, engine, chat):
+def test_async_scheduling_runs_constrained_steps_ahead_with_the_same_tokens(smollm2_model, engine, chat):
     requests = {
         "json": (chat("Describe a person as JSON."), greedy(spec_of(json=PERSON))),
         "free": (chat("Tell me about the sea."), greedy(None, 24)),
@@ -225,6 +225,8 @@ def test_async_scheduling_gives_the_same_constrained_tokens(smollm2_model, engin
     expected = run(engine, requests)
     ahead = make_engine(smollm2_model, async_scheduling=True)
     assert run(ahead, requests) == expected
+    # the constrained request ran ahead too: its forward before its grammar's mask
+    assert ahead.num_steps_ahead > 10
 
 
 def test_a_grammar_that_waits_for_the_end_of_reasoning_leaves_the_text_before_it_free(

@@ -119,9 +119,9 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     rows = bench.run(bandwidth)
     extra = {}
     if args.structured_outputs:
-        from pdserve.bench.decode_step.constrained import constrained_table, time_constrained
+        from pdserve.bench.decode_step.constrained import constrained_table, engine_table, time_constrained
 
-        extra["structured_outputs"] = {"data": time_constrained(bench, batch_sizes, args.grammar_tokenizer)}
+        extra["structured_outputs"] = time_constrained(bench, batch_sizes, args.grammar_tokenizer)
     if args.gemv and device.type == "cuda":
         extra["gemv"] = gemv_table(bench, bandwidth)
     if args.gemv_sweep and device.type == "cuda":
@@ -155,6 +155,8 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     if "structured_outputs" in extra:
         print()
         print(constrained_table(extra["structured_outputs"]["data"]))
+        print()
+        print(engine_table(extra["structured_outputs"]["engine"]))
     if args.json_path:
         with open(args.json_path, "w") as f:
             payload = {
@@ -162,6 +164,11 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
                 "copy_TBps": bandwidth / 1e12,
                 "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
                 **{k: v["data"] for k, v in extra.items()},
+                **(
+                    {"structured_outputs_engine": extra["structured_outputs"]["engine"]}
+                    if "structured_outputs" in extra
+                    else {}
+                ),
             }
             json.dump(payload, f, indent=1)
     return 0

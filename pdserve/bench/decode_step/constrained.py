@@ -37,9 +37,10 @@ def grammar_tokenizer(path: str | None, vocab_size: int) -> Any:
     return GrammarTokenizer.from_tokenizer(base, vocab_size)
 
 
-def time_constrained(bench: Any, batch_sizes: list[int], tokenizer_path: str | None) -> list[dict[str, Any]]:
-    """Per batch size: the median engine step free and constrained, and the CPU time of
-    filling the batch's masks alone."""
+def time_constrained(bench: Any, batch_sizes: list[int], tokenizer_path: str | None) -> dict[str, Any]:
+    """Per batch size: the median runner step free and constrained, and the CPU time of
+    filling the batch's masks alone ("data"); then the whole engine at the largest batch
+    with none, half or all of it constrained ("engine")."""
     import torch
 
     from common.structured_output.grammar_cache import GrammarCache
@@ -87,7 +88,10 @@ def time_constrained(bench: Any, batch_sizes: list[int], tokenizer_path: str | N
             f"({constrained_ms / free_ms:.3f}x); masks alone {rows[-1]['mask_fill_ms']:.3f} ms on the CPU",
             flush=True,
         )
-    return rows
+    engine = time_engine_async(
+        bench.model, bench.model_config, max(batch_sizes), bench.context, bench.args.engine_steps, tokenizer
+    )
+    return {"data": rows, "engine": engine}
 
 
 def constrained_table(rows: list[dict[str, Any]]) -> str:
@@ -112,4 +116,103 @@ def constrained_table(rows: list[dict[str, Any]]) -> str:
     return (
         f"structured outputs: schemas {', '.join(SCHEMA_NAMES)} round-robin over the batch; "
         f"vocabulary {vocab:,} ids\n\n" + format_table(header, cells, "r" * len(header))
+    )
+
+
+# A schema whose one string must be long: no sequence ends its grammar inside the timed steps.
+LONG_TEXT = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 2000}},
+    "required": ["text"],
+}
+
+
+def time_engine_async(
+    model: Any, model_config: Any, batch_size: int, context: int, steps: int, tokenizer: Any
+) -> list[dict[str, Any]]:
+    """The whole engine (LLMEngine.step, async scheduling on where graphs replay) in steady
+    decode: `batch_size` requests with `context`-token prompts, none, half or all of them
+    under LONG_TEXT; the mean step over `steps` steps after the prefills."""
+    import torch
+
+    from common.config.engine_config import EngineConfig
+    from common.engine.llm_engine import LLMEngine
+    from common.sampling_params import SamplingParams
+    from common.structured_output.spec import StructuredOutputSpec
+
+    device = next(model.parameters()).device
+    block_size = 16
+    per_seq = -(-(context + steps + 64) // block_size)
+    config = EngineConfig(
+        device=device.type,
+        max_model_len=context + steps + 64,
+        max_num_seqs=batch_size,
+        max_num_batched_tokens=max(8192, context),
+        num_gpu_blocks_override=1 + batch_size * per_seq,
+        block_size=block_size,
+        enable_prefix_caching=False,
+    )
+    engine = LLMEngine.from_config(config, model=model, model_config=model_config)
+    engine.structured_outputs.use_tokenizer(tokenizer)  # a dummy model has no tokenizer of its own
+    spec = StructuredOutputSpec("json", json.dumps(LONG_TEXT))
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for share in (0.0, 0.5, 1.0):
+        constrained = round(batch_size * share)
+        for i in range(batch_size):
+            prompt = torch.randint(0, model_config.vocab_size, (context,), generator=generator).tolist()
+            params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True)
+            if i < constrained:
+                params.structured_outputs = spec
+            engine.add_request(f"{share}-{i}", prompt, params)
+        while engine.scheduler.waiting or any(r.num_output_tokens < 2 for r in engine.scheduler.running):
+            engine.step()
+        ahead_before = engine.num_steps_ahead
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        mean_ms = (time.perf_counter() - start) * 1e3 / steps
+        rows.append(
+            {
+                "batch": batch_size,
+                "constrained": constrained,
+                "step_ms": mean_ms,
+                "async_scheduling": engine.async_scheduling,
+                "steps_ahead": engine.num_steps_ahead - ahead_before,
+            }
+        )
+        print(
+            f"engine B={batch_size}, {constrained} constrained: {mean_ms:.3f} ms a step "
+            f"({rows[-1]['steps_ahead']} of {steps} launched ahead)",
+            flush=True,
+        )
+        engine.abort_request(list(engine.scheduler.requests))
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.shutdown()
+    return rows
+
+
+def engine_table(rows: list[dict[str, Any]]) -> str:
+    header = ["batch", "constrained sequences", "engine step (ms)", "vs none", "steps launched ahead"]
+    base = {r["batch"]: r["step_ms"] for r in rows if r["constrained"] == 0}
+    cells = [
+        [
+            str(r["batch"]),
+            str(r["constrained"]),
+            f"{r['step_ms']:.3f}",
+            f"{r['step_ms'] / base[r['batch']]:.3f}x",
+            str(r["steps_ahead"]),
+        ]
+        for r in rows
+    ]
+    return (
+        "whole engine (LLMEngine.step, async scheduling "
+        f"{'on' if rows and rows[0]['async_scheduling'] else 'off'}), steady decode, "
+        "constrained sequences under a 2,000-character string schema\n\n"
+        + format_table(header, cells, "r" * len(header))
     )
