@@ -208,12 +208,10 @@ def test_a_duplicate_request_id_is_refused_while_the_first_runs(client):
     body = packb(generate(rid, sampling_params={"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}))
     client.send_raw(body)
     client.send_raw(body)
-    first, second = client.next_for(rid), client.next_for(rid)
-    error = first if isinstance(first, ErrorMessage) else second
-    assert isinstance(error, ErrorMessage) and "already running" in error.message, (first, second)
-    served = second if error is first else first
-    assert isinstance(served, TokenDelta)
-    assert len(tokens_of([served, *client.stream(rid)])) == 200  # the first one ran to its end
+    # a busy worker may step the first request (a token or more) before it reads the second
+    error = client.next_message(lambda m: isinstance(m, ErrorMessage) and m.request_id == rid)
+    assert "already running" in error.message, error
+    assert len(tokens_of(client.stream(rid))) == 200  # the first one ran to its end
 
 
 def test_an_oversized_frame_is_answered_or_dropped_and_the_worker_lives(worker, client):
