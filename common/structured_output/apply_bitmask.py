@@ -2,9 +2,9 @@
 
 The bitmask holds rows only for constrained sequences; `indices` says which logits row
 each belongs to (vLLM's and xgrammar's convention), so unconstrained rows are never
-read or written. Bits are unpacked and applied in one masked_fill over the constrained
-rows; this is the CPU and fallback path, and a fused GPU kernel can replace it with the
-same signature. Tokens past the bitmask's width (logits padded beyond the vocabulary)
+read or written. On CUDA one Triton kernel does it (apply_bitmask_triton.py); elsewhere,
+and as that kernel's reference, bits are unpacked and applied in one masked_fill over the
+constrained rows. Tokens past the bitmask's width (logits padded beyond the vocabulary)
 are disallowed; bits past the logits' width are ignored.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
+# the Triton kernel on CUDA; False: the torch path there too (the tests and benchmark compare them)
+USE_TRITON_KERNEL = True
 
 
 def apply_token_bitmask_(
@@ -36,6 +38,15 @@ def apply_token_bitmask_(
             f"indices must be a 1-D tensor of {rows} logits rows, got shape {tuple(indices.shape)}"
         )
     if rows == 0:
+        return
+    if logits.is_cuda and USE_TRITON_KERNEL:
+        from common.structured_output.apply_bitmask_triton import apply_token_bitmask_triton_
+
+        apply_token_bitmask_triton_(
+            logits,
+            bitmask.to(logits.device, non_blocking=True),
+            None if indices is None else indices.to(logits.device, non_blocking=True),
+        )
         return
     vocab = logits.shape[1]
     allowed = _unpack(bitmask.to(logits.device, non_blocking=True), vocab)

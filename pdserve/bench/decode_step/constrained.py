@@ -88,10 +88,41 @@ def time_constrained(bench: Any, batch_sizes: list[int], tokenizer_path: str | N
             f"({constrained_ms / free_ms:.3f}x); masks alone {rows[-1]['mask_fill_ms']:.3f} ms on the CPU",
             flush=True,
         )
+    if bench.device.type == "cuda":
+        rows[-1].update(time_mask_apply(max(batch_sizes), vocab_size, bench.device, bench.args.rep_ms))
     engine = time_engine_async(
         bench.model, bench.model_config, max(batch_sizes), bench.context, bench.args.engine_steps, tokenizer
     )
     return {"data": rows, "engine": engine}
+
+
+def time_mask_apply(batch_size: int, vocab_size: int, device: Any, rep_ms: float) -> dict[str, float]:
+    """The device time of applying a full batch's bitmask to fp32 logits: the Triton kernel
+    and the torch path (its reference)."""
+    import torch
+
+    from common.structured_output import apply_bitmask
+    from pdserve.bench.decode_step.step_bench import time_ms
+
+    logits = torch.randn(batch_size, vocab_size, device=device)
+    bitmask = torch.randint(
+        -(2**31), 2**31 - 1, (batch_size, (vocab_size + 31) // 32), dtype=torch.int32, device=device
+    )
+    figures = {}
+    for name, use_kernel in (("apply_kernel_ms", True), ("apply_torch_ms", False)):
+        apply_bitmask.USE_TRITON_KERNEL = use_kernel
+        try:
+            figures[name] = time_ms(
+                lambda: apply_bitmask.apply_token_bitmask_(logits, bitmask), device, rep_ms
+            )
+        finally:
+            apply_bitmask.USE_TRITON_KERNEL = True
+    print(
+        f"B={batch_size}: bitmask applied on the device in {figures['apply_kernel_ms'] * 1e3:.1f} us "
+        f"(one kernel), {figures['apply_torch_ms'] * 1e3:.1f} us (torch ops)",
+        flush=True,
+    )
+    return figures
 
 
 def constrained_table(rows: list[dict[str, Any]]) -> str:
