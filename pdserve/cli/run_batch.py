@@ -234,6 +234,7 @@ def served_model_of(
         generation_defaults=engine.default_sampling_overrides(),
         max_logprobs=engine.max_logprobs,
         chat_template=chat_template,
+        structured_outputs=config.structured_outputs_config,
     )
 
 
