@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from common.sampling_params import SamplingParams
-from tests.harness.stack import RouterProcess, ServeStack, alive, metric
+from tests.harness.stack import RouterProcess, ServeStack, metric
 
 API_KEY = "e2e-secret"
 MAX_MODEL_LEN = 512
@@ -54,17 +54,9 @@ def stack():
         ]
     )  # fmt: skip
     try:
-        serve.ready()
-        yield serve
+        yield serve.ready()
     finally:
-        children = serve.children()
-        status = serve.stop()
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [pid for pid in children if alive(pid)]
-        assert status == 0, serve.tail()
-        assert children and not left, f"processes left after SIGTERM: {left}"
+        serve.stop_checked()
 
 
 @pytest.fixture(scope="module")

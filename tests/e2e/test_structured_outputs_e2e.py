@@ -31,7 +31,7 @@ import pytest
 from pydantic import AnyUrl, BaseModel, Field
 
 from pdserve.cli.main import main
-from tests.harness.stack import RouterProcess, ServeStack, alive, metric
+from tests.harness.stack import RouterProcess, ServeStack, metric
 from tests.structured_output.structured_checks import format_checker
 
 API_KEY = "e2e-structured"
@@ -254,17 +254,9 @@ def stack():
         ]
     )  # fmt: skip
     try:
-        serve.ready()
-        yield serve
+        yield serve.ready()
     finally:
-        children = serve.children()
-        status = serve.stop()
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [pid for pid in children if alive(pid)]
-        assert status == 0, serve.tail()
-        assert children and not left, f"processes left after SIGTERM: {left}"
+        serve.stop_checked()
 
 
 @pytest.fixture(scope="module")

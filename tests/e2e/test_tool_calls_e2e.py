@@ -10,14 +10,13 @@ whole answer (greedy decoding)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
-from tests.harness.stack import ServeStack, alive
+from tests.harness.stack import ServeStack
 
 MODEL = "SmolLM2-135M-Instruct"
 TEMPLATE = Path(__file__).parents[1] / "data" / "hermes_tool_chat_template.jinja"
@@ -91,16 +90,9 @@ def stack():
         ]
     )  # fmt: skip
     try:
-        serve.ready()
-        yield serve
+        yield serve.ready()
     finally:
-        children = serve.children()
-        status = serve.stop()
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert status == 0, serve.tail()
-        assert not [pid for pid in children if alive(pid)], "processes left after SIGTERM"
+        serve.stop_checked()
 
 
 @pytest.fixture(scope="module")

@@ -262,6 +262,18 @@ class ServeStack(PdserveProcess):
     def addresses(self, role: str) -> list[str]:
         return [address for address, _ in self.workers[role]]
 
+    def stop_checked(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then assert it exited 0 and every process it started is gone within
+        `grace_s` (a module-scoped stack fixture's teardown)."""
+        children = self.children()
+        status = self.stop()
+        deadline = time.monotonic() + grace_s
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in children if alive(pid)]
+        assert status == 0, self.tail()
+        assert children and not left, f"processes left after SIGTERM: {left}"
+
     def children(self) -> list[int]:
         """The pids of the processes this one started (from /proc)."""
         assert self.proc is not None
