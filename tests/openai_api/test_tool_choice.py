@@ -10,6 +10,7 @@ import random
 import jsonschema
 import pytest
 
+from common.openai_api.chat_output import ChatOutputReader
 from common.openai_api.tool_calls import (
     ToolChoice,
     collect_deltas,
@@ -315,27 +316,150 @@ REQUIRED_OUTPUTS = {
         [("get_weather", '{"city": "東京", "unit": "celsius"}')],
     ),
     "two calls, free whitespace": (
-        '[\n  {"name":"get_weather","parameters":{"city":"Paris"}} ,\n  {"name": "get_time", "parameters": {}}\n]\n',
+        '[\n  {"name":"get_weather","parameters":{"city":"Paris"}} ,\n'
+        '  { "name" : "get_time" , "parameters" : \n {} }\n]\n',
         None,
-        [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")],
+        [("get_weather", '{"city":"Paris"}'), ("get_time", "{}")],
     ),
-    "cut short by max_tokens": (
+    "brackets inside strings": (
+        r'[{"name": "search", "parameters": {"q": "} ]\"{", "at": {"page": [1, {"n": 2}]}}}]',
+        None,
+        [("search", r'{"q": "} ]\"{", "at": {"page": [1, {"n": 2}]}}')],
+    ),
+    "a name with escapes": (
+        r'[{"name": "get_\u0074ime", "parameters": {}}]',
+        None,
+        [("get_time", "{}")],
+    ),
+    "cut short by max_tokens inside the arguments": (
         '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"ci',
-        ', {"name": "get_weather", "parameters": {"ci',
+        None,
+        [("get_time", "{}"), ("get_weather", '{"ci')],
+    ),
+    "cut short before the parameters": (
+        '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "param',
+        None,
+        [("get_time", "{}"), ("get_weather", "")],
+    ),
+    "cut short after the parameters": (
+        '[{"name": "get_weather", "parameters": {"city": "Oslo"} ',
+        None,
+        [("get_weather", '{"city": "Oslo"}')],
+    ),
+    "cut short before the name closed": (
+        '[{"name": "get_time", "parameters": {}}, {"name": "get_wea',
+        ', {"name": "get_wea',
         [("get_time", "{}")],
     ),
     "not a list": ('{"name": "get_time"}', '{"name": "get_time"}', []),
+    "an empty list": ("[]", "[]", []),
+    "parameters that are not an object": (
+        '[{"name": "get_time", "parameters": {}}, {"name": "f", "parameters": 3}]',
+        ', "parameters": 3}]',
+        [("get_time", "{}"), ("f", "")],
+    ),
+    "parameters before the name": (
+        '[{"parameters": {}, "name": "get_time"}]',
+        '[{"parameters": {}, "name": "get_time"}]',
+        [],
+    ),
 }
 
 
+def one_char_at_a_time(parser, text: str):
+    stream = parser.stream()
+    deltas = [delta for char in text for delta in stream.feed(char)]
+    return collect_deltas(deltas + stream.finish())
+
+
 @pytest.mark.parametrize("name", REQUIRED_OUTPUTS)
-def test_required_output_becomes_calls_with_vllms_arguments(name):
+def test_required_output_becomes_calls_with_the_parameters_as_written(name):
     output, content, calls = REQUIRED_OUTPUTS[name]
     parser = forced_calls_parser(ToolChoice("required"))
     result = parser.extract(output)
     assert calls_of(result) == (content, calls)
+    assert calls_of(one_char_at_a_time(parser, output)) == calls_of(result)
     for seed in range(8):
         assert calls_of(chunked(parser, output, seed)) == calls_of(result)
+
+
+LONG_PARAMETERS = json.dumps({"query": "weather " * 200, "filters": {"days": [1, 2, 3], "unit": "celsius"}})
+
+
+def test_required_arguments_stream_in_pieces_before_the_item_closes():
+    head = '[{"name": "search", "parameters": \n '
+    stream = forced_calls_parser(ToolChoice("required")).stream()
+    assert stream.feed(head[:14]) == []
+    (header,) = stream.feed(head[14:18])  # the name has closed: the call begins
+    assert head[:18] == '[{"name": "search"'
+    assert header.to_dict() == {
+        "index": 0,
+        "id": header.id,
+        "type": "function",
+        "function": {"name": "search"},
+    }
+    assert stream.feed(head[18:]) == []  # the space before "{" is not part of the arguments
+    deltas = []
+    for at in range(0, len(LONG_PARAMETERS) - 1, 7):
+        deltas += stream.feed(LONG_PARAMETERS[at : min(at + 7, len(LONG_PARAMETERS) - 1)])
+    assert len(deltas) > 50 and all(d.index == 0 and d.name is None for d in deltas)
+    # every piece fed so far went out: nothing is held back but the closing brace not yet written
+    assert "".join(d.arguments for d in deltas) == LONG_PARAMETERS[:-1]
+    assert [d.arguments for d in stream.feed("}")] == ["}"]
+    second = stream.feed('}, {"name": "get_time", "parameters": {}}]') + stream.finish()
+    assert [d.to_dict() for d in second] == [
+        {"index": 1, "id": second[0].id, "type": "function", "function": {"name": "get_time"}},
+        {"index": 1, "function": {"arguments": "{}"}},
+    ]
+
+
+def test_required_arguments_ending_in_a_backslash_go_out_before_the_escaped_character():
+    stream = forced_calls_parser(ToolChoice("required")).stream()
+    header, piece = stream.feed('[{"name": "f", "parameters": {"q": "a\\')
+    assert (header.name, piece.arguments) == ("f", '{"q": "a\\')
+    assert [d.arguments for d in stream.feed('"}')] == ['"}']  # an escaped quote: still inside the string
+    assert [d.arguments for d in stream.feed('"}}]')] == ['"}']
+    assert stream.finish() == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_required_streamed_in_random_pieces_reads_as_the_whole_output(seed):
+    rng = random.Random(seed)
+    items = [
+        {
+            "name": rng.choice(["get_weather", "get_time", "search"]),
+            "parameters": {"q": 'x\\"{}' * rng.randint(0, 30)},
+        }
+        for _ in range(rng.randint(1, 4))
+    ]
+    output = json.dumps(items, indent=rng.choice([None, 2]))
+    parser = forced_calls_parser(ToolChoice("required"))
+    result = chunked(parser, output, seed)
+    assert calls_of(result) == calls_of(parser.extract(output))
+    assert [(name, json.loads(arguments)) for name, arguments in calls_of(result)[1]] == [
+        (item["name"], item["parameters"]) for item in items
+    ]
+    for cut in (len(output) // 3, len(output) // 2, len(output) - 2):
+        assert calls_of(chunked(parser, output[:cut], seed)) == calls_of(parser.extract(output[:cut]))
+
+
+def test_a_required_choice_cut_by_max_tokens_keeps_its_calls_and_finishes_as_length():
+    reader = ChatOutputReader(tools=forced_calls_parser(ToolChoice("required")), forced=True)
+    output = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Os'
+    parts, finish_reason = reader.read(output, "length")
+    assert finish_reason == "length" and parts.content is None
+    assert [(c.name, c.arguments) for c in parts.tool_calls] == [
+        ("get_time", "{}"),
+        ("get_weather", '{"city": "Os'),
+    ]
+    stream = reader.stream()
+    pieces = [stream.feed(output[at : at + 5]) for at in range(0, len(output), 5)] + [
+        stream.feed("", final=True)
+    ]
+    streamed = collect_deltas(call for piece in pieces for call in piece.tool_calls)
+    assert calls_of(streamed) == (None, [(c.name, c.arguments) for c in parts.tool_calls])
+    assert all(piece.content is None for piece in pieces)
+    assert stream.finish_reason("length") == "length"
 
 
 def test_auto_and_none_have_no_forced_reader():

@@ -2,7 +2,8 @@
 ends, and parsing it strictly.
 
 The end is found by counting brackets outside strings, looking at each character once
-however many times the text grows; whether the text between is JSON is left to the parser.
+however many times the text grows (text already looked at may be dropped); whether the
+text between is JSON is left to the parser.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class BracketEnd:
         self._at = start  # the next character to look at
         self._depth = 0
         self._in_string = False
+        self._escaped = False  # a backslash ended the text seen, inside a string
 
     def shift(self, consumed: int) -> None:
         self.start -= consumed
@@ -46,6 +48,8 @@ class BracketEnd:
         """The index just past the closing bracket, once text[:limit] holds it; else None."""
         stop = len(text) if limit is None else limit
         at = self._at
+        if self._escaped and at < stop:
+            self._escaped, at = False, at + 1
         while at < stop:
             if self._in_string:
                 found = _INSIDE_STRING.search(text, at, stop)
@@ -55,6 +59,7 @@ class BracketEnd:
                 at = found.start()
                 if text[at] == "\\":
                     if at + 1 >= stop:  # the escaped character has not arrived yet
+                        self._escaped, at = True, stop
                         break
                     at += 2
                     continue
