@@ -9,11 +9,13 @@ are what `extract` gives, however the output was cut into deltas.
 
 Pieces once sent cannot be taken back, which gives the two rules every format follows:
 text that could be the start of a call marker is held back until it is known not to be
-one; and a call is sent only once it is known to be well formed, since a malformed one
-(bad JSON, a truncated output) stays content. A format whose arguments are one JSON value
-written by the model therefore sends them in one piece when the value closes; a format
-whose arguments are built from parts (qwen3_coder's parameters) sends each part as it
-completes.
+one; and a call read from free text is sent only once it is known to be well formed,
+since a malformed one (bad JSON, a truncated output) stays content. A format whose
+arguments are one JSON value written freely by the model (hermes, llama3_json, mistral)
+therefore sends them in one piece when the value closes; a format whose arguments are
+built from parts (qwen3_coder's parameters) sends each part as it completes. Output
+written under a grammar (tool_choice "required" or a named function, forced_calls.py) is
+well formed by construction, so its arguments stream as they are written.
 
 As vLLM's parsers do, text outside calls is content until the first call and left out
 after it (the newlines between calls, anything after the last one).
