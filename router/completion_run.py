@@ -192,7 +192,9 @@ class CompletionRun:
     ) -> dict[str, Any]:
         index = self.prepared.sequences[position].index
         if self.prepared.kind == "chat":
-            return chat_chunk(self.prepared, index, delta, first, message, finish_reason)
+            return chat_chunk(
+                self.prepared, index, delta, first, message, finish_reason, role=self.served.response_role
+            )
         prefix = self._echo_prefix(position) if first else ""
         return completion_chunk(self.prepared, index, delta, text_offset=text_offset, text_prefix=prefix)
 

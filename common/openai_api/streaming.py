@@ -47,8 +47,10 @@ def chat_chunk(
     first: bool = False,
     message: ChatDelta | None = None,
     finish_reason: str | None = None,
+    role: str = "assistant",
 ) -> dict[str, Any]:
-    """One choice's delta; `first` adds the assistant role, as the first chunk of a choice must.
+    """One choice's delta; `first` adds the role (--response-role), as the first chunk of a
+    choice must.
 
     `message` is what the choice's ChoiceStream made of the delta, and `finish_reason` the
     one it decided (ChoiceStream.finish_reason); without them the delta's text is content.
@@ -58,7 +60,7 @@ def chat_chunk(
         finish_reason = delta.finish_reason
     choice: dict[str, Any] = {
         "index": index,
-        "delta": {"role": "assistant", **body} if first else body,
+        "delta": {"role": role, **body} if first else body,
         "logprobs": chat_logprobs(delta.logprobs) if delta.logprobs is not None else None,
         "finish_reason": finish_reason,
         "stop_reason": delta.stop_reason,
