@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -33,9 +34,31 @@ _WORKER_LINE = re.compile(
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a process started later to bind. Drawn below the kernel's
+    ephemeral range: a port the kernel hands out for a bind to port 0 or an outgoing
+    connection (workers, ZMQ, NIXL, clients) never lands on it in between."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = _rng.randrange(max(1024, low - _OWN_RANGE), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low}) after 200 tries")
+
+
+_OWN_RANGE = 12000  # ports free_port draws from, just below the ephemeral range
+_rng = random.SystemRandom()  # not the tests' seeded generator: two runs must not draw alike
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
 
 
 def free_address(host: str = "127.0.0.1") -> str:
