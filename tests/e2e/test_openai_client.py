@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from common.sampling_params import SamplingParams
-from tests.harness.stack import RouterProcess, ServeStack, metric
+from tests.harness.stack import ServeStack, local_prefill_router, metric
 
 API_KEY = "e2e-secret"
 MAX_MODEL_LEN = 512
@@ -62,15 +62,7 @@ def stack():
 @pytest.fixture(scope="module")
 def local_router(stack):
     """A second router over the same workers that prefills every prompt on decode."""
-    router = RouterProcess(
-        [
-            "--decode-workers", ",".join(stack.addresses("decode")),
-            "--prefill-workers", ",".join(stack.addresses("prefill")),
-            "--max-model-len", str(MAX_MODEL_LEN),
-            "--local-prefill-threshold", "1000000",
-            "--worker-health-timeout", "30",
-        ]
-    )  # fmt: skip
+    router = local_prefill_router(stack, MAX_MODEL_LEN)
     try:
         yield router.ready()
     finally:

@@ -31,7 +31,7 @@ import pytest
 from pydantic import AnyUrl, BaseModel, Field
 
 from pdserve.cli.main import main
-from tests.harness.stack import RouterProcess, ServeStack, metric
+from tests.harness.stack import ServeStack, local_prefill_router, metric
 from tests.structured_output.structured_checks import format_checker
 
 API_KEY = "e2e-structured"
@@ -262,15 +262,7 @@ def stack():
 @pytest.fixture(scope="module")
 def local_router(stack):
     """A second router over the same workers that prefills every prompt on decode."""
-    router = RouterProcess(
-        [
-            "--decode-workers", ",".join(stack.addresses("decode")),
-            "--prefill-workers", ",".join(stack.addresses("prefill")),
-            "--max-model-len", str(MAX_MODEL_LEN),
-            "--local-prefill-threshold", "1000000",
-            "--worker-health-timeout", "30",
-        ]
-    )  # fmt: skip
+    router = local_prefill_router(stack, MAX_MODEL_LEN)
     try:
         yield router.ready()
     finally:

@@ -314,6 +314,20 @@ class ServeStack(PdserveProcess):
         return pids
 
 
+def local_prefill_router(stack: ServeStack, max_model_len: int) -> RouterProcess:
+    """A second router (not started) over a serve stack's workers that prefills every prompt
+    on the decode workers: the aggregated path beside the stack's disaggregated one."""
+    return RouterProcess(
+        [
+            "--decode-workers", ",".join(stack.addresses("decode")),
+            "--prefill-workers", ",".join(stack.addresses("prefill")),
+            "--max-model-len", str(max_model_len),
+            "--local-prefill-threshold", "1000000",
+            "--worker-health-timeout", "30",
+        ]
+    )  # fmt: skip
+
+
 def router_healthy(router_url: str, worker: str) -> bool:
     return metric(router_url, "pdserve_router_worker_healthy", worker=worker) == 1.0
 
