@@ -36,7 +36,7 @@ import torch
 from common.engine.outputs import SampledToken, TokenLogprobs
 from common.sampling_params import SamplingParams
 from common.structured_output.apply_bitmask import apply_token_bitmask_
-from common.structured_output.matcher import allocate_bitmask, fill_bitmasks
+from common.structured_output.matcher import allocate_bitmask, bitmask_width, fill_bitmasks
 
 _MASK64 = (1 << 64) - 1
 
@@ -91,7 +91,7 @@ class Sampler:
             return logits
         vocab_size = requests[rows[0]].active_grammar.vocab_size
         bitmask = self._bitmask
-        if bitmask is None or bitmask.shape[0] < len(rows) or bitmask.shape[1] != (vocab_size + 31) // 32:
+        if bitmask is None or bitmask.shape[0] < len(rows) or bitmask.shape[1] != bitmask_width(vocab_size):
             bitmask = allocate_bitmask(max(len(rows), 8), vocab_size)
             if logits.device.type == "cuda":
                 bitmask = bitmask.pin_memory()
