@@ -5,6 +5,7 @@ from router.policy.disaggregation import DEFAULT_LOCAL_PREFILL_THRESHOLD, should
 from router.policy.estimated_ttft import EstimatedTTFTScorer
 from router.policy.kv_usage import KVUsageScorer
 from router.policy.load_cost import LoadCostScorer
+from router.policy.lora_affinity import LoRAAffinityScorer
 from router.policy.picker import MaxScorePicker
 from router.policy.prefix_overlap import PrefixOverlapScorer
 from router.policy.queued_prefill import QueuedPrefillScorer
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_LOCAL_PREFILL_THRESHOLD",
     "EstimatedTTFTScorer",
     "KVUsageScorer",
+    "LoRAAffinityScorer",
     "LoadCostScorer",
     "MaxScorePicker",
     "NoWorkerAvailable",

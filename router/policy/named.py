@@ -5,9 +5,14 @@
 - longest_prefix: most cached leading blocks, ties to the least loaded; no load term,
   so a popular prefix keeps going where it is cached however long the queue there.
 - prefix: the router's own policy, cache overlap weighed against load (PolicyWeights).
+- adapter_blind: the router's policy with the LoRA-affinity weight 0, so that a LoRA
+  workload shows what knowing where adapters are loaded is worth (LORA_POLICY_NAMES:
+  replayed only on traces whose requests name adapters).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from router.policy.picker import MaxScorePicker
 from router.policy.prefix_overlap import PrefixOverlapScorer
@@ -16,6 +21,7 @@ from router.policy.routing_policy import PolicyWeights, RoutingPolicy
 from router.prefix_index import PrefixIndex
 
 POLICY_NAMES = ("round_robin", "least_loaded", "longest_prefix", "prefix")
+LORA_POLICY_NAMES = ("adapter_blind",)
 
 
 def build_policy(
@@ -33,4 +39,8 @@ def build_policy(
         return RoutingPolicy(prefix_index, block_size, plain, scorers=[(PrefixOverlapScorer(), 1.0)])
     if name == "prefix":
         return RoutingPolicy(prefix_index, block_size, weights=weights)
-    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if name == "adapter_blind":
+        blind = replace(weights if weights is not None else PolicyWeights(), lora_affinity=0.0)
+        return RoutingPolicy(prefix_index, block_size, weights=blind)
+    known = ", ".join(POLICY_NAMES + LORA_POLICY_NAMES)
+    raise ValueError(f"unknown routing policy {name!r}; choose one of {known}")

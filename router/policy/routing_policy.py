@@ -2,11 +2,13 @@
 let the picker take the best.
 
     policy = RoutingPolicy(index, block_size=16)
-    worker, decision = policy.choose(decode_workers, block_hashes, len(prompt))
+    worker, decision = policy.choose(decode_workers, block_hashes, len(prompt), lora_name=None)
     worker.note_request_sent(request_id, decision.new_prefill_tokens, ...)
 
 `choose` changes nothing but the picker's tie-break state (its rotation and the work it
-has routed to each worker): the caller notes the request on the worker it sends it to.
+has routed to each worker) and the policy's note of what it just sent where (the prompt's
+blocks and its adapter count as held there for a while): the caller notes the request
+on the worker it sends it to.
 A scorer with weight 0 is left out of the pipeline.
 """
 
@@ -19,6 +21,8 @@ from typing import Any
 from router.policy.estimated_ttft import EstimatedTTFTScorer
 from router.policy.kv_usage import KVUsageScorer
 from router.policy.load_cost import LoadCostScorer
+from router.policy.lora_affinity import LoRAAffinityScorer
+from router.policy.lora_holders import LoRAHolders
 from router.policy.pending_prefixes import PendingPrefixes
 from router.policy.picker import MaxScorePicker
 from router.policy.prefix_overlap import PrefixOverlapScorer
@@ -43,7 +47,8 @@ class PolicyWeights:
     counted as cached where it went), nudge toward the longer cached prefix among workers
     of similar estimate, and leave out a worker that this request's work would take more
     than 5 % above the mean prefill work lately, unless that moves a long cached context
-    for a small excess; SGLang falls back to the shortest queue on imbalance alike."""
+    for a small excess; SGLang falls back to the shortest queue on imbalance alike. A request
+    naming a LoRA adapter also counts the adapter's load (50 ms) where it is not held."""
 
     prefix_overlap: float = 0.1
     estimated_ttft: float = 1.0
@@ -65,6 +70,11 @@ class PolicyWeights:
     # count a routed prompt's blocks as held by its worker for this many seconds, until the
     # worker's KV events say so (pending_prefixes.py); 0 trusts the events alone
     pending_prefix_s: float = 1.0
+    # of LoRAAffinityScorer: a worker lacking the request's adapter is taken to need this
+    # many ms to load it, counted against the estimated TTFT; the weight 0 routes adapter-blind.
+    # A request naming an adapter counts it as held where it went for pending_prefix_s too.
+    lora_affinity: float = 1.0
+    lora_load_ms: float = 50.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyWeights:
@@ -89,6 +99,12 @@ class PolicyWeights:
             (RunningRequestsScorer(), self.running_requests),
             (KVUsageScorer(), self.kv_usage),
             (EstimatedTTFTScorer(self.cache_miss_scale, self.measured_speed > 0), self.estimated_ttft),
+            (
+                LoRAAffinityScorer(
+                    EstimatedTTFTScorer(self.cache_miss_scale, self.measured_speed > 0), self.lora_load_ms
+                ),
+                self.lora_affinity,
+            ),
         ]
         for scorer, weight in candidates:
             if weight < 0:
@@ -104,6 +120,7 @@ class RoutingDecision:
     overlap_blocks: int  # leading prompt blocks the chosen worker holds
     overlap_tokens: int
     new_prefill_tokens: int  # prompt tokens the chosen worker lacks
+    loads_lora: bool = False  # the chosen worker lacks the request's adapter (as far as the router knows)
     # per candidate worker id: each scorer's rating and "total"
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -127,15 +144,18 @@ class RoutingPolicy:
         self.picker = picker if picker is not None else MaxScorePicker()
         pending_s = self.weights.pending_prefix_s
         self.pending = PendingPrefixes(pending_s) if pending_s > 0 and prefix_index is not None else None
+        self.lora_holders = LoRAHolders(pending_s)
 
     def choose(
         self,
         candidates: Sequence[WorkerState],
         block_hashes: Sequence[int],
         num_prompt_tokens: int,
+        lora_name: str | None = None,
     ) -> tuple[WorkerState, RoutingDecision]:
         """The worker to send a prompt of `num_prompt_tokens` tokens to, whose full blocks
-        hash to `block_hashes` (router.prefix_index.request_block_hashes)."""
+        hash to `block_hashes` (router.prefix_index.request_block_hashes, which carry the
+        adapter), for the LoRA adapter `lora_name` (None: the base model)."""
         workers = [w for w in candidates if w.healthy]
         if not workers:
             raise NoWorkerAvailable(
@@ -147,7 +167,9 @@ class RoutingPolicy:
         if self.pending is not None:
             for worker_id, blocks in self.pending.overlap(block_hashes, now).items():
                 overlap[worker_id] = max(overlap.get(worker_id, 0), blocks)
-        request = RequestView(num_prompt_tokens, len(block_hashes), self.block_size, overlap)
+        request = RequestView(num_prompt_tokens, len(block_hashes), self.block_size, overlap, lora_name)
+        if lora_name is not None:
+            request.lora_holders = self.lora_holders.holders(lora_name, workers, now)
         healthy = workers
         if self.weights.balance_threshold > 0 and len(workers) > 1:
             workers = self._within_balance(workers, request)
@@ -156,6 +178,8 @@ class RoutingPolicy:
         self.picker.note_routed(chosen, request.new_prefill_tokens_of(chosen.worker_id))
         if self.pending is not None:
             self.pending.note_sent(chosen.worker_id, block_hashes, now)
+        if lora_name is not None:
+            self.lora_holders.note_sent(chosen.worker_id, lora_name, now)
 
         if len(workers) < len(healthy):  # the report rates every candidate, as if none were left out
             workers = healthy
@@ -171,6 +195,7 @@ class RoutingPolicy:
             overlap_blocks=request.overlap_of(chosen.worker_id),
             overlap_tokens=request.overlap_tokens_of(chosen.worker_id),
             new_prefill_tokens=request.new_prefill_tokens_of(chosen.worker_id),
+            loads_lora=request.lacks_lora(chosen.worker_id),
             scores=scores,
         )
         return chosen, decision

@@ -4,6 +4,7 @@
     pdserve bench route --workload conversation --seed 0
     pdserve bench route --suite --trace mooncake_synthetic_trace.jsonl
     pdserve bench route --suite --workload conversation,agent,bursty,rag,mixed --seed 1
+    pdserve bench route --workload lora --seed 0 --max-cpu-loras 4
 
 Prints the JSON report on stdout (and to --output-json), a table on stderr. --suite
 replays every workload (the trace, if given, and each synthetic one) at the given
@@ -23,11 +24,11 @@ from common.config.arg_types import human_int, int_at_least, number_above
 from pdserve.bench.route_sim.bounds import imbalance_floor, lpt_imbalance
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker, oracle_hit_rate, replay
-from pdserve.bench.route_sim.workloads import WORKLOADS, generate
+from pdserve.bench.route_sim.workloads import WORKLOADS, generate, lora_of
 from pdserve.bench.table import aligned_columns
 from pdserve.bench.trace import load_trace
 from router.cli import add_routing_weights_arg
-from router.policy.named import POLICY_NAMES
+from router.policy.named import LORA_POLICY_NAMES, POLICY_NAMES
 
 _TABLE = [
     ("policy", "policy", "{}"),
@@ -43,6 +44,8 @@ _TABLE = [
     ("kv_events_per_s", "KV events/s", "{:.0f}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]
+# in a table of replays whose requests name LoRA adapters, after hit/oracle
+_LORA_COLUMN = ("lora_loads", "adapter loads", "{}")
 
 
 def _workload_names(text: str) -> tuple[str, ...]:
@@ -73,8 +76,10 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Replay a synthetic workload instead of --trace: conversation (multi-turn sessions, "
         "growing prefixes), agent (long shared tool prompts, varied suffixes), bursty (on/off "
-        "arrivals over shared prefixes), rag (system prompt, 1-3 popular documents, a question) "
-        "or mixed (all at once). With --suite, a comma-separated list. (--suite default: all)",
+        "arrivals over shared prefixes), rag (system prompt, 1-3 popular documents, a question), "
+        "mixed (all at once) or lora (each request names one of --num-loras adapters, Zipf-popular, "
+        "and starts with its system prompt). With --suite, a comma-separated list. (--suite "
+        "default: all but lora)",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic workloads.")
     parser.add_argument(
@@ -95,11 +100,12 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policy",
-        choices=[*POLICY_NAMES, "all"],
+        choices=[*POLICY_NAMES, *LORA_POLICY_NAMES, "all"],
         default="all",
         help="Routing policy to replay: round_robin, least_loaded (fewest queued prefill tokens), "
         "longest_prefix (most cached blocks, ties to the least loaded, no load term), prefix (the "
-        "router's own policy with --routing-weights), or all of them.",
+        "router's own policy with --routing-weights), adapter_blind (prefix with the lora_affinity "
+        "weight 0), or all of them (adapter_blind only where requests name adapters).",
     )
     parser.add_argument(
         "--blocks-per-worker",
@@ -164,6 +170,23 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
         default=model.max_num_seqs,
         help="Sequences a worker runs at once, as the engine's flag.",
     )
+    lora = parser.add_argument_group("LoRA adapters (the lora workload)")
+    lora.add_argument(
+        "--num-loras", type=int_at_least(1), default=16, help="Adapters the lora workload's requests name."
+    )
+    lora.add_argument(
+        "--max-cpu-loras",
+        type=int_at_least(1),
+        default=4,
+        help="Adapters a worker holds in host memory, least recently used evicted, as the engine's flag.",
+    )
+    lora.add_argument(
+        "--lora-load-ms",
+        type=_non_negative_float,
+        default=model.lora_load_s * 1000,
+        help="Time a worker takes to load an adapter it does not hold (disk read and copy), in ms; "
+        "the engine step that admits the request naming it waits for it.",
+    )
 
 
 def run_route_bench(args: argparse.Namespace) -> int:
@@ -208,7 +231,8 @@ def read_workload(
     """The trace at `path` or the synthetic `workload` (cut to --max-requests); None, said
     on stderr, when it cannot be had."""
     if workload is not None:
-        trace = generate(workload, args.seed)
+        options = {"num_adapters": args.num_loras} if workload == "lora" else {}
+        trace = generate(workload, args.seed, **options)
         return trace[: args.max_requests] if args.max_requests else trace
     name = str(path)
     try:
@@ -236,10 +260,13 @@ def replay_policies(
         kv_read_s_per_ktoken=args.kv_read_ms_per_ktoken / 1000,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        lora_load_s=args.lora_load_ms / 1000,
     )
     capacity = blocks_per_worker or default_blocks_per_worker(trace)
     oracle = oracle_hit_rate(trace)
     policies = POLICY_NAMES if args.policy == "all" else (args.policy,)
+    if args.policy == "all" and any(lora_of(r) is not None for r in trace):
+        policies += LORA_POLICY_NAMES
     report: dict[str, Any] = {
         "num_requests": len(trace),
         "num_workers": num_workers,
@@ -251,6 +278,7 @@ def replay_policies(
         "lpt_imbalance": round(lpt_imbalance(trace, num_workers), 6),
         "routing_weights": vars(args.routing_weights),
         "service_model": model.to_json(),
+        "max_cpu_loras": args.max_cpu_loras,
         "policies": {},
     }
     start = time.perf_counter()
@@ -258,7 +286,17 @@ def replay_policies(
     delay_s = args.event_delay_ms / 1000
     for name in policies:
         try:
-            result = replay(trace, name, num_workers, capacity, model, args.routing_weights, oracle, delay_s)
+            result = replay(
+                trace,
+                name,
+                num_workers,
+                capacity,
+                model,
+                args.routing_weights,
+                oracle,
+                delay_s,
+                args.max_cpu_loras,
+            )
         except ValueError as exc:
             print(f"pdserve bench route: {exc}", file=sys.stderr)
             return None, []
@@ -274,6 +312,9 @@ def replay_policies(
 def table(rows: list[dict[str, Any]], first: tuple[str, ...] = ()) -> str:
     """The table of `rows`, with the columns named in `first` (keys of the rows) in front."""
     columns = [(key, key, "{}") for key in first] + _TABLE
+    if any(row.get("lora_requests") for row in rows):
+        at = next(i for i, (key, _, _) in enumerate(columns) if key == "hit_vs_oracle") + 1
+        columns.insert(at, _LORA_COLUMN)
     cells = [[title for _, title, _ in columns]]
     cells += [[fmt.format(row[key]) for key, _, fmt in columns] for row in rows]
     return aligned_columns(cells)

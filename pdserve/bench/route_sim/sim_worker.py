@@ -11,7 +11,9 @@ chunk. The step's length comes from the ServiceModel; what the step changed is v
 at its end: a prompt that finished in it has its first token then (its TTFT), the KV
 events of the blocks it stored and evicted are published then, and a load report goes
 out then when the load changed and the last one is 50 ms old (or 1 s, as a heartbeat),
-as the real worker's LoadReporter does.
+as the real worker's LoadReporter does. A request naming a LoRA adapter the worker's
+host cache lacks makes the step that admits it load the adapter first (adapter_cache.py);
+load reports list the adapters held.
 
 The worker does not talk to the router itself: `advance(until)` runs the steps that end
 by then and leaves their messages in `outbox`, oldest first, for the replay to deliver.
@@ -28,8 +30,10 @@ from typing import Any
 
 from common.protocol import LoadReport
 from common.worker.load_reports import HEARTBEAT_S, MIN_INTERVAL_S
+from pdserve.bench.route_sim.adapter_cache import AdapterCache
 from pdserve.bench.route_sim.block_cache import LRUBlockCache
 from pdserve.bench.route_sim.service_model import ServiceModel, chunk_attention_pairs
+from pdserve.bench.route_sim.workloads import lora_of
 from pdserve.bench.trace import TRACE_BLOCK_SIZE, TraceRequest
 
 
@@ -68,9 +72,11 @@ class SimWorker:
     capacity_blocks: int
     model: ServiceModel = field(default_factory=ServiceModel)
     block_size: int = TRACE_BLOCK_SIZE
+    max_cpu_loras: int = 4  # LoRA adapters it holds in host memory
 
     def __post_init__(self) -> None:
         self.cache = LRUBlockCache(self.capacity_blocks, self.block_size)
+        self.adapters = AdapterCache(self.max_cpu_loras)
         self.waiting: deque[SimRequest] = deque()
         self.prefilling: list[SimRequest] = []  # admitted, prompt not done, admission order
         self.outbox: list[tuple[float, Message, Any]] = []
@@ -123,6 +129,7 @@ class SimWorker:
             kv_cache_usage=self.cache.num_in_use / self.capacity_blocks,
             num_kv_blocks=self.capacity_blocks,
             num_prompt_tokens_total=self.prefill_tokens,
+            loras=self.adapters.names(),
         )
 
     # -- the engine step --------------------------------------------------------------------
@@ -131,6 +138,7 @@ class SimWorker:
         num_decodes = len(self._decoding)
         budget = self.model.max_num_batched_tokens - num_decodes
         chunks: list[tuple[SimRequest, int]] = []
+        loads = 0  # adapters loaded for the requests this step admits
         for r in self.prefilling:
             if budget <= 0:
                 break
@@ -142,6 +150,7 @@ class SimWorker:
             if not self._admit(r):
                 break  # the queue's head waits for room; later ones wait behind it
             self.waiting.popleft()
+            loads += self.adapters.use(lora_of(r.trace))
             take = min(r.trace.input_length - r.computed_tokens, budget)
             chunks.append((r, take))
             budget -= take
@@ -154,6 +163,7 @@ class SimWorker:
             self._store_computed(r, r.computed_tokens + take)
         num_tokens = sum(take for _, take in chunks) + num_decodes
         seconds = self.model.step_seconds(num_tokens, pairs, self._decode_context)
+        seconds += loads * self.model.lora_load_s
         self.busy_s += seconds
         self._step = _Step(now + seconds, chunks, num_decodes)
 
@@ -230,7 +240,7 @@ class SimWorker:
     def _maybe_report(self, now: float) -> None:
         report = self.load()
         load = (report.num_running, report.num_waiting, round(report.kv_cache_usage, 4),
-                report.num_queued_prefill_tokens)  # fmt: skip
+                report.num_queued_prefill_tokens, frozenset(report.loras))  # fmt: skip
         since = now - self._last_report_s
         if since >= HEARTBEAT_S or (load != self._last_load and since >= MIN_INTERVAL_S):
             self._last_report_s = now

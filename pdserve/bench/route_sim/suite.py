@@ -18,7 +18,7 @@ from typing import Any
 from pdserve.bench.route_sim.command import read_workload, replay_policies, table
 from pdserve.bench.route_sim.goal import goal_row
 from pdserve.bench.route_sim.trace_replay import default_blocks_per_worker
-from pdserve.bench.route_sim.workloads import WORKLOADS
+from pdserve.bench.route_sim.workloads import SUITE_WORKLOADS
 from pdserve.bench.table import aligned_columns
 
 
@@ -39,7 +39,7 @@ def run_suite(args: argparse.Namespace) -> int:
     workloads: list[tuple[str, str | None, str | None]] = []
     if args.trace is not None:
         workloads.append((args.trace.rsplit("/", 1)[-1].removesuffix(".jsonl"), args.trace, None))
-    chosen = list(args.workload) if args.workload else list(WORKLOADS)
+    chosen = list(args.workload) if args.workload else list(SUITE_WORKLOADS)
     workloads += [(name, None, name) for name in chosen]
     report: dict[str, Any] = {"seed": args.seed, "event_delay_ms": args.event_delay_ms, "runs": []}
     rows: list[dict[str, Any]] = []

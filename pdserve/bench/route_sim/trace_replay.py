@@ -6,7 +6,7 @@ For each request, in arrival order: every worker runs its steps up to the arriva
 and what they said meanwhile reaches the router as it would over the wire (KV events
 msgpack-encoded and decoded into the PrefixIndex, load reports into the WorkerState,
 first tokens and finishes as the orchestrator notes them); then the RoutingPolicy picks
-a worker, the router notes the request there as the orchestrator does, and the worker
+a worker (for the request's LoRA adapter, if it names one), the router notes the request there as the orchestrator does, and the worker
 queues it. The router only knows what the workers have published: a prompt being
 prefilled somewhere is not in the index until its blocks are.
 
@@ -30,6 +30,7 @@ from common.protocol import WorkerRole
 from pdserve.bench.route_sim.bounds import oracle_misses
 from pdserve.bench.route_sim.service_model import ServiceModel
 from pdserve.bench.route_sim.sim_worker import Message, SimRequest, SimWorker
+from pdserve.bench.route_sim.workloads import lora_of
 from pdserve.bench.stats import percentile
 from pdserve.bench.trace import TRACE_BLOCK_SIZE, TraceRequest, distinct_blocks
 from router.policy import PolicyWeights
@@ -62,6 +63,8 @@ class RouteResult:
     max_busy_fraction: float  # the same for the busiest worker
     wall_s: float
     prefill_tokens_per_worker: list[int] = field(default_factory=list)
+    lora_requests: int = 0  # requests that named a LoRA adapter
+    lora_loads: int = 0  # adapter loads the workers made for them (host cache misses)
 
     def to_json(self) -> dict:
         return {k: _json_number(v) for k, v in vars(self).items()}
@@ -93,6 +96,7 @@ class TraceReplay:
         model: ServiceModel | None = None,
         weights: PolicyWeights | None = None,
         event_delay_s: float = 0.0,
+        max_cpu_loras: int = 4,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"--num-workers must be at least 1, got {num_workers}")
@@ -113,7 +117,10 @@ class TraceReplay:
             WorkerState(f"w{i}", WorkerRole.DECODE, f"sim://w{i}", clock=self._clock)
             for i in range(num_workers)
         ]
-        self.workers = {s.worker_id: SimWorker(s.worker_id, self.capacity, self.model) for s in self.states}
+        self.workers = {
+            s.worker_id: SimWorker(s.worker_id, self.capacity, self.model, max_cpu_loras=max_cpu_loras)
+            for s in self.states
+        }
         self.requests: list[SimRequest] = []
         self.num_kv_events = 0
         self.num_kv_event_blocks = 0
@@ -134,7 +141,7 @@ class TraceReplay:
             self.now = tr.arrival_s
             self._catch_up(self.now)
             t0 = time.perf_counter()
-            state, decision = self.policy.choose(self.states, tr.hash_ids, tr.input_length)
+            state, decision = self.policy.choose(self.states, tr.hash_ids, tr.input_length, lora_of(tr))
             self._decide_s += time.perf_counter() - t0
             request = SimRequest(str(n), tr)
             # as the orchestrator notes a request sent to a decode worker that prefills it
@@ -215,6 +222,8 @@ class TraceReplay:
             simulated_s=span,
             wall_s=wall_s,
             prefill_tokens_per_worker=per_worker,
+            lora_requests=sum(1 for r in self.trace if lora_of(r) is not None),
+            lora_loads=sum(w.adapters.num_loads for w in workers),
         )
 
 
@@ -227,10 +236,13 @@ def replay(
     weights: PolicyWeights | None = None,
     oracle: float | None = None,
     event_delay_s: float = 0.0,
+    max_cpu_loras: int = 4,
 ) -> RouteResult:
     """Route every request of `trace` with the policy `policy_name` (router.policy.named);
     `oracle` saves recomputing oracle_hit_rate(trace) when comparing several policies."""
-    run = TraceReplay(trace, policy_name, num_workers, blocks_per_worker, model, weights, event_delay_s)
+    run = TraceReplay(
+        trace, policy_name, num_workers, blocks_per_worker, model, weights, event_delay_s, max_cpu_loras
+    )
     return run.run(oracle)
 
 

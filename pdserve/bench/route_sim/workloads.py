@@ -15,10 +15,14 @@ route` can judge a routing policy on workloads it was not tuned on.
   as far as the first document, so most of a prompt is a partial hit at best.
 - mixed: all of the above at once, each at a fraction of its rate, block ids kept apart,
   so that no one shape sets the router's load.
+- lora: many fine-tunes of one base model: each request names one of N LoRA adapters
+  (Zipf-popular) and starts with that adapter's system prompt; the adapter is part of
+  every block's identity, as in a block hash. Its requests are LoRATraceRequests.
 
 The first three (seed 0) and the Mooncake trace are what the router's defaults were
 tuned on; rag, mixed and every other seed were written for reporting only
-(docs/routing.md, "Why these defaults").
+(docs/routing.md, "Why these defaults"). lora came later, for the adapter-affinity
+scorer; the suite replays it only when named (SUITE_WORKLOADS are the rest).
 
 Each is seeded, so a name and a seed always give the same trace. Block ids follow the
 content: a block's id names its tokens and everything before them (as a chained block
@@ -30,6 +34,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pdserve.bench.trace import TRACE_BLOCK_SIZE, TraceRequest
 
@@ -221,6 +226,53 @@ def mixed(seed: int = 0, duration_s: float = 1000.0) -> list[TraceRequest]:
     return _sorted(requests)
 
 
+@dataclass(frozen=True)
+class LoRATraceRequest(TraceRequest):
+    """A request of a trace that names a LoRA adapter (None: the base model)."""
+
+    lora_name: str | None = None
+
+
+def lora_of(request: TraceRequest) -> str | None:
+    """The adapter `request` names; None for the base model and for plain trace requests."""
+    return request.lora_name if isinstance(request, LoRATraceRequest) else None
+
+
+def lora(
+    seed: int = 0,
+    duration_s: float = 1000.0,
+    rate: float = 4.0,
+    num_adapters: int = 16,
+    zipf_s: float = 1.1,
+) -> list[TraceRequest]:
+    """Single requests as a Poisson process, each naming one of `num_adapters` adapters
+    ("lora-0" the most popular; popularity 1/rank^zipf_s: at 16 and 1.1 the first takes a
+    third of the requests, the last 1.6 %). Each adapter serves one application: its own
+    system prompt (500-4k tokens), then the request's own 20-4k-token message; answers of
+    10-1k tokens."""
+    if num_adapters < 1:
+        raise ValueError(f"--num-loras must be at least 1, got {num_adapters}")
+    rng = random.Random(seed + 4)
+    ids = _BlockIds()
+    systems = [_lognormal(rng, 1500, 0.6, 500, 4000) for _ in range(num_adapters)]
+    popularity = [1 / (k + 1) ** zipf_s for k in range(num_adapters)]
+    requests: list[TraceRequest] = []
+    t, n = 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            break
+        n += 1
+        adapter = rng.choices(range(num_adapters), popularity)[0]
+        # the adapter names the first segment, so every block id of the prompt carries it
+        context: list[Segment] = [(("system", adapter), systems[adapter])]
+        context.append((("user", n), _lognormal(rng, 300, 1.0, 20, 4000)))
+        output = _lognormal(rng, 150, 0.8, 10, 1000)
+        length = sum(k for _, k in context)
+        requests.append(LoRATraceRequest(t, length, output, ids.of(context), f"lora-{adapter}"))
+    return _sorted(requests)
+
+
 def _sorted(requests: list[TraceRequest]) -> list[TraceRequest]:
     requests.sort(key=lambda r: r.arrival_s)  # stable: a session's turns keep their order
     return requests
@@ -232,15 +284,19 @@ WORKLOADS: dict[str, Callable[..., list[TraceRequest]]] = {
     "bursty": bursty,
     "rag": rag,
     "mixed": mixed,
+    "lora": lora,
 }
 # What the router's defaults were tuned on (with seed 0); the rest are held out.
 TUNING_WORKLOADS = ("conversation", "agent", "bursty")
+# What `pdserve bench route --suite` replays when no --workload is given.
+SUITE_WORKLOADS = ("conversation", "agent", "bursty", "rag", "mixed")
 
 
-def generate(name: str, seed: int = 0) -> list[TraceRequest]:
-    """The synthetic workload `name` (one of WORKLOADS) with `seed`."""
+def generate(name: str, seed: int = 0, **options: int | float) -> list[TraceRequest]:
+    """The synthetic workload `name` (one of WORKLOADS) with `seed`; `options` are the
+    workload's own keyword arguments (lora: num_adapters)."""
     try:
         make = WORKLOADS[name]
     except KeyError:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}") from None
-    return make(seed=seed)
+    return make(seed=seed, **options)
