@@ -207,6 +207,8 @@ class RoutingPolicy:
         totals = [0.0] * len(workers)
         ratings: dict[str, list[float]] = {}
         for scorer, weight in self.scorers:
+            if request.lora_name is None and isinstance(scorer, LoRAAffinityScorer):
+                continue  # a base-model request is rated, and reported, as before adapters
             rated = scorer.score(request, workers)
             ratings[scorer.name] = rated
             totals = [total + weight * r for total, r in zip(totals, rated, strict=True)]
