@@ -68,6 +68,13 @@ class ConsumerHooks(KVTransferHooks):
         params = request.kv_transfer_params
         if params is None:
             return False
+        produced_under = params.get("lora_name")
+        runs_under = None if request.lora is None else request.lora.name
+        if produced_under != runs_under:
+            raise ValueError(
+                f"kv_transfer_params: the prefill worker computed this prompt's KV under LoRA adapter "
+                f"{produced_under!r}, but the request runs under {runs_under!r}; send both workers the same adapter"
+            )
         request.append_output_token(first_token_id(params, self.vocab_size))
         return True
 

@@ -63,6 +63,8 @@ class ProducerHooks(KVTransferHooks):
         block_ids = self.scheduler.kv.get_block_ids(request_id)[:num_blocks]
         try:
             output.kv_transfer_params = self.connector.export_blocks(request_id, block_ids, num_tokens)
+            if request.lora is not None:  # the KV is the adapter's: the consumer checks it runs the same one
+                output.kv_transfer_params["lora_name"] = request.lora.name
         except Exception as e:  # the connector refused: nothing leased, so nothing to wait for
             self.scheduler.free_held(request_id)
             output.finish_reason = "abort"

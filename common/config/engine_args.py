@@ -23,6 +23,7 @@ from common.config.arg_types import any_int, choice, fraction, human_int, int_at
 from common.config.engine_config import EngineConfig
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KNOWN_KV_CONNECTORS, KVTransferConfig
+from common.config.lora_config import add_lora_args, lora_config_from_args
 from common.config.shared_args import (
     JSON_HELP,
     SIZE_SUFFIXES_HELP,
@@ -63,7 +64,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_scheduler_args(parser.add_argument_group("scheduler"))
     _add_parallel_args(parser.add_argument_group("parallelism and disaggregation"))
     add_structured_outputs_args(parser.add_argument_group("structured outputs"))  # the router takes them too
+    add_lora_args(parser.add_argument_group("LoRA adapters"))  # the router takes them too
     parser.add_namespace_check(_check_partial_prefills)
+    parser.add_namespace_check(lora_config_from_args)  # --max-cpu-loras below --max-loras, ...
 
 
 def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
@@ -82,6 +85,7 @@ def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
     if isinstance(values.get("kv_events_config"), dict):
         values["kv_events_config"] = KVEventsConfig.from_dict(values["kv_events_config"])
     values["structured_outputs_config"] = structured_outputs_config_from_args(ns)
+    values["lora_config"] = lora_config_from_args(ns)
     return EngineConfig(**values)
 
 

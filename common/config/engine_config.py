@@ -13,6 +13,7 @@ from typing import Any
 
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KVTransferConfig
+from common.config.lora_config import LoRAConfig
 from common.config.structured_outputs_config import StructuredOutputsConfig
 
 DEFAULT_BLOCK_SIZE = 16
@@ -69,3 +70,5 @@ class EngineConfig:
     disable_log_stats: bool = False
     # structured outputs: the grammar backend, JSON defaults, the reasoning parser
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    # LoRA adapters: --enable-lora, --max-loras, --max-lora-rank, --max-cpu-loras, ...
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)

@@ -141,13 +141,15 @@ class BlockPool:
         parent_block_hash: bytes | None,
         token_ids: Sequence[int],
         extra_keys: Sequence[tuple[ExtraKey, ...] | None] | None = None,
+        lora: tuple[int, str] | None = None,
     ) -> None:
         """Enter consecutive full blocks of one request into the prefix cache.
 
         `block_hashes[i]` is the hash of `blocks[i]`, `parent_block_hash` the hash of the
         block before blocks[0] (None at the start of a request), `token_ids` the tokens of
         all these blocks, `extra_keys[i]` the tagged extra keys blocks[i] was hashed with
-        (None: none for any block), published with its BlockStored. A hash already cached
+        (None: none for any block), published with its BlockStored, as is `lora` (the
+        request's adapter id and name: BlockStored's lora_id, lora_name). A hash already cached
         in another block (two requests computed the same prefix at once) leaves this block
         out of the cache; it is freed like any other.
         """
@@ -173,11 +175,11 @@ class BlockPool:
                 if run_start is None:
                     run_start = i
             elif run_start is not None:
-                self._record_stored(block_hashes, parent_block_hash, token_ids, extra_keys, run_start, i)
+                self._record_stored(block_hashes, parent_block_hash, token_ids, extra_keys, lora, run_start, i)
                 run_start = None
         if run_start is not None:
             self._record_stored(
-                block_hashes, parent_block_hash, token_ids, extra_keys, run_start, len(blocks)
+                block_hashes, parent_block_hash, token_ids, extra_keys, lora, run_start, len(blocks)
             )
 
     def _record_stored(
@@ -186,6 +188,7 @@ class BlockPool:
         parent_block_hash: bytes | None,
         token_ids: Sequence[int],
         extra_keys: Sequence[tuple[ExtraKey, ...] | None] | None,
+        lora: tuple[int, str] | None,
         start: int,
         end: int,
     ) -> None:
@@ -203,6 +206,8 @@ class BlockPool:
                 block_size=self.block_size,
                 medium=self.medium,
                 extra_keys=published,
+                lora_id=None if lora is None else lora[0],
+                lora_name=None if lora is None else lora[1],
             )
         )
 

@@ -132,7 +132,10 @@ class DecodeCudaGraphs:
         max_blocks_per_seq: int,
         max_model_len: int,
         vocab_size: int,
+        lora_slots=None,
     ) -> None:
+        """lora_slots (common/lora/adapter_slots.py): the LoRA layers' static step
+        buffers, which every graph reads (the runner fills them before a replay)."""
         if not sizes:
             raise ValueError("no batch sizes to capture")
         self.model = model
@@ -144,8 +147,19 @@ class DecodeCudaGraphs:
         self.host_inputs = self.inputs.host_twin()  # a step's inputs, packed on the host
         self.logits = torch.empty(self.sizes[-1], vocab_size, dtype=torch.float32, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lora_slots = lora_slots
 
     def _forward(self, batch_size: int) -> None:
+        lora = self.lora_slots
+        if lora is not None:
+            lora.context.batch = lora.static_batch(batch_size)
+        try:
+            self._forward_model(batch_size)
+        finally:
+            if lora is not None:
+                lora.context.batch = None
+
+    def _forward_model(self, batch_size: int) -> None:
         inputs = self.inputs
         hidden = self.model(
             inputs.input_ids[:batch_size],
@@ -165,6 +179,8 @@ class DecodeCudaGraphs:
         inputs.seq_lens.zero_()
         inputs.input_ids.zero_()
         inputs.positions.zero_()
+        if self.lora_slots is not None:
+            self.lora_slots.clear_buffers()
         # Warm up outside any capture: Triton compiles, cuBLAS picks its kernels and
         # allocates its workspace here, not inside a graph.
         stream = torch.cuda.current_stream(self.device)

@@ -75,6 +75,7 @@ class KVCacheManager:
             self.hash_algo,
             cache_salt=request.cache_salt,
             parent=hashes[-1] if hashes else None,
+            lora=None if request.lora is None else request.lora.hash_key,
         )
 
     # -- allocation ---------------------------------------------------------------
@@ -155,9 +156,10 @@ class KVCacheManager:
             return
         # published with the blocks' BlockStored, so other indexers can hash as we do;
         # most requests have none, and then no per-block list is built
+        lora = request.lora
         extra_keys = (
-            [block_extra_keys(i, request.cache_salt) for i in range(start, end)]
-            if request.cache_salt
+            [block_extra_keys(i, request.cache_salt, lora and lora.hash_key) for i in range(start, end)]
+            if request.cache_salt or lora is not None
             else None
         )
         self.pool.cache_full_blocks(
@@ -166,6 +168,7 @@ class KVCacheManager:
             request.block_hashes[start - 1] if start > 0 else None,
             request.all_token_ids[start * bs : end * bs],
             extra_keys,
+            None if lora is None else (lora.id, lora.name),
         )
         self._num_cached_blocks[rid] = end
 

@@ -54,6 +54,9 @@ from common.engine.structured_outputs import StructuredOutputs
 from common.generation_config import sampling_defaults
 from common.kv_connector import KVConnector
 from common.kv_events import KVEvent
+from common.lora.adapter_cache import AdapterCache
+from common.lora.lora_request import LoRARequest
+from common.lora.peft_adapter import LoRAError
 from common.model_files import resolve_model
 from common.sampling_params import SamplingParams
 from common.tokenizer.tokenizer import Tokenizer, load_tokenizer
@@ -98,6 +101,18 @@ class LLMEngine:
             self.block_pool, block_size, config.enable_prefix_caching, config.prefix_caching_hash_algo
         )
         self.scheduler = Scheduler(config, self.kv_cache_manager, self.max_model_len)
+        lora = config.lora_config
+        self.lora_cache: AdapterCache | None = None
+        if lora.enable_lora:
+            if config.tensor_parallel_size > 1:
+                raise ValueError(
+                    "--enable-lora does not run with --tensor-parallel-size > 1 yet; serve adapters "
+                    "with one GPU per worker (more workers instead of wider ones)"
+                )
+            lora_dtype = dtype if lora.lora_dtype == "auto" else getattr(torch, lora.lora_dtype)
+            self.lora_cache = AdapterCache(
+                model_config, capacity=lora.cpu_capacity, max_rank=lora.max_lora_rank, dtype=lora_dtype
+            )
         self.runner = ModelRunner(
             model,
             model_config,
@@ -111,7 +126,12 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             step_sender=executor,
+            lora_config=lora,
+            lora_cache=self.lora_cache,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
+        for module in lora.lora_modules if lora.enable_lora else ():  # --lora-modules given to a worker: preload
+            self.load_lora(LoRARequest(module.name, module.path, 1 + lora.lora_modules.index(module)))
         self.structured_outputs = StructuredOutputs(
             self._load_tokenizer, self.vocab_size, config.structured_outputs_config.backend
         )
@@ -177,8 +197,12 @@ class LLMEngine:
         arrival_time: float | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
         prefill_only: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Queue a request; ValueError (saying what to change) when it cannot run here.
+        """Queue a request; ValueError (saying what to change) when it cannot run here
+        (LoRAError, a ValueError with an HTTP status, when its adapter cannot be loaded).
+
+        lora_request: run it under that adapter, read from its folder unless held.
 
         prefill_only: compute the prompt and sample the first token, then keep the blocks
         for a consumer; the finished output (finish_reason None, unless the first token
@@ -203,6 +227,8 @@ class LLMEngine:
         if too_long is not None:
             raise ValueError(too_long)
         sampling_params.validate(self.vocab_size, self.max_logprobs)
+        if lora_request is not None:
+            self.load_lora(lora_request)  # read and checked now, so a bad adapter fails this request only
         if self.extra_stop_token_ids and not sampling_params.ignore_eos:
             # the model's other end-of-generation ids stop it too (generation_config eos list)
             stop_ids = list(dict.fromkeys([*sampling_params.stop_token_ids, *self.extra_stop_token_ids]))
@@ -218,6 +244,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             kv_transfer_params=kv_transfer_params,
             prefill_only=prefill_only,
+            lora=lora_request,
             grammar=None if spec is None else self.structured_outputs.matcher_for(spec),
         )
         self._admit_kv_transfer(request)
@@ -240,6 +267,34 @@ class LLMEngine:
                 "kv_transfer_params need a KV connector that pulls blocks; start this worker with "
                 '--kv-transfer-config \'{"kv_connector": ..., "kv_role": "kv_consumer"}\' (or kv_both)'
             )
+
+    # -- LoRA adapters -------------------------------------------------------------------
+
+    def load_lora(self, lora: LoRARequest) -> None:
+        """Read adapter `lora` into host memory (if not held yet), checked against the model;
+        LoRAError when it cannot be served. Its device slot is filled when a step runs it."""
+        if self.lora_cache is None:
+            raise LoRAError(
+                f"LoRA adapter {lora.name!r}: this worker runs without --enable-lora; start it with "
+                "--enable-lora (and --max-lora-rank at least the adapters' rank)"
+            )
+        self.lora_cache.get(lora)
+
+    def unload_lora(self, name: str) -> bool:
+        """Forget adapter `name`; False when it was not held. Requests running under it
+        finish under it; a later request naming it reads it again."""
+        if self.lora_cache is None:
+            return False
+        held = self.lora_cache.drop(name)
+        if self.runner.lora_slots is not None and not any(
+            r.lora is not None and r.lora.name == name for r in self.scheduler.requests.values()
+        ):
+            self.runner.lora_slots.forget(name)
+        return held
+
+    def lora_names(self) -> list[str]:
+        """The adapters held in host memory, least recently used first."""
+        return [] if self.lora_cache is None else self.lora_cache.names()
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Stop requests and free their blocks; a finished "abort" output for each live one."""
@@ -371,17 +426,22 @@ class LLMEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         progress: bool = False,
+        loras: Sequence[LoRARequest | None] | None = None,
     ) -> list[list[int]]:
-        """Run every prompt to the end, all batched together; the output token ids of each."""
+        """Run every prompt to the end, all batched together; the output token ids of each.
+        loras: the adapter of each prompt (None: the base model)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"generate: {len(prompts)} prompts but {len(params)} SamplingParams")
+        loras = [None] * len(prompts) if loras is None else list(loras)
+        if len(params) != len(prompts) or len(loras) != len(prompts):
+            raise ValueError(
+                f"generate: {len(prompts)} prompts but {len(params)} SamplingParams and {len(loras)} adapters"
+            )
         prefix = f"generate-{next(_generate_calls)}-"
         ids = [f"{prefix}{i}" for i in range(len(prompts))]
         results: dict[str, list[int]] = {rid: [] for rid in ids}
-        for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            self.add_request(rid, prompt, p)
+        for rid, prompt, p, lora in zip(ids, prompts, params, loras, strict=True):
+            self.add_request(rid, prompt, p, lora_request=lora)
         bar = None
         if progress:
             from tqdm import tqdm

@@ -37,6 +37,7 @@ from common.engine.outputs import SampledToken
 from common.engine.sampler import Sampler
 from common.engine.scheduled_batch import ScheduledBatch
 from common.engine.step_buffers import StepBuffers, StepHandle, StepInputs
+from common.lora.adapter_slots import AdapterSlots
 
 
 class ModelRunner:
@@ -56,12 +57,18 @@ class ModelRunner:
         enforce_eager: bool = False,
         cuda_graph_sizes: Sequence[int] | None = None,
         step_sender=None,
+        lora_config=None,
+        lora_cache=None,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         """max_model_len (default: the model's context) bounds the block tables a captured
         decode graph takes; graphs are captured at cuda_graph_sizes (default: the list of
         cuda_graphs.cuda_graph_sizes up to max_num_seqs) on CUDA unless enforce_eager.
         step_sender (rank 0 of a tensor-parallel engine): its send_step(bytes) hands each
-        step to the other ranks."""
+        step to the other ranks. lora_config with enable_lora (and lora_cache, the engine's
+        AdapterCache): the model's linear layers get --max-loras adapter slots, and every
+        step's requests run under their adapters (a step packs at most
+        max_num_batched_tokens tokens)."""
         self.model = model
         self.step_sender = step_sender
         self.model_config = model_config
@@ -82,7 +89,19 @@ class ModelRunner:
         self._rows: torch.Tensor | None = None
         self.cuda_graphs: graphs_module.DecodeCudaGraphs | None = None
         tensor_parallel = hasattr(model, "rank_config")
-        if on_cuda and not enforce_eager and not tensor_parallel and _backend_supports_cuda_graphs(model):
+        self.lora_slots: AdapterSlots | None = None
+        if lora_config is not None and lora_config.enable_lora:
+            self.lora_slots = _attach_lora(
+                model, lora_config, lora_cache, dtype, self.device, max_num_batched_tokens or 8192, max_num_seqs
+            )
+        graphs_can_run_lora = self.lora_slots is None or not self.lora_slots.host_groups
+        if (
+            on_cuda
+            and not enforce_eager
+            and not tensor_parallel
+            and graphs_can_run_lora
+            and _backend_supports_cuda_graphs(model)
+        ):
             sizes = cuda_graph_sizes or graphs_module.cuda_graph_sizes(max_num_seqs or DEFAULT_MAX_NUM_SEQS)
             self.capture_cuda_graphs(sizes)
 
@@ -102,6 +121,7 @@ class ModelRunner:
             max_blocks_per_seq=-(-self.max_model_len // self.block_size),
             max_model_len=self.max_model_len,
             vocab_size=self.model_config.vocab_size,
+            lora_slots=self.lora_slots,
         )
         graphs.capture()
         self.cuda_graphs = graphs
@@ -198,7 +218,13 @@ class ModelRunner:
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """The model on an eager step; the logits of its sampling rows (None when no row
         samples, or on a tensor-parallel rank other than 0)."""
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn_metadata)
+        if inputs.lora is not None:
+            self.lora_slots.context.batch = inputs.lora
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn_metadata)
+        finally:
+            if inputs.lora is not None:
+                self.lora_slots.context.batch = None
         if inputs.sample_rows.shape[0] == 0:
             return None
         return self.model.compute_logits(hidden[inputs.sample_rows])
@@ -380,6 +406,11 @@ class ModelRunner:
             device_sample_rows = self._row_numbers(num_reqs)  # decode rows 0..n-1: no copy
         else:
             device_sample_rows = self._to_device("sample_rows", len(sampling))
+        lora = None
+        if self.lora_slots is not None and (graphs is not None or any(r.lora is not None for r in requests)):
+            # a graph reads the slot buffers on every replay, so a graph step fills them always
+            slots = self.lora_slots.assign([r.lora for r in requests])
+            lora = self.lora_slots.prepare(slots, query_lens, tokens)
         if self.device.type == "cuda":
             if self._copies_done is None:
                 self._copies_done = torch.cuda.Event()
@@ -392,6 +423,7 @@ class ModelRunner:
             sample_requests=[requests[i] for i in sampling],
             num_reqs=num_reqs,
             graph_size=pad_to if graphs is not None else None,
+            lora=lora,
         )
 
     def _row_numbers(self, n: int) -> torch.Tensor:
@@ -407,6 +439,26 @@ class ModelRunner:
         dest = self._eager.get(name, size)
         dest.copy_(self._host.get(name, size), non_blocking=True)
         return dest
+
+
+def _attach_lora(model, lora_config, cache, dtype, device, max_num_batched_tokens, max_num_seqs) -> AdapterSlots:
+    """The model's LoRA layers (common/lora/lora_layer.py) and their --max-loras slots."""
+    from common.lora.lora_layer import attach_lora, triton_ops_available
+
+    if cache is None:
+        raise ValueError("--enable-lora needs the engine's adapter cache")
+    lora_dtype = dtype if lora_config.lora_dtype == "auto" else getattr(torch, lora_config.lora_dtype)
+    context, layers = attach_lora(model, lora_config.max_loras, lora_config.max_lora_rank, lora_dtype)
+    graph_rows = graphs_module.cuda_graph_sizes(max_num_seqs or DEFAULT_MAX_NUM_SEQS)[-1]
+    return AdapterSlots(
+        context,
+        layers,
+        cache,
+        num_slots=lora_config.max_loras,
+        max_tokens=max(max_num_batched_tokens, graph_rows),
+        device=device,
+        host_groups=device.type != "cuda" or not triton_ops_available(),
+    )
 
 
 def _backend_supports_cuda_graphs(model) -> bool:

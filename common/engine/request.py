@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.lora.lora_request import LoRARequest
 from common.sampling_params import SamplingParams
 
 
@@ -61,6 +62,8 @@ class Request:
     kv_transfer_params: dict[str, Any] | None = None
     # producer side: done here after the first token, its blocks held for a consumer
     prefill_only: bool = False
+    # the LoRA adapter it runs under (its name and path enter every block hash); None: the base model
+    lora: LoRARequest | None = None
 
     # prompt + output; the single source of truth for this request's tokens
     all_token_ids: list[int] = field(init=False)

@@ -25,6 +25,7 @@ role picks `requeue_failed_pull()` (compute the prompt here) or `fail_pull()`.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable
 
 from common.config.context_length import context_length_error
@@ -65,6 +66,8 @@ class Scheduler:
         self.long_prefill_token_threshold = config.long_prefill_token_threshold
         self.max_num_partial_prefills = config.max_num_partial_prefills
         self.priority_policy = config.scheduling_policy == "priority"
+        # distinct LoRA adapters the running requests may use at once: the device slots
+        self.max_loras = config.lora_config.max_loras
         self.max_model_len = max_model_len
         if (
             self.max_num_seqs < 1
@@ -328,12 +331,19 @@ class Scheduler:
             for r in self.running
             if r.num_computed_tokens + num_scheduled.get(r.request_id, 0) < r.num_tokens
         )
+        loras = self._running_loras()
+        lora_skipped: list[Request] = []  # their adapter would exceed --max-loras this step
         while not preempted and self.waiting and len(self.running) + len(self.remote.pulling) < self.max_num_seqs:
             request = self.waiting[0]
             if request.num_tokens > capacity:
                 self.waiting.pop(0)
                 self._finish_unrunnable(request)
                 continue
+            if request.lora is not None and request.lora.hash_key not in loras:
+                if len(loras) >= self.max_loras:
+                    lora_skipped.append(self.waiting.pop(0))
+                    continue
+                loras.add(request.lora.hash_key)  # a request admitted below keeps it running
             if request.awaits_remote_kv_admission:
                 # admitting it computes nothing this step, so it needs no budget
                 if not self._admit_remote(request):
@@ -361,6 +371,8 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             num_partial += partial
+        if lora_skipped:  # first in line again, in their order
+            self.waiting[:0] = lora_skipped
 
         finished_ids, self._finished_ids = self._finished_ids, []
         return ScheduledBatch(
@@ -370,6 +382,11 @@ class Scheduler:
             preempted_request_ids=preempted,
             finished_request_ids=finished_ids,
         )
+
+    def _running_loras(self) -> set[tuple[str, str]]:
+        """The adapters of the running and pulling requests: each holds a device slot."""
+        requests = itertools.chain(self.running, self.remote.pulling.values())
+        return {r.lora.hash_key for r in requests if r.lora is not None}
 
     def schedule_ahead(
         self, batch: ScheduledBatch, may_run_ahead: Callable[[Request], bool]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class StepInputs:
     sample_requests: list[Request]
     num_reqs: int  # real requests; rows past it are padding
     graph_size: int | None = None  # the captured batch size this step replays, if any
+    lora: Any = None  # the step's LoRABatch (common/lora/lora_ops.py); None: no adapter runs
 
 
 class StepHandle:

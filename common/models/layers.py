@@ -84,15 +84,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Parameters start uninitialized: a loader always fills them."""
+    """y = x W^T (+ b). Parameters start uninitialized: a loader always fills them.
+
+    `lora` (common/lora/lora_layer.py, set by an engine with --enable-lora) adds the
+    step's adapters' products to y; None serves the base model alone."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class RMSNorm(nn.Module):
@@ -210,5 +215,6 @@ class GatedMLP(nn.Module):
             and USE_TRITON_SMALL_MATMUL
             and type(gate_up) is Linear
             and gate_up.bias is None
+            and gate_up.lora is None
             and kernels.small_m_matmul_fits(x, gate_up.weight)
         )

@@ -207,8 +207,8 @@ class LlamaForCausalLM(nn.Module):
         """The fused small-batch kernels when this batch and this model can use them: no
         biases and no q/k norm (those keep the general path)."""
         c = self.config
-        if c.attention_bias or c.attention_out_bias or c.qk_norm:
-            return None
+        if c.attention_bias or c.attention_out_bias or c.qk_norm or self.layers[0].mlp.down_proj.lora is not None:
+            return None  # LoRA adds its products after each layer's own matmul: the general path
         return small_batch_kernels(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,10 @@ class RowParallelLinear(Linear):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.all_reduce(linear(x, self.weight))
+        partial = linear(x, self.weight)
+        if self.lora is not None:  # x_r A_r^T B^T: the ranks' LoRA parts sum in the same all-reduce
+            partial = self.lora(x, partial)
+        y = self.group.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
 

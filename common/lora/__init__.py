@@ -1,0 +1,1 @@
+"""LoRA adapters: loading PEFT folders, device slots, and the batched LoRA matmuls."""
