@@ -16,10 +16,14 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from common.lora.lora_request import MAX_NAME_CHARS as MAX_LORA_NAME_CHARS
+from common.lora.lora_request import LoRARequest
 from common.sampling_params import SamplingParams
 from common.structured_output.spec import StructuredOutputSpec
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+# the most adapter names one load report may carry (a worker holds --max-cpu-loras of them)
+MAX_REPORTED_LORAS = 1024
 
 
 class ProtocolError(ValueError):
@@ -38,7 +42,9 @@ class WorkerRole(str, Enum):
 class GenerateRequest:
     """Router → worker: run this prompt. prefill_only: compute the prompt, sample the
     first token and keep the blocks for a decode worker to pull (kv_transfer_params in
-    the answer). kv_transfer_params given: pull the prompt's KV from that producer."""
+    the answer). kv_transfer_params given: pull the prompt's KV from that producer.
+    lora: the adapter the request runs under, as LoRARequest.to_wire() writes it
+    ({"name", "path", "id"}); a worker that does not hold it yet loads it from the path."""
 
     TYPE: ClassVar[str] = "generate"
     request_id: str
@@ -48,9 +54,13 @@ class GenerateRequest:
     cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     prefill_only: bool = False
+    lora: dict[str, Any] | None = None
 
     def sampling(self) -> SamplingParams:
         return sampling_params_from_wire(self.sampling_params)
+
+    def lora_request(self) -> LoRARequest | None:
+        return None if self.lora is None else LoRARequest.from_wire(self.lora)
 
 
 @dataclass
@@ -82,6 +92,39 @@ class ErrorMessage:
     request_id: str
     code: int
     message: str
+
+
+@dataclass
+class LoadLoRA:
+    """Router → worker: load this adapter ({"name", "path", "id"}) now, so a refusal (a
+    missing folder, a rank above --max-lora-rank, a module the model lacks) reaches the
+    operator at /v1/load_lora_adapter rather than a request. Answered with a LoRAResult."""
+
+    TYPE: ClassVar[str] = "load_lora"
+    request_id: str
+    lora: dict[str, Any]
+
+
+@dataclass
+class UnloadLoRA:
+    """Router → worker: drop this adapter; requests running under it finish first.
+    Answered with a LoRAResult (ok False when the worker did not hold it)."""
+
+    TYPE: ClassVar[str] = "unload_lora"
+    request_id: str
+    lora_name: str
+
+
+@dataclass
+class LoRAResult:
+    """Worker → router: how a LoadLoRA or UnloadLoRA went. code: an HTTP status, 200 when
+    ok, else what the engine said (400 a bad adapter, 404 no adapter at the path)."""
+
+    TYPE: ClassVar[str] = "lora_result"
+    request_id: str
+    ok: bool
+    code: int = 200
+    message: str = ""
 
 
 @dataclass
@@ -127,6 +170,9 @@ class LoadReport:
     kv_events_endpoint: str | None = None
     kv_replay_endpoint: str | None = None
     kv_events_topic: str = ""
+    # the LoRA adapters the worker holds in host memory (up to --max-cpu-loras), by name:
+    # a request under one of them starts there without loading it
+    loras: list[str] = dataclasses.field(default_factory=list)
     request_id: str = ""  # load reports concern no request
 
     @classmethod
@@ -177,15 +223,35 @@ class LoadReport:
             _check(
                 value is None or isinstance(value, str), f"load report field {name} must be a string or nil"
             )
+        loras = self.loras
+        _check(
+            isinstance(loras, list)
+            and len(loras) <= MAX_REPORTED_LORAS
+            and all(isinstance(n, str) and 0 < len(n) <= MAX_LORA_NAME_CHARS for n in loras),
+            f"load report field loras must be a list of at most {MAX_REPORTED_LORAS} adapter names",
+        )
 
 
 _ROLE_VALUES = frozenset(role.value for role in WorkerRole)
 
 
 MESSAGE_TYPES = {
-    cls.TYPE: cls for cls in (GenerateRequest, Abort, TokenDelta, ErrorMessage, Hello, LoadReport)
-}
-Message = GenerateRequest | Abort | TokenDelta | ErrorMessage | Hello | LoadReport
+    cls.TYPE: cls
+    for cls in (
+        GenerateRequest, Abort, TokenDelta, ErrorMessage, Hello, LoadReport, LoadLoRA, UnloadLoRA, LoRAResult,
+    )
+}  # fmt: skip
+Message = (
+    GenerateRequest
+    | Abort
+    | TokenDelta
+    | ErrorMessage
+    | Hello
+    | LoadReport
+    | LoadLoRA
+    | UnloadLoRA
+    | LoRAResult
+)
 
 _SAMPLING_FIELDS = {f.name: f for f in dataclasses.fields(SamplingParams)}
 
@@ -255,6 +321,22 @@ def _check_types(msg: Message) -> None:
             "generate: kv_transfer_params must be a map",
         )
         _check(isinstance(msg.prefill_only, bool), "generate: prefill_only must be a bool")
+        if msg.lora is not None:
+            _lora_from_wire("generate", msg.lora)
+    elif isinstance(msg, LoadLoRA):
+        _lora_from_wire("load_lora", msg.lora)
+    elif isinstance(msg, UnloadLoRA):
+        name = msg.lora_name
+        _check(
+            isinstance(name, str) and 0 < len(name) <= MAX_LORA_NAME_CHARS,
+            f"unload_lora: lora_name must be a string of 1 to {MAX_LORA_NAME_CHARS} characters",
+        )
+    elif isinstance(msg, LoRAResult):
+        _check(isinstance(msg.ok, bool), "lora_result: ok must be a bool")
+        _check(
+            _is_int(msg.code) and isinstance(msg.message, str),
+            "lora_result: code must be an int, message a string",
+        )
     elif isinstance(msg, TokenDelta):
         _check(isinstance(msg.token_ids, list) and all(_is_int(t) for t in msg.token_ids), "delta: token_ids")
         _check(msg.logprobs is None or isinstance(msg.logprobs, list), "delta: logprobs must be a list")
@@ -275,6 +357,13 @@ def _check_types(msg: Message) -> None:
         )
     elif isinstance(msg, LoadReport):
         msg.check()
+
+
+def _lora_from_wire(where: str, value: Any) -> LoRARequest:
+    try:
+        return LoRARequest.from_wire(value)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"{where}: {exc}") from None
 
 
 def sampling_params_to_wire(params: SamplingParams) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.config.arg_parser import JsonObjectAction, add_config_file_arg
 from common.config.arg_types import choice, human_int, int_at_least, registry_url, seconds
+from common.config.lora_config import RUNTIME_LORA_UPDATING_ENV, add_lora_args, lora_config_from_args
 from common.config.shared_args import add_block_hashing_args, add_cluster_secret_arg, add_model_args
 from common.config.structured_outputs_config import (
     add_structured_outputs_args,
@@ -95,6 +96,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     add_block_hashing_args(model)
     # the JSON defaults and the backend of requests' constraints, checked here before any worker
     add_structured_outputs_args(parser.add_argument_group("structured outputs (give the workers' values)"))
+    # the adapters served by name; `pdserve serve` takes these with the engine flags
+    add_lora_args(parser.add_argument_group("LoRA adapters (give the workers' values)"))
 
 
 def add_router_serving_args(parser: argparse.ArgumentParser) -> None:
@@ -278,6 +281,20 @@ def _add_api_args(group: Any) -> None:
         help="Add an X-Request-Id header to every response (a client's own X-Request-Id is always echoed).",
     )
     add_tool_calling_args(group)
+    group.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load a LoRA adapter "
+        "from a folder on every worker, or unload one, while the server runs (docs/lora.md). Off by "
+        f"default, as in vLLM, where {RUNTIME_LORA_UPDATING_ENV}=1 turns them on (which works here too): "
+        "anyone who may call the API can then make the workers read a folder.",
+    )
+
+
+def runtime_lora_updating_allowed(args: argparse.Namespace) -> bool:
+    """--allow-runtime-lora-updating, or $VLLM_ALLOW_RUNTIME_LORA_UPDATING set to 1 or true as vLLM reads it."""
+    from_env = os.environ.get(RUNTIME_LORA_UPDATING_ENV, "0").strip().lower() in ("1", "true")
+    return bool(args.allow_runtime_lora_updating) or from_env
 
 
 def add_tool_calling_args(group: Any) -> None:
@@ -326,7 +343,7 @@ def api_keys_from_env() -> list[str] | None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSettings]:
-    """ValueError when the cluster secret cannot be read, or the tool-calling flags do not fit."""
+    """ValueError when the cluster secret cannot be read, or the tool-calling or LoRA flags do not fit."""
     check_tool_calling_args(args)
     router_config = RouterConfig(
         prefill_workers=list(args.prefill_workers),
@@ -353,6 +370,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, ModelSetti
         enable_request_id_headers=args.enable_request_id_headers,
         router_id=args.router_id,
         registry=args.registry,
+        lora=lora_config_from_args(args),
+        allow_runtime_lora_updating=runtime_lora_updating_allowed(args),
     )
     settings = ModelSettings(
         model=args.model,
@@ -381,9 +400,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, settings = config_from_args(args)
         config.validate()
+        from router.app import create_app
         from router.model_info import load_served_model
 
         served = load_served_model(settings)
+        app = create_app(config, served)  # a --lora-modules name that is a served name is refused here
     except ValueError as exc:
         print(f"pdserve router: {exc}", file=sys.stderr)
         return 1
@@ -391,9 +412,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from common.registry import redacted
-    from router.app import create_app
 
-    app = create_app(config, served)
     logger.info(
         "serving %s on http://%s:%d (decode workers: %s; prefill workers: %s%s)",
         served.name, config.host, config.port, ", ".join(config.decode_workers) or "none",

@@ -98,7 +98,8 @@ class CompletionRun:
         if timer is not None:
             timer.arrival = self.arrival
         try:
-            generate = self.orchestrator.generate(spec, self.prepared.priority, self.prepared.cache_salt)
+            prepared = self.prepared
+            generate = self.orchestrator.generate(spec, prepared.priority, prepared.cache_salt, prepared.lora)
             async with aclosing(generate) as messages:
                 async for message in messages:
                     if timer is not None:

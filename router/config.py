@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.block_hash import require_shared_hash_seed
+from common.config.lora_config import LoRAConfig
 from router.policy import DEFAULT_LOCAL_PREFILL_THRESHOLD, PolicyWeights
 
 DEFAULT_HOST = "127.0.0.1"
@@ -65,6 +66,12 @@ class RouterConfig:
     # redis://HOST:PORT/DB of the worker registry (common/registry.py); None: static workers only
     registry: str | None = None
     registry_poll_interval_s: float = 1.0
+    # --enable-lora, --lora-modules ...: the adapters served under their own model names
+    # (router/lora_adapters.py); the workers' flags must allow them
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # --allow-runtime-lora-updating (or $VLLM_ALLOW_RUNTIME_LORA_UPDATING): mount
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    allow_runtime_lora_updating: bool = False
 
     @property
     def api_keys(self) -> list[str]:
@@ -134,3 +141,4 @@ class RouterConfig:
             raise ValueError(f"--max-queued-requests must be 0 or more, got {self.max_queued_requests}")
         if self.max_queue_wait_s <= 0:
             raise ValueError(f"--max-queue-wait must be more than 0 seconds, got {self.max_queue_wait_s}")
+        self.lora.validate()

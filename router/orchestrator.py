@@ -1,17 +1,19 @@
 """One engine request across the workers, as docs/disaggregation-flow.md lays it out.
 
-    async with aclosing(orchestrator.generate(spec, priority, cache_salt)) as deltas:
+    async with aclosing(orchestrator.generate(spec, priority, cache_salt, lora)) as deltas:
         async for delta in deltas:   # TokenDelta messages, the first token first
             ...
 
-For each request: hash the prompt's blocks, let the routing policy pick a decode worker
+For each request: hash the prompt's blocks (under its LoRA adapter, if it names one: the
+same prompt under two adapters has different KV), let the routing policy pick a decode worker
 D, and decide where the prompt is prefilled. When the part D lacks is shorter than
 --local-prefill-threshold tokens, or no prefill worker is healthy, D prefills it itself.
 Otherwise a prefill worker P (picked by the same policy over the prefill workers) runs
 it with `prefill_only`; its first token goes to the caller at once, and D gets the
 prompt with P's kv_transfer_params plus that first token. If P fails (an error it blames
 on itself, no answer, or it goes away) D recomputes the prompt itself; the request goes
-on.
+on. A request under an adapter carries it ({"name", "path", "id"}) to both workers,
+which load it on first use.
 
 Closing the generator early (the client left, a stop string matched) aborts the request
 on the workers that still hold it. A worker's error, a worker that goes away, or one
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.block_hash import install_cluster_hash_seed, shared_hash_seed
+from common.lora.lora_request import LoRARequest
 from common.openai_api import OpenAIError, SequenceSpec
 from common.protocol import (
     Abort,
@@ -80,17 +83,22 @@ class Orchestrator:
         self._warned_no_seed = False
 
     async def generate(
-        self, spec: SequenceSpec, priority: int = 0, cache_salt: str | None = None
+        self,
+        spec: SequenceSpec,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        lora: LoRARequest | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """The request's token deltas until one has finish_reason set; OpenAIError on failure."""
         worker_request_id = f"{spec.request_id}-{uuid.uuid4().hex[:8]}"  # unique even if clients reuse ids
-        route = self._route(spec.prompt_token_ids, cache_salt)
+        route = self._route(spec.prompt_token_ids, cache_salt, lora)
         request = GenerateRequest(
             request_id=worker_request_id,
             prompt_token_ids=spec.prompt_token_ids,
             sampling_params=sampling_params_to_wire(spec.sampling_params),
             priority=priority,
             cache_salt=cache_salt,
+            lora=None if lora is None else lora.to_wire(),
         )
         kv_transfer_params = None
         if route.prefill is not None:
@@ -120,9 +128,10 @@ class Orchestrator:
 
     # -- choosing workers ---------------------------------------------------------------
 
-    def _route(self, prompt: list[int], cache_salt: str | None) -> _Route:
-        block_hashes = self._block_hashes(prompt, cache_salt)
-        decode, decode_decision = self._choose(WorkerRole.DECODE, block_hashes, len(prompt))
+    def _route(self, prompt: list[int], cache_salt: str | None, lora: LoRARequest | None = None) -> _Route:
+        block_hashes = self._block_hashes(prompt, cache_salt, lora)
+        lora_name = None if lora is None else lora.name
+        decode, decode_decision = self._choose(WorkerRole.DECODE, block_hashes, len(prompt), lora_name)
         if decode is None:
             raise no_worker_available("decode")
         assert decode_decision is not None
@@ -130,12 +139,15 @@ class Orchestrator:
         if self.pool.num_healthy(WorkerRole.PREFILL) and not should_prefill_locally(
             len(prompt), decode_decision.overlap_tokens, self.config.local_prefill_threshold
         ):
-            prefill, prefill_decision = self._choose(WorkerRole.PREFILL, block_hashes, len(prompt))
+            prefill, prefill_decision = self._choose(WorkerRole.PREFILL, block_hashes, len(prompt), lora_name)
         return _Route(decode, decode_decision, prefill, prefill_decision)
 
-    def _block_hashes(self, prompt: list[int], cache_salt: str | None) -> list[int]:
-        """The prompt's block hashes, or none when the router cannot compute the workers'
-        (xxhash learned from their reports, with no seed shared by the cluster)."""
+    def _block_hashes(
+        self, prompt: list[int], cache_salt: str | None, lora: LoRARequest | None = None
+    ) -> list[int]:
+        """The prompt's block hashes, keyed by the adapter as the workers key them; none
+        when the router cannot compute the workers' (xxhash learned from their reports,
+        with no seed shared by the cluster)."""
         algo = self.pool.hash_algo
         if shared_hash_seed(algo) is None:
             if not self._warned_no_seed:
@@ -146,15 +158,19 @@ class Orchestrator:
                     algo,
                 )
             return []
-        return request_block_hashes(prompt, self.pool.block_size, algo, cache_salt)
+        return request_block_hashes(
+            prompt, self.pool.block_size, algo, cache_salt, None if lora is None else lora.hash_key
+        )
 
     def _choose(
-        self, role: WorkerRole, block_hashes: list[int], num_prompt_tokens: int
+        self, role: WorkerRole, block_hashes: list[int], num_prompt_tokens: int, lora_name: str | None = None
     ) -> tuple[WorkerClient | None, RoutingDecision | None]:
         policy = self._policies[role]
         policy.block_size = self.pool.block_size
         try:
-            state, decision = policy.choose(self.pool.states(role), block_hashes, num_prompt_tokens)
+            state, decision = policy.choose(
+                self.pool.states(role), block_hashes, num_prompt_tokens, lora_name
+            )
         except NoWorkerAvailable:
             if role is WorkerRole.PREFILL:
                 return None, None  # the decode worker prefills instead
@@ -162,7 +178,7 @@ class Orchestrator:
             if not silent:
                 return None, None
             state = min(silent, key=lambda c: c.state.num_active_requests).state
-            decision = self._decision_for(state, block_hashes, num_prompt_tokens)
+            decision = self._decision_for(state, block_hashes, num_prompt_tokens, lora_name)
         if self.metrics is not None:
             self.metrics.routed.labels(state.worker_id, role.value).inc()
             self.metrics.overlap_blocks.labels(role.value).observe(decision.overlap_blocks)
@@ -172,11 +188,15 @@ class Orchestrator:
         return self.pool.client(state.worker_id), decision
 
     def _decision_for(
-        self, state: WorkerState, block_hashes: list[int], num_prompt_tokens: int
+        self,
+        state: WorkerState,
+        block_hashes: list[int],
+        num_prompt_tokens: int,
+        lora_name: str | None = None,
     ) -> RoutingDecision:
         """What the policy would report for `state`, for a worker picked outside it."""
         view = RequestView(num_prompt_tokens, len(block_hashes), self.pool.block_size,
-                           self.pool.prefix_index.match(block_hashes))  # fmt: skip
+                           self.pool.prefix_index.match(block_hashes), lora_name)  # fmt: skip
         return RoutingDecision(
             worker=state,
             score=0.0,

@@ -38,15 +38,17 @@ def request_block_hashes(
     block_size: int,
     algo: str = "sha256",
     cache_salt: str | None = None,
+    lora: tuple[str, str] | None = None,
 ) -> list[int]:
     """The prompt's full-block hashes as KV events carry them (64-bit ints), for `match`.
 
     `algo` must be the workers' --prefix-caching-hash-algo and the NONE_HASH seed the
     same in the router and the workers (common/block_hash.py shared_hash_seed), or
-    nothing will ever match. A salt enters block 0 as vLLM 0.33 hashes it, so salted
-    prompts match stock vLLM workers too.
+    nothing will ever match. A salt enters block 0 and a LoRA adapter's (name, path)
+    every block as vLLM 0.33 hashes them, so salted prompts and adapters' prompts match
+    stock vLLM workers too, and a prompt cached under one adapter never matches another.
     """
-    return [event_hash(h) for h in hash_request_blocks(token_ids, block_size, algo, cache_salt)]
+    return [event_hash(h) for h in hash_request_blocks(token_ids, block_size, algo, cache_salt, lora=lora)]
 
 
 def _as_int(block_hash: int | bytes) -> int:

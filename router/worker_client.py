@@ -2,7 +2,8 @@
 
 It sends requests and aborts (never blocking: a worker that cannot take a message now
 is reported unavailable at once), and one reader task takes everything the worker
-sends: token deltas and errors go to the open stream of their request id, load reports
+sends: token deltas, errors and LoRA results (the answers to load_lora and
+unload_lora) go to the open stream of their request id, load reports
 to the worker's WorkerState and the pool (docs/disaggregation-flow.md has the flow).
 A message for a request nobody waits for any more (aborted, timed out) is dropped; a
 malformed one is counted and dropped; neither stops the reader. With the cluster secret
@@ -34,6 +35,7 @@ from common.protocol import (
     ErrorMessage,
     Hello,
     LoadReport,
+    LoRAResult,
     Message,
     ProtocolError,
     TokenDelta,
@@ -65,18 +67,21 @@ class _Deadline:
     """Put in a stream's queue when a receive() waited too long."""
 
 
+Answer = TokenDelta | ErrorMessage | LoRAResult  # what a worker says about one request id
+
+
 class RequestStream:
     """The messages one worker sends about one request, in order."""
 
     def __init__(self, client: WorkerClient, request_id: str) -> None:
         self.client = client
         self.request_id = request_id
-        self._queue: asyncio.Queue[TokenDelta | ErrorMessage | _Lost | _Deadline] = asyncio.Queue()
+        self._queue: asyncio.Queue[Answer | _Lost | _Deadline] = asyncio.Queue()
 
-    def put(self, item: TokenDelta | ErrorMessage | _Lost) -> None:
+    def put(self, item: Answer | _Lost) -> None:
         self._queue.put_nowait(item)
 
-    async def receive(self, timeout_s: float) -> TokenDelta | ErrorMessage:
+    async def receive(self, timeout_s: float) -> Answer:
         """The next message; WorkerLost if the worker went away, TimeoutError after `timeout_s`.
 
         The deadline is a marker queued by a timer rather than asyncio.wait_for, which (up to
@@ -279,7 +284,7 @@ class WorkerClient:
             if self.num_malformed == 1:
                 logger.warning("malformed message from worker %s dropped: %s", self.worker_id, exc)
             return
-        if isinstance(message, TokenDelta | ErrorMessage):
+        if isinstance(message, TokenDelta | ErrorMessage | LoRAResult):
             stream = self._streams.get(message.request_id)
             if stream is None:
                 self.num_unclaimed += 1

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
+from common.lora.lora_request import LoRARequest
 from common.openai_api.chat_output import ChatOutputReader
 from common.openai_api.errors import bad_request
 from common.openai_api.requests import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
@@ -55,12 +56,13 @@ class PreparedRequest:
     cache_salt: str | None = None
     # chat: how each choice's output becomes a message; None: all of it is content
     reader: ChatOutputReader | None = None
+    lora: LoRARequest | None = None  # the adapter `model` named; None: the base model
 
 
 def prepare_completion(request: CompletionRequest, served: ServedModel) -> PreparedRequest:
     """Validate a completion request against the model and tokenize its prompts."""
     request.check_supported()
-    model = served.check_model(request.model)
+    model, lora = served.resolve_model(request.model)
     prompts = [_truncate(p, request.truncate_prompt_tokens) for p in completion_prompts(request, served)]
     if request.echo:
         for prompt in prompts:
@@ -68,13 +70,15 @@ def prepare_completion(request: CompletionRequest, served: ServedModel) -> Prepa
                 prompt.text = served.tokenizer.decode(prompt.token_ids)
     response_id = f"cmpl-{request.request_id or uuid.uuid4().hex}"
     constraint = request.output_constraint(served)
-    return _prepared("completion", response_id, model, request, prompts, served, constraint)
+    prepared = _prepared("completion", response_id, model, request, prompts, served, constraint)
+    prepared.lora = lora
+    return prepared
 
 
 def prepare_chat(request: ChatCompletionRequest, served: ServedModel) -> PreparedRequest:
     """Validate a chat request against the model, render its messages and tokenize them."""
     request.check_supported()
-    model = served.check_model(request.model)
+    model, lora = served.resolve_model(request.model)
     choice = request.tool_choice_of(served)
     constraint = request.output_constraint(served, choice)
     prompt_text = render_chat_prompt(request, served)
@@ -83,6 +87,7 @@ def prepare_chat(request: ChatCompletionRequest, served: ServedModel) -> Prepare
     _check_not_empty(prompt, "messages")
     response_id = f"chatcmpl-{request.request_id or uuid.uuid4().hex}"
     prepared = _prepared("chat", response_id, model, request, [prompt], served, constraint)
+    prepared.lora = lora
     prepared.reader = output_reader(request, choice, served)
     if served.auto_tool_parser is not None and request.tools and choice.mode != "none":
         # a tool parser reads tags that may be special tokens (<tool_call> is, in Qwen's

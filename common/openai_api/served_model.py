@@ -6,10 +6,12 @@ in-process engine. Nothing here loads weights.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.config.structured_outputs_config import StructuredOutputsConfig
+from common.lora.lora_request import LoRARequest
 from common.openai_api.errors import model_not_found
 from common.openai_api.reasoning import (
     ReasoningParser,
@@ -42,6 +44,9 @@ class ServedModel:
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is served
     tool_call_parser: str | None = None  # --tool-call-parser: reads calls out of "auto" outputs
     exclude_tools_when_tool_choice_none: bool = False  # --exclude-tools-when-tool-choice-none
+    # the LoRA adapters served by name (the router's registry, which runtime loads change);
+    # empty without --enable-lora, so an adapter's name is then an unknown model
+    adapters: Mapping[str, LoRARequest] = field(default_factory=dict)
     # the reasoning tags of --reasoning-parser in this tokenizer's vocabulary; None without one
     reasoning_ids: ReasoningTokenIds | None = field(init=False, default=None, repr=False)
 
@@ -72,11 +77,20 @@ class ServedModel:
         return get_tool_parser(self.tool_call_parser)
 
     def check_model(self, requested: str | None) -> str:
-        """The name to report in responses; a 404 OpenAIError for a name not served here.
+        """The name to report in responses; a 404 OpenAIError for a name not served here."""
+        return self.resolve_model(requested)[0]
+
+    def resolve_model(self, requested: str | None) -> tuple[str, LoRARequest | None]:
+        """The name to report in responses and the adapter the request runs under (None: the
+        base model); a 404 OpenAIError for a name not served here.
 
         A missing `model` means the served one (the OpenAI API requires the field;
-        clients of a single-model server often leave it out).
+        clients of a single-model server often leave it out). A request naming an adapter
+        is answered under the adapter's name, as vLLM does.
         """
-        if requested is not None and requested not in self.names:
+        if requested is None or requested in self.names:
+            return self.name, None
+        lora = self.adapters.get(requested)
+        if lora is None:
             raise model_not_found(requested)
-        return self.name
+        return lora.name, lora

@@ -1,8 +1,9 @@
 """The serving loop both worker roles share: an LLMEngine behind a ZMQ ROUTER socket.
 
 One thread does everything, in turns: read what the routers sent (generate, abort,
-hello), run one engine step, publish the step's KV events, update the metrics, send the
-load reports that are due, and stream a TokenDelta per request that progressed. While the engine has
+hello, load_lora, unload_lora), run one engine step, publish the step's KV events,
+update the metrics, send the load reports that are due, and stream a TokenDelta per
+request that progressed. While the engine has
 work the socket is polled without waiting between steps; while it only waits for KV
 pulls or holds blocks for consumers it polls every few milliseconds (the connector
 reports through `poll()` and `take_freed_requests()`); idle, it sleeps on the socket
@@ -10,9 +11,13 @@ until a message or the next load report is due.
 
 Frames are `[identity, payload]` (docs/disaggregation-flow.md). Every payload goes
 through `decode_message`; a malformed one, or a request the engine refuses, is answered
-with an ErrorMessage (400 bad input, 503 a failed KV transfer or a worker shutting
-down, 500 a bug), and the loop goes on serving. An engine step that raises fails the
-requests it held (500), never the process.
+with an ErrorMessage (400 bad input or a LoRA adapter that cannot be loaded, with the
+status the engine's LoRAError carries; 503 a failed KV transfer or a worker shutting
+down; 500 a bug), and the loop goes on serving. A router's load_lora and unload_lora
+(/v1/load_lora_adapter, /v1/unload_lora_adapter) are answered with a LoRAResult, on
+this thread as everything the engine does; the load reports name the adapters the
+engine holds. An engine step that raises fails the requests it held (500), never the
+process.
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ from common.engine.llm_engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.frame_auth import FrameAuth, FrameRejected
 from common.kv_connector import KVConnector
+from common.lora.lora_request import LoRARequest
 from common.protocol import (
     MAX_FRAME_BYTES,
     Abort,
     ErrorMessage,
     GenerateRequest,
     Hello,
+    LoadLoRA,
+    LoRAResult,
     Message,
     ProtocolError,
     TokenDelta,
+    UnloadLoRA,
     decode_message,
     encode_message,
 )
@@ -207,6 +216,8 @@ class EngineServer:
             connector = self.connector
             records = connector.take_transfer_records() if connector is not None else []
             self.metrics.observe_step(stats, records, connector.stats() if connector is not None else {})
+        if self.reporter.routers:  # what the next report says the engine holds
+            self.reporter.loras = self.engine.lora_names()
         report = self.reporter.due(stats)
         if report is not None:
             payload = encode_message(report)
@@ -272,16 +283,44 @@ class EngineServer:
             self._send_outputs(self.engine.abort_request(msg.request_id))
         elif isinstance(msg, Hello):
             self.reporter.add_router(identity, msg.router_id)
+            self.reporter.loras = self.engine.lora_names()
             self._send(identity, self.reporter.report(self.engine.stats()))
+        elif isinstance(msg, LoadLoRA):
+            self._send(identity, self._load_lora(msg))
+        elif isinstance(msg, UnloadLoRA):
+            self._send(identity, self._unload_lora(msg))
         else:
             self._send(
                 identity,
                 ErrorMessage(
                     msg.request_id,
                     400,
-                    f"a worker takes generate, abort and hello messages, not {msg.TYPE!r}",
+                    "a worker takes generate, abort, hello, load_lora and unload_lora messages, "
+                    f"not {msg.TYPE!r}",
                 ),
             )
+
+    def _load_lora(self, msg: LoadLoRA) -> LoRAResult:
+        try:
+            self.engine.load_lora(LoRARequest.from_wire(msg.lora))
+        except ValueError as e:  # the engine's LoRAError says what is wrong with the adapter
+            return LoRAResult(msg.request_id, False, getattr(e, "status", 400), str(e))
+        except Exception as e:
+            logger.exception("loading LoRA adapter %r failed", msg.lora.get("name"))
+            return LoRAResult(msg.request_id, False, 500, f"the worker failed to load the adapter: {e}")
+        return LoRAResult(msg.request_id, True)
+
+    def _unload_lora(self, msg: UnloadLoRA) -> LoRAResult:
+        try:
+            held = self.engine.unload_lora(msg.lora_name)
+        except Exception as e:
+            logger.exception("unloading LoRA adapter %r failed", msg.lora_name)
+            return LoRAResult(msg.request_id, False, 500, f"the worker failed to unload the adapter: {e}")
+        if not held:
+            return LoRAResult(
+                msg.request_id, False, 404, f"this worker does not hold LoRA adapter {msg.lora_name!r}"
+            )
+        return LoRAResult(msg.request_id, True)
 
     def _add(self, identity: bytes, msg: GenerateRequest) -> None:
         rid = msg.request_id
@@ -307,9 +346,11 @@ class EngineServer:
                 arrival_time=now,
                 kv_transfer_params=msg.kv_transfer_params,
                 prefill_only=msg.prefill_only,
+                lora_request=msg.lora_request(),
             )
         except (ValueError, ProtocolError) as e:
-            self._send(identity, ErrorMessage(rid, 400, str(e)))
+            # a LoRAError (its adapter cannot be loaded) carries the status to answer with
+            self._send(identity, ErrorMessage(rid, getattr(e, "status", 400), str(e)))
             return
         except Exception as e:
             logger.exception("adding request %s failed", rid)

@@ -3,8 +3,10 @@
 A router that sent `Hello` gets a LoadReport at once, then after each change of the
 worker's load but at most every 50 ms, and every second when nothing changes (a
 heartbeat: the router marks a worker down after 3 s without one). Each report carries
-the load of the serving loop's last turn and what the worker says about itself (`info`,
-the --ready-file map, of which the report takes the fields it has). Torch-free.
+the load of the serving loop's last turn, the LoRA adapters the engine holds (`loras`,
+which the serving loop sets before asking; a change is reported like a change of load)
+and what the worker says about itself (`info`, the --ready-file map, of which the
+report takes the fields it has). Torch-free.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ MAX_ROUTERS = 256
 # the reporter's own fields nor the load, which comes from the engine's stats
 _LOAD_FIELDS = ("num_running", "num_waiting", "num_queued_prefill_tokens", "kv_cache_usage")
 _INFO_FIELDS = frozenset(f.name for f in fields(LoadReport)) - {
-    "worker_id", "role", "engine_id", "request_id", *_LOAD_FIELDS,
+    "worker_id", "role", "engine_id", "request_id", "loras", *_LOAD_FIELDS,
 }  # fmt: skip
 
 
@@ -44,6 +46,7 @@ class LoadReporter:
         self.role = WorkerRole(role)
         self.engine_id = engine_id
         self.info: Mapping[str, Any] = info if info is not None else {}
+        self.loras: list[str] = []  # the adapters the engine holds, as of the loop's last turn
         self._clock = clock
         self.routers: OrderedDict[bytes, str] = OrderedDict()  # socket identity -> router id
         self._last_sent = -float("inf")
@@ -61,6 +64,7 @@ class LoadReporter:
             worker_id=self.worker_id,
             role=self.role,
             engine_id=self.engine_id,
+            loras=list(self.loras),
             **load_of(stats),
             **{name: value for name, value in self.info.items() if name in _INFO_FIELDS},
         )
@@ -69,7 +73,7 @@ class LoadReporter:
         """The report to send every router now, or None (also when no router said hello)."""
         if not self.routers:
             return None
-        load = _load_of(stats)
+        load = self._reported_state(stats)
         since = self._clock() - self._last_sent
         if since >= HEARTBEAT_S or (load != self._last_load and since >= MIN_INTERVAL_S):
             self._last_sent = self._clock()
@@ -82,9 +86,13 @@ class LoadReporter:
         if not self.routers:
             return HEARTBEAT_S
         since = self._clock() - self._last_sent
-        if _load_of(stats) != self._last_load:
+        if self._reported_state(stats) != self._last_load:
             return max(0.0, MIN_INTERVAL_S - since)
         return max(0.0, HEARTBEAT_S - since)
+
+    def _reported_state(self, stats: Any) -> tuple:
+        """What a change is judged by: the load, and which adapters the engine holds."""
+        return (*_load_of(stats), tuple(self.loras))
 
 
 def load_of(stats: Any) -> dict[str, Any]:

@@ -103,17 +103,29 @@ def _child_flags(parser: argparse.ArgumentParser) -> ChildFlags:
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
-    """What every worker gets: the options its parser declares, with the values serve parsed."""
-    return argv_of(args, args.child_flags.worker)
+    """What every worker gets: the options its parser declares, with the values serve parsed
+    (the LoRA flags included: the workers load the adapters the router names)."""
+    return argv_of(_as_written(args), args.child_flags.worker)
 
 
 def router_argv(args: argparse.Namespace, prefill: list[str], decode: list[str], port: int) -> list[str]:
     """What the router gets: the workers' addresses, its port, and the options its parser
-    declares (the model flags included) with the values serve parsed."""
+    declares (the model and LoRA flags included) with the values serve parsed."""
     argv = ["--port", str(port), "--decode-workers", ",".join(decode)]
     if prefill:
         argv += ["--prefill-workers", ",".join(prefill)]
-    return argv + argv_of(args, args.child_flags.router)
+    return argv + argv_of(_as_written(args), args.child_flags.router)
+
+
+def _as_written(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the values that parsed into objects back in a form the child parses again:
+    each --lora-modules entry (a LoRAModulePath) as its JSON object."""
+    modules = getattr(args, "lora_modules", None)
+    if not modules:
+        return args
+    written = argparse.Namespace(**vars(args))
+    written.lora_modules = [json.dumps(module.to_dict()) for module in modules]
+    return written
 
 
 def worker_env() -> dict[str, str]:

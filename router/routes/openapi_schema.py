@@ -136,14 +136,40 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
+class ModelPermission(BaseModel):
+    id: str
+    object: Literal["model_permission"]
+    created: int
+    allow_create_engine: bool
+    allow_sampling: bool
+    allow_logprobs: bool
+    allow_search_indices: bool
+    allow_view: bool
+    allow_fine_tuning: bool
+    organization: str
+    group: str | None
+    is_blocking: bool
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
-    root: str
-    parent: str | None
-    max_model_len: int
+    root: str  # a LoRA adapter's: its folder
+    parent: str | None  # a LoRA adapter's: the base model it was made for
+    max_model_len: int | None  # None for a LoRA adapter, as vLLM lists it
+    permission: list[ModelPermission]
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: str | None = None
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):
@@ -201,7 +227,10 @@ _REQUEST_BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/v1/chat/completions", "post"): ChatCompletionRequest,
     ("/tokenize", "post"): TokenizeRequest,
     ("/detokenize", "post"): DetokenizeRequest,
+    ("/v1/load_lora_adapter", "post"): LoadLoRAAdapterRequest,
+    ("/v1/unload_lora_adapter", "post"): UnloadLoRAAdapterRequest,
 }
+_TEXT = {"text/plain": {"type": "string"}}
 
 # path -> {status: answer}; an answer is a model (JSON), a {media type: schema} map, or
 # None for the OpenAI error body
@@ -222,18 +251,22 @@ _ANSWERS: dict[str, dict[int, Any]] = {
     "/metrics": {200: {METRICS_CONTENT_TYPE.split(";")[0]: {"type": "string"}}},
     "/tokenize": {200: TokenizeResponse, 400: None, 404: None},
     "/detokenize": {200: DetokenizeResponse, 400: None, 404: None},
+    # with --allow-runtime-lora-updating only; 200: "Success: LoRA adapter '<name>' added successfully."
+    "/v1/load_lora_adapter": {200: _TEXT, 400: None, 404: None, 500: None, 503: None},
+    "/v1/unload_lora_adapter": {200: _TEXT, 400: None, 404: None},
 }  # fmt: skip
 
 _DESCRIPTIONS = {
     200: "Success",
     400: "The request is malformed or asks for what the model cannot do; the message says which field",
     401: "--api-key is set and the request lacks 'Authorization: Bearer <key>'",
-    404: "No such model (or the route is switched off)",
+    404: "No such model (or the route is switched off); for a LoRA adapter, none at its path or none by that name",
     413: "The body is larger than --h11-max-incomplete-event-size",
     431: "More header lines than --h11-max-header-count, or a header block larger than "
     "--h11-max-incomplete-event-size",
     429: "The router is at --max-concurrent-requests and its queue (--max-queued-requests) is full, or "
     "the request waited --max-queue-wait in it; retry after Retry-After",
+    500: "A worker failed while loading the adapter; the message says how",
     503: "No healthy worker; retry after Retry-After",
 }
 _RETRY_AFTER = {
