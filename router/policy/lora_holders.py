@@ -13,8 +13,8 @@ from router.worker_state import WorkerState
 
 
 def reported_loras(worker: WorkerState) -> Sequence[str]:
-    """The adapters `worker`'s last load report lists (none from a worker that does not say)."""
-    return getattr(worker.load, "loras", None) or ()
+    """The adapters `worker`'s last load report lists (none before its first report)."""
+    return worker.load.loras
 
 
 class LoRAHolders:
