@@ -194,6 +194,7 @@ def test_weights_pick_the_scorers_and_zero_leaves_one_out():
         ("prefix_overlap", 2),
         ("queued_prefill", 1),
         ("kv_usage", 1),
+        ("lora_affinity", 1.0),  # rates only requests under an adapter
     ]
     with pytest.raises(ValueError, match="weight of scorer running_requests"):
         RoutingPolicy(None, BLOCK, PolicyWeights(running_requests=-1))
