@@ -17,6 +17,7 @@ from pdserve.bench.decode_step.command import add_decode_step_args, run_decode_s
 from pdserve.bench.disagg_latency import add_disagg_latency_args, run_disagg_latency
 from pdserve.bench.grammar import add_grammar_args, run_grammar_bench
 from pdserve.bench.kernels.command import add_kernel_bench_args, run_kernel_bench
+from pdserve.bench.lora_kernels import add_lora_kernels_args, run_lora_kernels
 from pdserve.bench.make_bench_model import add_make_model_args, run_make_model
 from pdserve.bench.prefix_index import add_prefix_index_args, run_prefix_index_bench
 from pdserve.bench.route_sim.command import add_route_args, run_route_bench
@@ -44,6 +45,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         "Check each attention kernel against its reference and time it (GPU).",
         add_kernel_bench_args,
         run_kernel_bench,
+    ),
+    "lora-kernels": Benchmark(
+        "Batched multi-adapter LoRA kernels (Triton) against the torch reference, a per-request loop "
+        "and the base layers, at Llama-3-8B shapes (GPU).",
+        add_lora_kernels_args,
+        run_lora_kernels,
     ),
     "decode-step": Benchmark(
         "Time a whole-model decode step against the weight-read floor (GPU).",
