@@ -70,6 +70,14 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         help="tokenizer of the --structured-outputs grammars (a folder with tokenizer.json or a .gguf); "
         "default: the embedded model's, grown to the model's vocabulary with synthetic merges",
     )
+    parser.add_argument(
+        "--loras",
+        type=int,
+        default=0,
+        help="also time the step with the batch spread over this many LoRA adapters (all seven target "
+        "modules), against the base model and a naive per-request LoRA loop; 0: off",
+    )
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the --loras adapters")
     parser.add_argument("--json", dest="json_path", default=None, help="write the figures here as JSON")
 
 
@@ -122,6 +130,11 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
         from pdserve.bench.decode_step.constrained import constrained_table, engine_table, time_constrained
 
         extra["structured_outputs"] = time_constrained(bench, batch_sizes, args.grammar_tokenizer)
+    if args.loras:
+        from pdserve.bench.decode_step.lora import lora_table, time_lora
+
+        lora_rows = time_lora(bench, batch_sizes, args.loras, args.lora_rank)
+        extra["lora"] = {"data": lora_rows, "text": lora_table(lora_rows)}
     if args.gemv and device.type == "cuda":
         extra["gemv"] = gemv_table(bench, bandwidth)
     if args.gemv_sweep and device.type == "cuda":
@@ -147,7 +160,7 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
             )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print()
-    for section in ("gemv", "gemv_sweep", "profile"):
+    for section in ("gemv", "gemv_sweep", "profile", "lora"):
         if section in extra:
             print(extra[section]["text"])
             print()
