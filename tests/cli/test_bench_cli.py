@@ -15,6 +15,7 @@ from pdserve.cli.main import main
 EVERY_BENCHMARK = [
     "serve",
     "kernels",
+    "lora-kernels",
     "decode-step",
     "transfer",
     "route",
