@@ -1,6 +1,6 @@
-"""On a GPU: a decode step under several LoRA adapters gives the same logits through the
-captured CUDA graphs (Triton LoRA kernels) as through the eager torch path, and the greedy
-tokens of a LoRA engine do not depend on the graphs. Run with `python -m pytest -m gpu tests/lora`."""
+"""On a GPU: the greedy tokens of requests under several LoRA adapters, mixed with base-model
+requests, are the same through the captured CUDA graphs (the Triton LoRA kernels in every
+replay) as eagerly, and the adapters change them. Run with `python -m pytest -m gpu tests/lora`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import torch
 from common.config.engine_config import EngineConfig
 from common.config.lora_config import LoRAConfig
 from common.engine.llm_engine import LLMEngine
-from common.lora import lora_layer
 from common.lora.lora_request import LoRARequest
 from common.sampling_params import SamplingParams
+from tests.engine.test_cuda_graphs import tiny_config, tiny_model
 from tests.lora.test_peft_adapter import write_adapter
-from tests.tiny_llama import tiny_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -24,8 +23,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def cuda_tiny():
-    model, config = tiny_llama()
-    return model.to("cuda"), config
+    config = tiny_config(head_dim=64, max_positions=256)
+    return tiny_model(config, "cuda", torch.bfloat16, std=0.1), config
 
 
 def _engine(cuda_tiny, enforce_eager: bool) -> LLMEngine:
@@ -39,20 +38,23 @@ def _engine(cuda_tiny, enforce_eager: bool) -> LLMEngine:
     return LLMEngine.from_config(engine_config, model=model, model_config=config)
 
 
-def test_greedy_tokens_under_adapters_are_the_same_with_graphs_and_eagerly(cuda_tiny, tmp_path, monkeypatch):
+def test_greedy_tokens_under_adapters_are_the_same_with_graphs_and_eagerly(cuda_tiny, tmp_path):
     _, config = cuda_tiny
     targets = (("q_proj", "v_proj"), ("o_proj", "gate_proj", "up_proj", "down_proj"), ("k_proj",))
     loras = [
-        LoRARequest(f"g{i}", str(write_adapter(tmp_path / f"g{i}", config, r=4 * (i + 1), targets=t)), i + 1)
+        LoRARequest(
+            f"g{i}", str(write_adapter(tmp_path / f"g{i}", config, r=4 * (i + 1), targets=t, std=0.1)), i + 1
+        )
         for i, t in enumerate(targets)
     ]
-    prompts = [[(7 * i + 3 * k) % 60 + 1 for k in range(5 + 3 * i)] for i in range(8)]
+    prompts = [[(7 * i + 3 * k) % 120 + 1 for k in range(5 + 3 * i)] for i in range(8)]
     assigned = [loras[i % 3] if i % 4 else None for i in range(len(prompts))]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     graphs = _engine(cuda_tiny, enforce_eager=False)
-    assert graphs.runner.cuda_graphs is not None
+    assert graphs.runner.cuda_graphs is not None and not graphs.runner.lora_slots.host_groups
     with_graphs = graphs.generate(prompts, params, loras=assigned)
+    base = graphs.generate(prompts, params)
     del graphs
-    monkeypatch.setattr(lora_layer, "_triton_ops", False)  # the torch path on the GPU
     eager = _engine(cuda_tiny, enforce_eager=True).generate(prompts, params, loras=assigned)
     assert with_graphs == eager
+    assert [w != b for w, b in zip(with_graphs, base, strict=True)] == [lora is not None for lora in assigned]

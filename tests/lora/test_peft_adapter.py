@@ -22,7 +22,15 @@ def model_config():
 
 
 def write_adapter(
-    folder, model_config, *, r=4, alpha=8, targets=("q_proj", "v_proj"), config_extra=None, tensors=None
+    folder,
+    model_config,
+    *,
+    r=4,
+    alpha=8,
+    targets=("q_proj", "v_proj"),
+    config_extra=None,
+    tensors=None,
+    std=1.0,
 ):
     folder.mkdir(parents=True, exist_ok=True)
     config = {
@@ -42,8 +50,8 @@ def write_adapter(
                 block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
                 prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
                 in_f, out_f = shapes[module]
-                tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f)
-                tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r)
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f) * std
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r) * std
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
 
