@@ -6,7 +6,7 @@ j^T into y. Each launch serves every adapter of the step, in the spirit of Punic
 S-LoRA: the step's tokens, grouped by slot in LoRABatch.sorted_tokens, are cut into tiles of
 BLOCK_M tokens of one slot; a program gathers its tile's rows, multiplies them by its slot's
 weight tile with tl.dot and writes (or adds) them back at the same rows. A token lies in one
-tile, so no two programs write one element and no atomics are needed.
+tile, so no two programs write one element of the output.
 
 CUDA-graph safe: the grids depend only on T, the slot count S and the weight shapes, never
 on how the tokens spread over the slots. Each program finds its tile from slot_starts on the
@@ -17,9 +17,26 @@ slot would leave up to S times the useful ones idle.
 
 The shrink reads little weight (n R rows of A per slot) against a long K, so at decode
 sizes a handful of tiles would stream all of K alone: it splits K over SPLIT_K programs
-that write fp32 partial sums, and a second kernel adds them up in x's dtype (and zeroes the
-base-model rows). Without a split, programs of a last segment (the base-model tokens) write
-the zeros themselves.
+that write fp32 partial sums, and the last of a tile's SPLIT_K programs to arrive adds them
+up (in split order, so the result does not depend on who came last) and writes the tile in
+x's dtype. That takes one launch, not a second kernel for the sum: at decode a linear's
+LoRA is two launches (shrink, expand), and launches, not bytes, are most of its time
+(docs/benchmarks.md, LoRA kernels). Each program counts its arrival on its tile's int32
+counter with an acq_rel atomic after a CTA barrier (its partial is then visible to whoever
+arrives last); the last one resets the counter to 0, so the next call, or a CUDA graph's
+next replay, finds the counters zeroed without a memset launch. The counters live in one
+buffer per device (_arrivals), grown outside any capture: calls on one device must not run
+on two streams at once. A capture that finds the buffer too small (no call at its size
+outside a capture before it, as the engine's warm-up makes) runs the shrink unsplit rather
+than allocate inside the graph: slower at decode, never wrong.
+Programs of a last segment (the base-model tokens) write the zero rows.
+
+Programmatic dependent launch (Hopper on, as the decode path's other kernels): each kernel
+may start while the previous one drains; it waits for its predecessor's writes
+(pdl_wait) before reading anything a kernel may have written, and before that asks L2 for
+the weight tiles it will read (its adapter's A or B lines: weights no kernel of the step
+writes). The slot of that prefetch is read before the wait, so it is a hint only: the tile
+is found again after the wait.
 
 The kernels read no adapter rank: a slot's rows of A past its rank (and so its shrunk
 columns past the rank) must be zero, as the slot loader leaves them; the torch reference
@@ -34,10 +51,14 @@ import torch
 import triton
 import triton.language as tl
 
-from common.attention.triton_paged_tiles import next_power_of_2, num_sms
+from common.attention.triton_paged_tiles import next_power_of_2, num_sms, pdl_enabled, pdl_wait
 from common.lora.lora_ops import LoRABatch
 
 MAX_BANDS = 3  # the fused qkv projection's q, k, v
+# Under programmatic dependent launch, prefetch each program's weight tile into L2 before
+# waiting for the previous kernel (False: wait first, as without PDL).
+PREFETCH_WEIGHTS = True
+MAX_PREFETCH_LINES = 16  # 128-byte lines of each A row a shrink program prefetches, at most
 
 
 @dataclass(frozen=True)
@@ -61,9 +82,9 @@ class ExpandConfig:
 def shrink_config(num_tokens: int, width: int, k: int, sms: int) -> ShrinkConfig:
     """Tiles for a [num_tokens, k] @ [k, width] shrink on `sms` multiprocessors. K is split
     until about two programs a multiprocessor have work, assuming the tokens spread over
-    several slots (each slot's last tile is partly empty). On an H200, 64 decode tokens over 8
-    adapters: Llama-3-8B's down shrink takes 11.9 us split 32 ways, 50.8 unsplit
-    (docs/benchmarks.md, LoRA kernels)."""
+    several slots (each slot's last tile is partly empty). On an H100, 64 decode tokens over 8
+    adapters: Llama-3-8B's down shrink takes 12.2 us split 32 ways (the sum included), 50.0
+    unsplit (docs/benchmarks.md, LoRA kernels)."""
     block_m = 16 if num_tokens <= 128 else 64
     block_n = min(max(16, next_power_of_2(width)), 128)
     block_k = 128 if k >= 1024 else 64
@@ -92,8 +113,10 @@ def _slot_tile(
     tokens, counting every slot's tiles in slot order; slot num_slots is the base-model tokens
     (with WITH_BASE). A tile past the last gives a first position >= end."""
     seg = tl.arange(0, SEGMENTS)
-    lo = tl.load(starts_ptr + seg, mask=seg <= num_slots, other=0)
-    hi = tl.load(starts_ptr + seg + 1, mask=seg < num_slots, other=0)
+    # through L2 only (.cg): a read before pdl_wait must leave no line in L1 that a read
+    # after it could find stale
+    lo = tl.load(starts_ptr + seg, mask=seg <= num_slots, other=0, cache_modifier=".cg")
+    hi = tl.load(starts_ptr + seg + 1, mask=seg < num_slots, other=0, cache_modifier=".cg")
     if WITH_BASE:
         hi = tl.where(seg == num_slots, num_tokens, hi)
     tiles = (tl.maximum(hi - lo, 0) + BLOCK_M - 1) // BLOCK_M
@@ -107,10 +130,20 @@ def _slot_tile(
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines holding ptrs (a hint: no value comes back)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,
     a_ptr,
     out_ptr,
+    partial_ptr,  # fp32 [SPLIT_K, T, width] by sorted position (SPLIT_K > 1)
+    arrivals_ptr,  # int32, one per (tile, column tile), zero between calls (SPLIT_K > 1)
     sorted_ptr,
     starts_ptr,
     num_tokens,
@@ -120,8 +153,8 @@ def _shrink_kernel(
     x_stride,
     a_stride_slot,
     a_stride_row,
-    out_stride_split,
-    out_stride_row,
+    out_stride,
+    split_stride,  # T * width: one split's partials
     k_per_split,
     SPLIT_K: tl.constexpr,
     SEGMENTS: tl.constexpr,
@@ -130,34 +163,44 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,  # 0: no prefetch
 ):
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_tiles = tl.cdiv(width, BLOCK_N)
     split = pid_n // n_tiles
     pid_n = pid_n % n_tiles
-    # without a split, the base-model tokens form a last segment whose programs write zeros
-    slot, start, end = _slot_tile(
-        tl.program_id(0), starts_ptr, num_slots, num_tokens, SPLIT_K == 1, SEGMENTS, BLOCK_M
-    )
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < width
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, k)
+    if PREFETCH_LINES > 0:
+        # this program's lines of A (64 16-bit values to a line), for the slot that
+        # slot_starts names before the wait: a hint, in bounds whatever it reads
+        hint, _, _ = _slot_tile(pid_m, starts_ptr, num_slots, num_tokens, True, SEGMENTS, BLOCK_M)
+        hint = tl.minimum(hint, num_slots - 1).to(tl.int64)
+        lines = tl.minimum(k_lo + tl.arange(0, PREFETCH_LINES) * 64, k - 1)
+        rows_n = tl.minimum(offs_n, width - 1)
+        _prefetch_l2(a_ptr + hint * a_stride_slot + rows_n[:, None] * a_stride_row + lines[None, :])
+    pdl_wait(PDL)
+    slot, start, end = _slot_tile(pid_m, starts_ptr, num_slots, num_tokens, True, SEGMENTS, BLOCK_M)
     if start >= end:
         return
     offs_m = start + tl.arange(0, BLOCK_M)
     row_mask = offs_m < end
     rows = tl.load(sorted_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < width
-    out_ptrs = out_ptr + split * out_stride_split + rows[:, None] * out_stride_row + offs_n[None, :]
+    out_ptrs = out_ptr + rows[:, None] * out_stride + offs_n[None, :]
     out_mask = row_mask[:, None] & n_mask[None, :]
-    if slot == num_slots:
-        tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=out_mask)
+    if slot == num_slots:  # the base-model tokens: zero rows, written once
+        if split == 0:
+            tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=out_mask)
         return
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * x_stride + offs_k[None, :]
     # A's tile read as [BLOCK_K, BLOCK_N]: the dot's right operand, A^T
     a_ptrs = a_ptr + slot.to(tl.int64) * a_stride_slot + offs_n[None, :] * a_stride_row + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, k)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             xs = tl.load(x_ptrs + k0, mask=row_mask[:, None], other=0.0)
@@ -167,34 +210,26 @@ def _shrink_kernel(
             xs = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             ws = tl.load(a_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(xs, ws.to(xs.dtype), acc, input_precision=PRECISION)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _split_k_sum_kernel(
-    partial_ptr,
-    out_ptr,
-    slots_ptr,
-    num_tokens,
-    width,
-    out_stride,
-    SPLIT_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """out[t] = sum of the SPLIT_K partials of row t in out's dtype, zero on base-model rows
-    (whose partials no program wrote)."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_n = tl.arange(0, BLOCK_N)
-    t_mask = offs_t < num_tokens
-    adapter = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1) >= 0
-    mask = t_mask[:, None] & (offs_n < width)[None, :]
-    ptrs = partial_ptr + offs_t.to(tl.int64)[:, None] * width + offs_n[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for i in range(SPLIT_K):
-        acc += tl.load(ptrs + i * num_tokens * width, mask=mask & adapter[:, None], other=0.0)
-    out_ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        return
+    part_ptrs = partial_ptr + offs_m.to(tl.int64)[:, None] * width + offs_n[None, :]
+    tl.store(part_ptrs + split.to(tl.int64) * split_stride, acc, mask=out_mask)
+    # every thread's partial stored before one thread's release: the barrier orders them in
+    # the CTA, the gpu-scope acq_rel atomic publishes them (and, for the last program,
+    # makes the others' partials visible), as cooperative groups' grid sync does
+    tl.debug_barrier()
+    arrival = arrivals_ptr + pid_m * n_tiles + pid_n
+    arrived = tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        tl.debug_barrier()
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for _ in range(SPLIT_K):  # split order: the same sum whichever program came last
+            # .cg: from L2, where the other programs' partials are, never a stale L1 line
+            total += tl.load(part_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            part_ptrs += split_stride
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(arrival, 0)  # zero for the next call or replay
 
 
 @triton.jit
@@ -246,7 +281,19 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    n_lo = tl.program_id(1) * BLOCK_N
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_width
+    if PREFETCH:
+        # the first line of each of this program's B rows (a whole row at ranks up to 64),
+        # for the slot that slot_starts names before the wait: a hint
+        hint, _, _ = _slot_tile(tl.program_id(0), starts_ptr, num_slots, num_tokens, False, SEGMENTS, BLOCK_M)
+        hint = tl.minimum(hint, num_slots - 1).to(tl.int64)
+        _prefetch_l2(b_ptr + hint * b_stride_slot + tl.minimum(offs_n, out_width - 1) * b_stride_row)
+    pdl_wait(PDL)
     slot, start, end = _slot_tile(
         tl.program_id(0), starts_ptr, num_slots, num_tokens, False, SEGMENTS, BLOCK_M
     )
@@ -255,9 +302,6 @@ def _expand_kernel(
     offs_m = start + tl.arange(0, BLOCK_M)
     row_mask = offs_m < end
     rows = tl.load(sorted_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
-    n_lo = tl.program_id(1) * BLOCK_N
-    offs_n = n_lo + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < out_width
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     sh_ptrs = shrunk_ptr + rows[:, None] * shrunk_stride + offs_r[None, :]
@@ -360,15 +404,22 @@ def lora_shrink_with(
     out = torch.empty(tokens, width, dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out
-    split = config.split_k
-    k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
-    target = torch.empty(split, tokens, width, dtype=torch.float32, device=x.device) if split > 1 else out
     tiles = triton.cdiv(tokens, config.block_m) + num_slots + 1
-    grid = (tiles, triton.cdiv(width, config.block_n) * split)
-    _shrink_kernel[grid](
+    n_tiles = triton.cdiv(width, config.block_n)
+    split = config.split_k
+    arrivals = _arrivals(x.device, tiles * n_tiles) if split > 1 else None
+    if arrivals is None:
+        split = 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
+    partial = torch.empty(split, tokens, width, dtype=torch.float32, device=x.device) if split > 1 else out
+    pdl = pdl_enabled(x.device)
+    lines = min(MAX_PREFETCH_LINES, next_power_of_2(triton.cdiv(k_per_split * x.element_size(), 128)))
+    _shrink_kernel[(tiles, n_tiles * split)](
         x,
         a,
-        target,
+        out,
+        partial,
+        arrivals if arrivals is not None else out,
         batch.sorted_tokens,
         batch.slot_starts,
         tokens,
@@ -378,8 +429,8 @@ def lora_shrink_with(
         x.stride(0),
         a.stride(0),
         a.stride(1),
-        tokens * width if split > 1 else 0,
-        width,
+        out.stride(0),
+        tokens * width,
         k_per_split,
         SPLIT_K=split,
         SEGMENTS=_segments(num_slots),
@@ -388,23 +439,33 @@ def lora_shrink_with(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
+        PDL=pdl,
+        PREFETCH_LINES=lines if pdl and PREFETCH_WEIGHTS else 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
-    if split > 1:
-        block_t = 16
-        _split_k_sum_kernel[(triton.cdiv(tokens, block_t),)](
-            target,
-            out,
-            batch.token_slots,
-            tokens,
-            width,
-            out.stride(0),
-            SPLIT_K=split,
-            BLOCK_T=block_t,
-            BLOCK_N=max(16, next_power_of_2(width)),
-        )
     return out
+
+
+_arrival_buffers: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []  # kept alive: a captured graph may still count on one
+
+
+def _arrivals(device: torch.device, count: int) -> torch.Tensor | None:
+    """The device's split-K arrival counters, at least `count`, all zero between calls (each
+    tile's last program resets its own); None while a CUDA graph is being captured on a
+    buffer too small, which is not grown there (its zeroing would join the graph)."""
+    buffer = _arrival_buffers.get(device)
+    if buffer is None or buffer.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buffer is not None:
+            _outgrown.append(buffer)
+        size = max(1024, next_power_of_2(count))
+        buffer = torch.zeros(size, dtype=torch.int32, device=device)
+        _arrival_buffers[device] = buffer
+    return buffer
 
 
 def lora_expand_add(
@@ -449,6 +510,7 @@ def lora_expand_add_with(
         return
     inner = list(bands[1:-1]) + [out_width] * (MAX_BANDS - num_bands)
     grid = (triton.cdiv(tokens, config.block_m) + num_slots, triton.cdiv(out_width, config.block_n))
+    pdl = pdl_enabled(y.device)
     _expand_kernel[grid](
         y,
         shrunk,
@@ -472,6 +534,9 @@ def lora_expand_add_with(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_R=max(16, next_power_of_2(rank)),
+        PDL=pdl,
+        PREFETCH=pdl and PREFETCH_WEIGHTS,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )

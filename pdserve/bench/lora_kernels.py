@@ -17,9 +17,12 @@ and written) over its time against the device-to-device copy bandwidth measured 
 Then a whole layer, its four linears captured in one graph: base alone, base + Triton LoRA,
 base + naive LoRA, and the same times 32 layers.
 
-    pdserve bench lora-kernels [--cases 64x1:8,1x1:1,8x256:8] [--rank 16] [--tune]
+    pdserve bench lora-kernels [--cases 64x1:8,1x1:1,8x256:8] [--rank 16] [--tune] [--baseline FILE]
 
 --tune also sweeps the kernels' tiles (the heuristics in lora_ops_triton.py come from it);
+--baseline FILE times another version of lora_ops_triton.py (say `git show
+REV:common/lora/lora_ops_triton.py > FILE`) against this one in the same process, so a
+change to the kernels is measured before and after on one card;
 --smoke runs SmolLM2's shapes in Triton's interpreter on CPU (checks the command, not speed).
 """
 
@@ -62,6 +65,12 @@ def add_lora_kernels_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per figure (do_bench)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="repetition time per figure (do_bench)")
     parser.add_argument("--tune", action="store_true", help="also sweep the kernels' tile configs")
+    parser.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="another lora_ops_triton.py (e.g. from git show REV:common/lora/lora_ops_triton.py) to time "
+        "against this one, alternately, in the same process",
+    )
     parser.add_argument("--smoke", action="store_true", help="SmolLM2 shapes, tiny cases, CPU interpreter")
 
 
@@ -127,6 +136,9 @@ class LoRAKernelBench:
             return time_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, host_repeats=3)
 
         self.timer = timer
+        from common.lora import lora_ops_triton
+
+        self.kernels = lora_ops_triton
         self.copy_bw = copy_bandwidth(device, timer, cpu_bytes=1 << 22)
         g = torch.Generator(device=device).manual_seed(0)
         r, s = args.rank, args.max_loras
@@ -182,6 +194,8 @@ class LoRAKernelBench:
             print(
                 f"{case_name}: largest relative error of the Triton delta against the torch reference {error:.1e}"
             )
+        if self.args.baseline:
+            self.compare(cases, self.args.baseline)
         if self.args.tune and self.device.type == "cuda":
             self.tune(cases)
         failed = [c for c, e in errors if not e < TOLERANCE]
@@ -221,9 +235,9 @@ class LoRAKernelBench:
         import torch.nn.functional as F
 
         from common.lora import lora_ops as reference
-        from common.lora import lora_ops_triton as kernels
         from pdserve.bench.timing import capture_graph
 
+        kernels = self.kernels
         batch = self.batch(case)
         t = case.tokens
         cuda = self.device.type == "cuda"
@@ -345,15 +359,97 @@ class LoRAKernelBench:
         ]
         return rows, layer_rows, error
 
+    def compare(self, cases: list[Case], baseline_file: str) -> None:
+        """Per case, the Triton LoRA of the four linears (each in its own graph, summed) and a
+        whole layer in one graph, for the baseline file's kernels and this tree's, alternating
+        twice (the spread between a version's two rounds is the noise)."""
+        import importlib.util
+        import sys
+
+        from pdserve.bench.table import format_table
+
+        spec = importlib.util.spec_from_file_location("lora_ops_triton_baseline", baseline_file)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"--baseline {baseline_file}: not a Python file")
+        baseline = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = baseline  # dataclasses look their module up there
+        spec.loader.exec_module(baseline)
+        current = self.kernels
+        rows = []
+        for case in cases:
+            for round_ in (1, 2):
+                for label, module in (("baseline", baseline), ("this tree", current)):
+                    linears, base_ms, lora_ms = self.layer_times(case, module)
+                    rows.append(
+                        [
+                            case.name,
+                            f"{label} ({round_})",
+                            _us(linears),
+                            _us(base_ms),
+                            _us(lora_ms),
+                            _us(lora_ms - base_ms),
+                            f"{lora_ms / base_ms:.3f}x",
+                        ]
+                    )
+        print()
+        print(f"--baseline {baseline_file} against this tree's kernels, graph replays:")
+        header = [
+            "case",
+            "kernels (round)",
+            "4 linears' LoRA us",
+            "layer base us",
+            "base + LoRA us",
+            "LoRA in the layer us",
+            "ratio",
+        ]
+        print(format_table(header, rows, "llrrrrr"))
+
+    def layer_times(self, case: Case, kernels) -> tuple[float, float, float]:
+        """(the four linears' LoRA, each replayed from its own graph, summed; the base layer;
+        base + LoRA layer), in ms, with `kernels` as the Triton module."""
+        import torch
+        import torch.nn.functional as F
+
+        from pdserve.bench.timing import capture_graph
+
+        batch = self.batch(case)
+        xs = {
+            n: torch.randn(case.tokens, k, device=self.device).to(self.dtype)
+            for n, (k, _) in self.modules.items()
+        }
+        ys = {
+            n: torch.randn(case.tokens, b[-1], device=self.device).to(self.dtype)
+            for n, (_, b) in self.modules.items()
+        }
+
+        def lora(name):
+            _, a, b, scales = self.weights[name]
+            bands = self.modules[name][1]
+            shrunk = kernels.lora_shrink(xs[name], a, batch, len(bands) - 1)
+            kernels.lora_expand_add(ys[name], shrunk, b, scales, bands, batch)
+
+        def layer(with_lora: bool):
+            for name in self.modules:
+                F.linear(xs[name], self.weights[name][0])
+                if with_lora:
+                    lora(name)
+
+        def graph_ms(fn) -> float:
+            return self.timer(capture_graph(fn).replay) if self.device.type == "cuda" else self.timer(fn)
+
+        linears = sum(graph_ms(lambda n=name: lora(n)) for name in self.modules)
+        return linears, graph_ms(lambda: layer(False)), graph_ms(lambda: layer(True))
+
     def tune(self, cases: list[Case]) -> None:
         """Sweep tile configs of each kernel, each replayed from a graph; print every config's
         time beside the heuristic's, row by row (a run cut short keeps what it measured)."""
         import torch
 
         from common.attention.triton_paged_tiles import num_sms
-        from common.lora import lora_ops_triton as kernels
         from pdserve.bench.table import format_table, markdown_row
         from pdserve.bench.timing import capture_graph
+
+        kernels = self.kernels
 
         print()
         print(format_table(["case", "kernel", "config", "graph us"], [], "lllr"))

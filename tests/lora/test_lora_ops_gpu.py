@@ -1,6 +1,6 @@
 """The Triton LoRA kernels at Llama-3-8B's shapes in bf16 on a CUDA device, held to a float64
 run of the torch reference (lora_ops.py), and replayed from a CUDA graph after the batch's
-tokens moved between slots.
+tokens moved between slots; the split-K shrink gives the same bits on every run.
 
 bf16 tolerance: relative (Frobenius) error under 1e-2 against float64. The kernels round the
 shrink to bf16 once and y once (the reference rounds its delta, the scaled delta and y); at
@@ -107,6 +107,52 @@ def test_llama3_8b_shapes_in_bf16_match_the_float64_reference(module, tokens, ma
     if not base.all():
         assert rel_error(shrunk, expected_shrunk) < TOL
         assert rel_error(got[~base] - y[~base], expected[~base] - y[~base].double()) < TOL
+
+
+def test_split_k_shrink_gives_the_same_bits_on_every_run_and_replay():
+    """Each tile's last program sums the split-K partials in split order, so the result does
+    not depend on which program came last: a partial read before it landed, or a counter
+    left unreset, shows as a run that differs (down's shrink at decode: 32 splits)."""
+    from common.lora import lora_ops as reference
+    from common.lora import lora_ops_triton as kernels
+
+    tokens, num_slots, max_rank = 64, 8, 16
+    k, bands = LLAMA3_8B_MODULES["down"]
+    ranks = [max_rank] * num_slots
+    a, _, _ = make_weights(ranks, max_rank, k, bands, seed=3)
+    batch = make_batch([t % num_slots for t in range(tokens)], ranks)
+    x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float64)
+    config = kernels.shrink_config(
+        tokens, a.shape[1], k, torch.cuda.get_device_properties(0).multi_processor_count
+    )
+    assert config.split_k > 1
+    xb, ab = x.bfloat16(), a.bfloat16()
+    first = kernels.lora_shrink(xb, ab, batch, 1)
+    assert rel_error(first, reference.lora_shrink(x, a, batch, 1)) < TOL
+
+    eager = [kernels.lora_shrink(xb, ab, batch, 1) for _ in range(200)]
+    static = {}
+
+    def shrink():
+        static["out"] = kernels.lora_shrink(xb, ab, batch, 1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        shrink()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        shrink()
+    replays = []
+    for _ in range(200):
+        static["out"].fill_(float("nan"))
+        graph.replay()
+        replays.append(static["out"].clone())
+
+    assert all(torch.equal(r, first) for r in eager)
+    assert all(torch.equal(r, first) for r in replays)
+    assert not kernels._arrival_buffers[xb.device].any()
 
 
 def test_a_captured_graph_follows_the_batch_when_tokens_move_between_slots():

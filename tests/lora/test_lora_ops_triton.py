@@ -1,7 +1,8 @@
 """The Triton LoRA kernels (common/lora/lora_ops_triton.py) give the torch reference's results
 (lora_ops.py), both held to a float64 run of the reference: at tiny shapes, with tokens of
 several adapters and of the base model mixed in one batch, ranks below the padded rank, one
-to three output bands, K split or not.
+to three output bands, K split or not (the split's partials summed by each tile's last
+program, whose arrival counters are zero again after every call).
 
 Without a CUDA device the kernels run in Triton's interpreter, which must be switched on
 before triton is first imported (as tests/attention/conftest.py does for its directory); it
@@ -195,6 +196,45 @@ def test_shrink_split_over_k_sums_the_same_even_where_a_split_gets_no_k(split_k,
     got = poisoned(lambda: kernels.lora_shrink_with(x.float(), a.float(), batch, config))
 
     assert rel_error(got, expected) < TOL[torch.float32]
+
+
+@in_this_process
+@pytest.mark.parametrize("split_k", [2, 8])
+def test_split_k_counters_are_zero_again_after_a_call_so_a_replay_needs_no_memset(split_k):
+    # the last program of each tile resets its arrival counter; a second call (as a graph
+    # replay) finds them as the first did and gives the same result
+    ranks, k, bands = [8, 4], 64, (0, 8, 16)
+    a, _, _ = make_weights(ranks, 8, k, bands, seed=17)
+    batch = make_batch([0, 1, -1, 1, 0, 0, 1, -1, 0], ranks)
+    x = torch.randn(9, k, dtype=torch.float64, device=DEVICE)
+    expected = reference.lora_shrink(x, a, batch, 2)
+    config = kernels.ShrinkConfig(block_m=16, block_n=16, block_k=16, split_k=split_k)
+
+    first = poisoned(lambda: kernels.lora_shrink_with(x.float(), a.float(), batch, config))
+    counters = kernels._arrival_buffers[x.device]
+    assert not counters.any()
+    again = poisoned(lambda: kernels.lora_shrink_with(x.float(), a.float(), batch, config))
+
+    assert not counters.any()
+    assert torch.equal(first, again)
+    assert rel_error(first, expected) < TOL[torch.float32]
+
+
+@in_this_process
+def test_a_shrink_without_room_for_its_counters_runs_unsplit_with_the_same_result(monkeypatch):
+    # as in a CUDA-graph capture that finds the counter buffer too small
+    ranks, k, bands = [8, 8], 96, (0, 8)
+    a, _, _ = make_weights(ranks, 8, k, bands, seed=19)
+    batch = make_batch([1, 0, -1, 1, 1], ranks)
+    x = torch.randn(5, k, dtype=torch.float64, device=DEVICE)
+    expected = reference.lora_shrink(x, a, batch, 1)
+    monkeypatch.setattr(kernels, "_arrivals", lambda device, count: None)
+    config = kernels.ShrinkConfig(block_m=16, block_n=16, block_k=32, split_k=4)
+
+    got = poisoned(lambda: kernels.lora_shrink_with(x.float(), a.float(), batch, config))
+
+    assert rel_error(got, expected) < TOL[torch.float32]
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
 @in_this_process
