@@ -20,30 +20,20 @@ from typing import Any
 
 from pdserve.bench.table import format_table
 
-MODULES = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
-
 
 def write_random_adapter(folder: Path, model_config, rank: int, seed: int, dtype) -> Path:
     """A PEFT folder with A, B ~ N(0, 0.01) on every target module of every layer."""
     import torch
     from safetensors.torch import save_file
 
-    from common.lora.peft_adapter import module_shapes
+    from common.lora.peft_adapter import TARGET_MODULES, module_shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "LORA",
         "r": rank,
         "lora_alpha": 2 * rank,
-        "target_modules": list(MODULES),
+        "target_modules": list(TARGET_MODULES),
         "bias": "none",
     }
     (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -51,7 +41,7 @@ def write_random_adapter(folder: Path, model_config, rank: int, seed: int, dtype
     tensors = {}
     for layer in range(model_config.num_hidden_layers):
         for module, (in_f, out_f) in module_shapes(model_config).items():
-            prefix = f"base_model.model.model.layers.{layer}.{MODULES[module]}.{module}"
+            prefix = f"base_model.model.model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, in_f, generator=generator) * 0.01).to(
                 dtype
             )
