@@ -15,10 +15,10 @@ from common.sampling_params import SamplingParams
 from tests.engine.test_cuda_graphs import tiny_config, tiny_model
 from tests.lora.test_peft_adapter import write_adapter
 
-pytestmark = pytest.mark.gpu
-
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 @pytest.fixture(scope="module")
