@@ -12,6 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdserve.bench.timing import capture_graph
+from tests.lora.lora_op_cases import make_batch, poisoned, rel_error
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -29,25 +32,6 @@ LLAMA3_8B_MODULES = {
 }
 
 
-def make_batch(token_slots: list[int], ranks: list[int]):
-    from common.lora.lora_ops import LoRABatch
-
-    by_slot = [[t for t, s in enumerate(token_slots) if s == slot] for slot in range(len(ranks))]
-    base = [t for t, s in enumerate(token_slots) if s < 0]
-    starts = [0]
-    for rows in by_slot:
-        starts.append(starts[-1] + len(rows))
-    return LoRABatch(
-        token_slots=torch.tensor(token_slots, dtype=torch.int32, device=DEVICE),
-        sorted_tokens=torch.tensor(sum(by_slot, []) + base, dtype=torch.int32, device=DEVICE),
-        slot_starts=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        groups=[
-            (slot, ranks[slot], torch.tensor(rows, dtype=torch.long, device=DEVICE))
-            for slot, rows in enumerate(by_slot)
-        ],
-    )
-
-
 def make_weights(ranks, max_rank, in_features, bands, seed):
     """float64 A, B and scales, scaled so that a product is of y's size; A's rows past each
     adapter's rank zero, as the slot loader leaves them."""
@@ -63,20 +47,6 @@ def make_weights(ranks, max_rank, in_features, bands, seed):
     return a, b, scales
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected).norm() / expected.norm())
-
-
-def poisoned(fn):
-    """fn() with torch.empty filling with NaN, so an unwritten element shows."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return fn()
-    finally:
-        torch.use_deterministic_algorithms(was)
-
-
 @pytest.mark.parametrize("module", list(LLAMA3_8B_MODULES))
 @pytest.mark.parametrize(("tokens", "max_rank"), [(1, 16), (64, 16), (64, 64), (2048, 16), (8192, 8)])
 def test_llama3_8b_shapes_in_bf16_match_the_float64_reference(module, tokens, max_rank):
@@ -88,7 +58,7 @@ def test_llama3_8b_shapes_in_bf16_match_the_float64_reference(module, tokens, ma
     g = torch.Generator().manual_seed(tokens + max_rank)
     ranks = [max_rank, max_rank // 2] * (num_slots // 2)
     slots = torch.randint(-1, num_slots, (tokens,), generator=g).tolist()
-    batch = make_batch(slots, ranks)
+    batch = make_batch(slots, ranks, DEVICE)
     a, b, scales = make_weights(ranks, max_rank, in_features, bands, seed=tokens)
     x = torch.randn(tokens, in_features, device=DEVICE, dtype=torch.float64)
     y = torch.randn(tokens, bands[-1], device=DEVICE, dtype=torch.float64).bfloat16()
@@ -120,7 +90,7 @@ def test_split_k_shrink_gives_the_same_bits_on_every_run_and_replay():
     k, bands = LLAMA3_8B_MODULES["down"]
     ranks = [max_rank] * num_slots
     a, _, _ = make_weights(ranks, max_rank, k, bands, seed=3)
-    batch = make_batch([t % num_slots for t in range(tokens)], ranks)
+    batch = make_batch([t % num_slots for t in range(tokens)], ranks, DEVICE)
     x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float64)
     config = kernels.shrink_config(
         tokens, a.shape[1], k, torch.cuda.get_device_properties(0).multi_processor_count
@@ -136,14 +106,7 @@ def test_split_k_shrink_gives_the_same_bits_on_every_run_and_replay():
     def shrink():
         static["out"] = kernels.lora_shrink(xb, ab, batch, 1)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        shrink()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        shrink()
+    graph = capture_graph(shrink)
     replays = []
     for _ in range(200):
         static["out"].fill_(float("nan"))
@@ -166,7 +129,7 @@ def test_a_captured_graph_follows_the_batch_when_tokens_move_between_slots():
         name: make_weights(ranks, max_rank, k, bands, seed=i)
         for i, (name, (k, bands)) in enumerate(LLAMA3_8B_MODULES.items())
     }
-    static = make_batch([-1] * tokens, ranks)  # captured with every token on the base model
+    static = make_batch([-1] * tokens, ranks, DEVICE)  # captured with every token on the base model
     xs = {
         name: torch.randn(tokens, k, device=DEVICE).bfloat16() for name, (k, _) in LLAMA3_8B_MODULES.items()
     }
@@ -182,18 +145,11 @@ def test_a_captured_graph_follows_the_batch_when_tokens_move_between_slots():
             shrunk = kernels.lora_shrink(xs[name], a, static, len(bands) - 1)
             kernels.lora_expand_add(ys[name], shrunk, b, s, bands, static)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layer_step()
+    graph = capture_graph(layer_step)
 
     spreads = [[t % num_slots for t in range(tokens)], [3] * tokens, [-1] * 10 + [5] * 30 + [0] * 24]
     for slots in spreads:
-        batch = make_batch(slots, ranks)
+        batch = make_batch(slots, ranks, DEVICE)
         static.token_slots.copy_(batch.token_slots)
         static.sorted_tokens.copy_(batch.sorted_tokens)
         static.slot_starts.copy_(batch.slot_starts)

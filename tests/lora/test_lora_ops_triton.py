@@ -54,7 +54,7 @@ in_this_process = pytest.mark.skipif(
 
 from common.lora import lora_ops as reference  # noqa: E402
 from common.lora import lora_ops_triton as kernels  # noqa: E402
-from common.lora.lora_ops import LoRABatch  # noqa: E402
+from tests.lora.lora_op_cases import make_batch, poisoned, rel_error  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 # relative error (Frobenius) against the float64 reference
@@ -76,26 +76,6 @@ def test_kernels_in_a_child_process_with_the_interpreter_on():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
-def make_batch(token_slots: list[int], ranks: list[int]) -> LoRABatch:
-    """The LoRABatch of a step whose token t uses slot token_slots[t] (-1: base model);
-    ranks[s] is slot s's adapter rank."""
-    num_slots = len(ranks)
-    by_slot = [[t for t, s in enumerate(token_slots) if s == slot] for slot in range(num_slots)]
-    base = [t for t, s in enumerate(token_slots) if s < 0]
-    starts = [0]
-    for rows in by_slot:
-        starts.append(starts[-1] + len(rows))
-    return LoRABatch(
-        token_slots=torch.tensor(token_slots, dtype=torch.int32, device=DEVICE),
-        sorted_tokens=torch.tensor(sum(by_slot, []) + base, dtype=torch.int32, device=DEVICE),
-        slot_starts=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        groups=[
-            (slot, ranks[slot], torch.tensor(rows, dtype=torch.long, device=DEVICE))
-            for slot, rows in enumerate(by_slot)
-        ],
-    )
-
-
 def make_weights(ranks: list[int], max_rank: int, in_features: int, bands: tuple[int, ...], seed: int):
     """a [S, n R, in], b [S, out, R], scales [S] in float64, rows of A past each adapter's
     rank zero (as the slot loader leaves them); B's padding columns are random, unread."""
@@ -114,21 +94,6 @@ def random_slots(tokens: int, num_slots: int, seed: int) -> list[int]:
     return torch.randint(-1, num_slots, (tokens,), generator=g).tolist()
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def poisoned(fn):
-    """fn() with torch.empty filling floats with NaN, so an element the kernels leave
-    unwritten shows."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return fn()
-    finally:
-        torch.use_deterministic_algorithms(was)
-
-
 BAND_SETS = [(0, 40), (0, 24, 56), (0, 24, 32, 40)]
 
 
@@ -140,7 +105,7 @@ def test_shrink_gives_each_token_its_slots_A_and_zero_on_base_rows(dtype, tokens
     ranks, max_rank, k = [4, 8, 8], 8, 40
     a, _, _ = make_weights(ranks, max_rank, k, bands, seed=tokens)
     slots = random_slots(tokens, len(ranks), seed=tokens + 1)
-    batch = make_batch(slots, ranks)
+    batch = make_batch(slots, ranks, DEVICE)
     x = torch.randn(tokens, k, dtype=torch.float64, device=DEVICE)
     expected = reference.lora_shrink(x, a, batch, len(bands) - 1)
 
@@ -163,7 +128,7 @@ def test_expand_adds_each_tokens_scaled_bands_and_leaves_base_rows(dtype, tokens
     n = len(bands) - 1
     _, b, scales = make_weights(ranks, max_rank, 16, bands, seed=tokens)
     slots = random_slots(tokens, len(ranks), seed=tokens + 2)
-    batch = make_batch(slots, ranks)
+    batch = make_batch(slots, ranks, DEVICE)
     shrunk = torch.randn(tokens, n, max_rank, dtype=torch.float64, device=DEVICE)
     for slot, rank in enumerate(ranks):  # past a slot's rank its shrunk columns are zero
         shrunk[torch.tensor(slots, device=DEVICE) == slot, :, rank:] = 0
@@ -188,7 +153,7 @@ def test_shrink_split_over_k_sums_the_same_even_where_a_split_gets_no_k(split_k,
     ranks, k, bands = [8, 2, 8], 72, (0, 16, 32)
     a, _, _ = make_weights(ranks, 8, k, bands, seed=5)
     slots = [1, -1, 0, 0, 2, -1, 0, 1, 2, 2, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]
-    batch = make_batch(slots, ranks)
+    batch = make_batch(slots, ranks, DEVICE)
     x = torch.randn(len(slots), k, dtype=torch.float64, device=DEVICE)
     expected = reference.lora_shrink(x, a, batch, 2)
     config = kernels.ShrinkConfig(block_m=block_m, block_n=16, block_k=32, split_k=split_k)
@@ -205,7 +170,7 @@ def test_split_k_counters_are_zero_again_after_a_call_so_a_replay_needs_no_memse
     # replay) finds them as the first did and gives the same result
     ranks, k, bands = [8, 4], 64, (0, 8, 16)
     a, _, _ = make_weights(ranks, 8, k, bands, seed=17)
-    batch = make_batch([0, 1, -1, 1, 0, 0, 1, -1, 0], ranks)
+    batch = make_batch([0, 1, -1, 1, 0, 0, 1, -1, 0], ranks, DEVICE)
     x = torch.randn(9, k, dtype=torch.float64, device=DEVICE)
     expected = reference.lora_shrink(x, a, batch, 2)
     config = kernels.ShrinkConfig(block_m=16, block_n=16, block_k=16, split_k=split_k)
@@ -225,7 +190,7 @@ def test_a_shrink_without_room_for_its_counters_runs_unsplit_with_the_same_resul
     # as in a CUDA-graph capture that finds the counter buffer too small
     ranks, k, bands = [8, 8], 96, (0, 8)
     a, _, _ = make_weights(ranks, 8, k, bands, seed=19)
-    batch = make_batch([1, 0, -1, 1, 1], ranks)
+    batch = make_batch([1, 0, -1, 1, 1], ranks, DEVICE)
     x = torch.randn(5, k, dtype=torch.float64, device=DEVICE)
     expected = reference.lora_shrink(x, a, batch, 1)
     monkeypatch.setattr(kernels, "_arrivals", lambda device, count: None)
@@ -241,7 +206,7 @@ def test_a_shrink_without_room_for_its_counters_runs_unsplit_with_the_same_resul
 def test_a_batch_of_base_model_tokens_only_shrinks_to_zeros_and_leaves_y():
     ranks, bands = [8, 8, 8], (0, 24, 32, 40)
     a, b, scales = make_weights(ranks, 8, 40, bands, seed=7)
-    batch = make_batch([-1] * 9, ranks)
+    batch = make_batch([-1] * 9, ranks, DEVICE)
     x = torch.randn(9, 40, device=DEVICE)
     y = torch.randn(9, 40, device=DEVICE)
     for split_k in (1, 4):
@@ -259,7 +224,7 @@ def test_tiles_follow_the_tokens_however_they_spread_over_the_slots(slots):
     # all in one (middle) slot, two full slots and an empty one, round robin with base tokens
     ranks, bands = [8, 8, 8], (0, 24, 40)
     a, b, scales = make_weights(ranks, 8, 32, bands, seed=11)
-    batch = make_batch(slots, ranks)
+    batch = make_batch(slots, ranks, DEVICE)
     x = torch.randn(len(slots), 32, dtype=torch.float64, device=DEVICE)
     y = torch.randn(len(slots), 40, dtype=torch.float64, device=DEVICE)
     expected_shrunk = reference.lora_shrink(x, a, batch, 2)
@@ -290,7 +255,7 @@ def test_smollm2_shapes_shrink_and_expand_like_the_reference(module):
     ranks, max_rank, tokens = [4, 8, 2], 8, 7
     a, b, scales = make_weights(ranks, max_rank, in_features, bands, seed=13)
     slots = [0, 2, -1, 1, 0, 2, 1]
-    batch = make_batch(slots, ranks)
+    batch = make_batch(slots, ranks, DEVICE)
     x = torch.randn(tokens, in_features, dtype=torch.float64, device=DEVICE)
     y = torch.randn(tokens, bands[-1], dtype=torch.float64, device=DEVICE)
     expected = y.clone()
@@ -308,7 +273,7 @@ def test_smollm2_shapes_shrink_and_expand_like_the_reference(module):
 @in_this_process
 def test_bands_that_do_not_cover_the_output_or_number_more_than_three_are_refused():
     ranks = [8]
-    batch = make_batch([0, 0], ranks)
+    batch = make_batch([0, 0], ranks, DEVICE)
     y = torch.zeros(2, 40, device=DEVICE)
     b = torch.zeros(1, 40, 8, device=DEVICE)
     with pytest.raises(ValueError, match="bands"):
