@@ -47,6 +47,14 @@ from router.config import (
 from router.model_info import ModelSettings
 from router.policy import DEFAULT_LOCAL_PREFILL_THRESHOLD, PolicyWeights
 
+# one object, so `pdserve serve` shows the router's own text (tests/cli/test_serve.py)
+RUNTIME_LORA_UPDATING_HELP = (
+    "Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load a LoRA adapter "
+    "from a folder on every worker, or unload one, while the server runs (docs/lora.md). Off by "
+    f"default, as in vLLM, where {RUNTIME_LORA_UPDATING_ENV}=1 turns them on (which works here too): "
+    "anyone who may call the API can then make the workers read a folder."
+)
+
 logger = logging.getLogger("pdserve.router")
 
 API_KEY_ENV = "PDSERVE_API_KEY"
@@ -284,10 +292,7 @@ def _add_api_args(group: Any) -> None:
     group.add_argument(
         "--allow-runtime-lora-updating",
         action="store_true",
-        help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load a LoRA adapter "
-        "from a folder on every worker, or unload one, while the server runs (docs/lora.md). Off by "
-        f"default, as in vLLM, where {RUNTIME_LORA_UPDATING_ENV}=1 turns them on (which works here too): "
-        "anyone who may call the API can then make the workers read a folder.",
+        help=RUNTIME_LORA_UPDATING_HELP,
     )
 
 
