@@ -14,7 +14,8 @@
    that already ends the request) as notify_done, so the producer frees its blocks.
 3. Joining the batch. At the start of every step `on_step_start` polls the connector;
    a landed pull joins its request to the continuous decode batch, whose next step
-   computes the first token's KV and samples the second.
+   computes the first token's KV and samples the second. The worker's
+   pdserve:kv_pull_seconds times that whole path, from `start_pull` to the join.
 4. Failure. A pull that fails, cannot start, or whose params do not fit the prompt is
    recomputed here from the local hits under kv_load_failure_policy "recompute", or
    fails the request under "fail" (vLLM's default): the router gets an error, never a
@@ -23,6 +24,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from common.config.field_checks import check_choice
@@ -91,6 +93,8 @@ class ConsumerHooks(KVTransferHooks):
         for pull in pulls:
             reason = pull.error
             if reason is None:
+                # pdserve:kv_pull_seconds runs from here to the request leaving the wait
+                pull.handed_at = time.monotonic()
                 try:
                     self.connector.start_pull(
                         pull.request_id, pull.params, pull.local_block_ids, pull.remote_block_ids

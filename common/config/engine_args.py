@@ -24,6 +24,7 @@ from common.config.engine_config import EngineConfig
 from common.config.kv_events_config import KVEventsConfig
 from common.config.kv_transfer_config import KNOWN_KV_CONNECTORS, KVTransferConfig
 from common.config.lora_config import add_lora_args, lora_config_from_args
+from common.config.quantization import add_quantization_arg
 from common.config.shared_args import (
     JSON_HELP,
     SIZE_SUFFIXES_HELP,
@@ -121,6 +122,7 @@ def _add_model_args(group: Any) -> None:
         'same as "half". "bfloat16" for a balance between precision and range. "float" is '
         'shorthand for FP32 precision. "float32" for FP32 precision.',
     )
+    add_quantization_arg(group)
     group.add_argument("--seed", type=any_int, default=0, help="Random seed for reproducibility.")
     group.add_argument(
         "--tokenizer-revision",
@@ -135,6 +137,17 @@ def _add_model_args(group: Any) -> None:
         help="Whether to always use eager-mode PyTorch. If True, we will disable CUDA graph and "
         "always execute the model in eager mode. If False, we will use CUDA graph and eager "
         "execution in hybrid for maximal performance and flexibility.",
+    )
+    group.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Before the worker reports ready, run one step of every shape serving schedules "
+        "(prefill token counts up to --max-num-batched-tokens, mixed prefill and decode steps, "
+        "decode batch sizes, every sampling path), so that no request waits for Triton to compile "
+        "a kernel. Compiled kernels are kept in $TRITON_CACHE_DIR (Triton's default: "
+        "~/.triton/cache): a restart with the same folder loads them instead. Default: on with a "
+        "GPU, off on CPU (nothing compiles there). --enforce-eager does not turn it off.",
     )
 
 

@@ -40,6 +40,7 @@ class EngineConfig:
     generation_config: str = "auto"  # auto | vllm | a folder
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (the flag's half/float become float16/float32)
+    quantization: str | None = None  # None (the checkpoint's own: GGUF kept quantized on CPU) | gguf | none
     seed: int = 0
     max_model_len: int | None = None
     max_logprobs: int = 20
@@ -63,6 +64,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority
     async_scheduling: bool | None = None  # None -> on for CUDA graphs, off on CPU
     enforce_eager: bool = False
+    warmup: bool | None = None  # None -> on with a GPU, off on CPU (common/engine/warmup.py)
     # parallelism and disaggregation
     tensor_parallel_size: int = 1
     kv_transfer_config: KVTransferConfig | None = None

@@ -114,7 +114,8 @@ def set_up_engine(
 
     A passed `model` keeps its own dtype and attention backend (--dtype is not applied);
     its config is `model_config`, else model.config."""
-    from common.models.loader import load_model
+    from common.config.quantization import resolve_quantization
+    from common.models.loader import load_model, source_load_format
 
     if model is None:
         model_config = None  # read from the files about to be loaded
@@ -132,6 +133,12 @@ def set_up_engine(
             hf_config_path=config.hf_config_path,
             seed=config.seed,
             tp_group=tp_group,
+            quantization=resolve_quantization(
+                config.quantization,
+                source_load_format(source, config.load_format),
+                device.type,
+                config.tensor_parallel_size,
+            ),
         )
     num_blocks = kv_cache_num_blocks(config, model, model_config, device, tp_group)
     return EngineSetup(config, model, model_config, num_blocks, source)
@@ -167,6 +174,14 @@ def resolve_async_scheduling(config: EngineConfig, cuda_graphs: bool) -> bool:
     if config.async_scheduling is None:
         return cuda_graphs
     return config.async_scheduling
+
+
+def resolve_warmup(config: EngineConfig) -> bool:
+    """--warmup, by default on where kernels compile on first use: on a GPU, not on CPU (a
+    resolved config's device)."""
+    if config.warmup is not None:
+        return config.warmup
+    return torch.device(config.device).type == "cuda"
 
 
 def end_token_ids(model_config, generation_config: dict[str, Any]) -> tuple[int | None, list[int]]:

@@ -34,7 +34,9 @@ class KVTransferHooks(Protocol):
         ...
 
     def on_orders(self, pulls: list[KVPull], releases: list[KVRelease]) -> None:
-        """After schedule() (and after an add or an abort): the transfer orders to act on."""
+        """After schedule() (and after an add or an abort): the transfer orders to act on.
+        Stamp each pull's `handed_at` (time.monotonic()) just before handing it to the
+        connector: the engine times the pull from there until it lands."""
         ...
 
     def on_first_token(self, request: Request, output: RequestOutput) -> None:

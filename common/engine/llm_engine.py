@@ -24,6 +24,7 @@ forward, only rank 0 samples. shutdown() (or the engine being collected) stops t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Iterable, Sequence
@@ -43,9 +44,11 @@ from common.engine.engine_setup import (
 )
 from common.engine.engine_stats import EngineStats, collect_stats
 from common.engine.kv_cache_manager import KVCacheManager
+from common.engine.kv_cache_sizing import kv_cache_bytes_per_block
 from common.engine.kv_transfer_hooks import KVTransferHooks
 from common.engine.model_runner import ModelRunner, StepHandle
 from common.engine.outputs import RequestOutput, SampledToken
+from common.engine.remote_kv_states import LandedPull
 from common.engine.request import Request
 from common.engine.sampler import can_sample_ahead
 from common.engine.scheduled_batch import ScheduledBatch
@@ -469,6 +472,19 @@ class LLMEngine:
     def take_kv_events(self) -> list[KVEvent]:
         """KV events (BlockStored / BlockRemoved / AllBlocksCleared) since the last call."""
         return self.kv_cache_manager.take_events()
+
+    def take_landed_kv_pulls(self) -> tuple[LandedPull, ...]:
+        """Pulls whose blocks became usable since the last call, each timed from its role's
+        hand-off to the connector until its request left the remote-KV wait."""
+        return self.scheduler.remote.take_landed()
+
+    @functools.cached_property
+    def kv_block_bytes(self) -> int:
+        """KV bytes of one block of the whole model (all layers, K and V, every rank's KV
+        heads): what pulling one block moves."""
+        return kv_cache_bytes_per_block(
+            self.model_config, self.kv_cache_manager.block_size, self.runner.kv_cache.dtype
+        )
 
     def stats(self) -> EngineStats:
         return collect_stats(

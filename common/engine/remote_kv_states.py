@@ -12,11 +12,16 @@ Two states sit outside the running batch (docs/disaggregation-flow.md):
   (FINISHED_REMOTE_DECODE) whose blocks stay allocated until `free_held()`.
 
 What to do when a pull fails, and when to free held blocks, is the role's policy; this
-module only keeps the states and the orders.
+module only keeps the states and the orders. It also times each pull as the engine sees
+it: from the role handing the order to its connector (`KVPull.handed_at`, stamped by the
+role) until the request leaves the wait with its blocks filled (`end_pull`), for the
+worker's pdserve:kv_pull_seconds.
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +42,19 @@ class KVPull:
     local_block_ids: list[int]
     remote_block_ids: list[int]
     error: str | None = None
+    # time.monotonic() when the role handed the pull to its connector; the role stamps it
+    # just before start_pull, and a pull never stamped is not timed
+    handed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class LandedPull:
+    """A pull whose blocks are usable: `seconds` from its hand-off to the connector until
+    the request left the remote-KV wait, `num_blocks` blocks filled."""
+
+    request_id: str
+    seconds: float
+    num_blocks: int
 
 
 @dataclass
@@ -45,6 +63,11 @@ class KVRelease:
 
     request_id: str
     params: dict[str, Any]
+
+
+# landed pulls kept for the worker's metrics until taken; an engine without metrics never
+# takes them, so the oldest go
+MAX_LANDED_PULLS = 4096
 
 
 class RemoteKVStates:
@@ -58,6 +81,8 @@ class RemoteKVStates:
         self.num_load_failures = 0
         self._pulls: list[KVPull] = []
         self._releases: list[KVRelease] = []
+        self._ordered: dict[str, KVPull] = {}  # the pull order of each pulling or abandoned request
+        self._landed: collections.deque[LandedPull] = collections.deque(maxlen=MAX_LANDED_PULLS)
 
     def __contains__(self, request_id: str) -> bool:
         """Whether the id still has blocks here outside the scheduler's requests."""
@@ -71,6 +96,14 @@ class RemoteKVStates:
         pulls, self._pulls = self._pulls, []
         releases, self._releases = self._releases, []
         return pulls, releases
+
+    def take_landed(self) -> tuple[LandedPull, ...]:
+        """The timed pulls whose blocks became usable since the last call."""
+        if not self._landed:  # nearly every step: no list built
+            return ()
+        landed = tuple(self._landed)
+        self._landed.clear()
+        return landed
 
     # -- consumer ---------------------------------------------------------------------
 
@@ -106,10 +139,12 @@ class RemoteKVStates:
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.pulling[rid] = request
         if error is not None:
-            self._pulls.append(KVPull(rid, params, [], [], error))
+            pull = KVPull(rid, params, [], [], error)
         else:
             local_ids = self.kv.get_block_ids(rid)[first_missing:num_prompt_blocks]
-            self._pulls.append(KVPull(rid, params, local_ids, list(remote_ids[first_missing:])))
+            pull = KVPull(rid, params, local_ids, list(remote_ids[first_missing:]))
+        self._pulls.append(pull)
+        self._ordered[rid] = pull
         return True
 
     def abandon(self, request: Request) -> None:
@@ -119,7 +154,9 @@ class RemoteKVStates:
 
     def end_pull(self, request_id: str, failed: bool) -> Request | None:
         """The request's pull ended: the parked request, or None when it was abandoned (its
-        blocks are freed now) or is unknown."""
+        blocks are freed now) or is unknown. A pull that landed for a parked request is
+        timed here: its blocks are usable from now on."""
+        pull = self._ordered.pop(request_id, None)
         abandoned = self.abandoned.pop(request_id, None)
         if abandoned is not None:
             self.kv.free(abandoned)
@@ -127,6 +164,9 @@ class RemoteKVStates:
         request = self.pulling.pop(request_id, None)
         if request is not None and failed:
             self.num_load_failures += 1
+        elif request is not None and pull is not None and pull.handed_at is not None:
+            seconds = time.monotonic() - pull.handed_at
+            self._landed.append(LandedPull(request_id, seconds, len(pull.local_block_ids)))
         return request
 
     # -- producer ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """ModelConfig: the shape of a Llama-family decoder, read from config.json or GGUF metadata.
 
-Torch-free (plain dataclass, json, and the numpy-only `gguf` reader), so the router and
-the CLI can learn a model's vocabulary size and context length without loading torch.
+Torch-free (plain dataclass, json, and common/gguf_file.py, which needs numpy only), so the
+router and the CLI can learn a model's vocabulary size and context length without loading
+torch.
 
 Sliding-window attention (Mistral 7B v0.1, Qwen with use_sliding_window) is not
 implemented; such a model is served with its context capped at the window size, where
@@ -10,12 +11,13 @@ windowed and full attention are the same. `sliding_window` records the original 
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -155,13 +157,9 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, reader: Any) -> ModelConfig:
-        """From the metadata of a `gguf.GGUFReader` (architectures llama, mistral, qwen2, qwen3)."""
-        fields = reader.fields
-
-        def get(key: str, default: Any = None) -> Any:
-            f = fields.get(key)
-            return default if f is None else f.contents()
+    def from_gguf(cls, file: GGUFFile) -> ModelConfig:
+        """From the metadata of a GGUF file (architectures llama, mistral, qwen2, qwen3)."""
+        get = file.metadata.get
 
         gguf_arch = get("general.architecture")
         arch = _GGUF_ARCHITECTURES.get(gguf_arch)
@@ -179,10 +177,10 @@ class ModelConfig:
 
         heads = need("attention.head_count")
         hidden = need("embedding_length")
-        tensor_names = {t.name for t in reader.tensors}
+        tensor_names = {t.name for t in file.tensors}
         vocab = get(f"{gguf_arch}.vocab_size")
         if vocab is None:
-            vocab = len(fields["tokenizer.ggml.tokens"].data)
+            vocab = len(file.metadata["tokenizer.ggml.tokens"])
         return cls(
             architecture=arch,
             vocab_size=int(vocab),
@@ -194,7 +192,7 @@ class ModelConfig:
             head_dim=get(f"{gguf_arch}.attention.key_length") or hidden // heads,
             rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             rope_theta=float(get(f"{gguf_arch}.rope.freq_base", 10000.0)),
-            rope_scaling=_gguf_rope_scaling(reader, gguf_arch),
+            rope_scaling=_gguf_rope_scaling(file, gguf_arch),
             max_position_embeddings=need("context_length"),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
@@ -233,19 +231,15 @@ def _hf_sliding_window(arch: str, cfg: dict[str, Any]) -> int | None:
     return None
 
 
-def _gguf_rope_scaling(reader: Any, arch: str) -> dict[str, Any] | None:
-    for t in reader.tensors:
+def _gguf_rope_scaling(file: GGUFFile, arch: str) -> dict[str, Any] | None:
+    for t in file.tensors:
         if t.name == "rope_freqs.weight":  # Llama 3.1+: llama3 scaling baked into divisors
             return {"rope_type": "freq_factors", "factors": [float(x) for x in t.data]}
-    f = reader.fields.get(f"{arch}.rope.scaling.type")
-    kind = f.contents() if f is not None else "none"
+    kind = file.metadata.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return {
-            "rope_type": "linear",
-            "factor": float(reader.fields[f"{arch}.rope.scaling.factor"].contents()),
-        }
+        return {"rope_type": "linear", "factor": float(file.metadata[f"{arch}.rope.scaling.factor"])}
     return {"rope_type": kind}  # rejected with a clear message by ModelConfig
 
 
@@ -272,18 +266,8 @@ def load_model_config(source: Any, hf_config_path: str | None = None) -> ModelCo
     return ModelConfig.from_hf_config(read_hf_config(source.path))
 
 
-def gguf_reader(path: str | Path) -> Any:
-    """A `gguf.GGUFReader` of the file, shared by everyone who reads it in this process.
+def gguf_reader(path: str | Path) -> GGUFFile:
+    """The GGUF file at `path`, mapped once per process (common.gguf_file.open_gguf)."""
+    from common.gguf_file import open_gguf
 
-    Parsing the metadata (vocabulary and merges included) takes seconds, and the config,
-    the weights and the tokenizer all need it; the tensors stay memory-mapped, not copied.
-    """
-    path = os.path.realpath(path)
-    return _cached_reader(path, os.stat(path).st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, mtime_ns: int) -> Any:
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+    return open_gguf(path)

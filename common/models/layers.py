@@ -12,7 +12,9 @@ decode step"); for such a batch SiLU-and-mul runs in the gate_up matmul's epilog
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -87,17 +89,32 @@ class Linear(nn.Module):
     """y = x W^T (+ b). Parameters start uninitialized: a loader always fills them.
 
     `lora` (common/lora/lora_layer.py, set by an engine with --enable-lora) adds the
-    step's adapters' products to y; None serves the base model alone."""
+    step's adapters' products to y; None serves the base model alone. `packed` (a
+    common.models.gguf_int4.PackedInt4Weight, set by the loader with --quantization gguf)
+    replaces the weight, which then keeps only its shape (see `keep_packed`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.lora = None
+        self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        if self.packed is None:
+            y = linear(x, self.weight, self.bias)
+        else:
+            y = self.packed.matmul(x)
+            if self.bias is not None:
+                y = y + self.bias
         return y if self.lora is None else self.lora(x, y)
+
+    def keep_packed(self, packed) -> None:
+        """Serve from `packed` and free the dense weight: what stays is a zero-strided
+        tensor of the same shape, dtype and device, for code that reads those."""
+        self.packed = packed
+        w = self.weight
+        self.weight = nn.Parameter(w.new_zeros(()).expand(w.shape), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -166,6 +183,7 @@ class RotaryEmbedding(nn.Module):
         device = torch.get_default_device()
         self.register_buffer("cos", freqs.cos().to(device), persistent=False)  # [P, D/2] fp32
         self.register_buffer("sin", freqs.sin().to(device), persistent=False)
+        self._step_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -174,9 +192,28 @@ class RotaryEmbedding(nn.Module):
         kernels = _cuda_kernels(q)
         if kernels is not None:
             return kernels.rotary_(positions, q, k, self.cos, self.sin)
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        step = self._step_tables
+        if step is not None and step[0] is positions and step[1].dtype == q.dtype:
+            cos, sin = step[1], step[2]
+        else:
+            cos, sin = self._tables(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+    @contextlib.contextmanager
+    def step_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
+        """Inside, every layer's forward with this `positions` reuses one gather of its cos
+        and sin rows instead of indexing the tables again (the CPU path; the same values)."""
+        if positions.is_cuda:
+            yield
+            return
+        self._step_tables = (positions, *self._tables(positions, dtype))
+        try:
+            yield
+        finally:
+            self._step_tables = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,9 @@ class Attention(nn.Module):
                 out = fused(q, k, v, positions, r.cos, r.sin, kv_cache, self.layer_idx, meta, self.scale)
                 return self.o_proj(out.reshape(tokens, self.q_size))
             # RoPE and the K/V write in one launch
-            kernels.rotary_write_kv(positions, q, k, v, r.cos, r.sin, kv_cache, self.layer_idx, meta.slot_mapping)
+            kernels.rotary_write_kv(
+                positions, q, k, v, r.cos, r.sin, kv_cache, self.layer_idx, meta.slot_mapping
+            )
         else:
             q, k = self.rotary(positions, q, k)
             self.backend.write_kv(k, v, kv_cache, self.layer_idx, meta.slot_mapping)
@@ -171,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, i, self.rotary_emb, attn_backend) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # the LM head kept quantized (common/models/gguf_int4.py), else None
+        self.lm_head_packed = None
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
@@ -193,8 +197,9 @@ class LlamaForCausalLM(nn.Module):
                 layer.forward_small_batch(positions, x, kv_cache, attn_metadata, kernels)
             return self.norm(x)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, kv_cache, attn_metadata)
+        with self.rotary_emb.step_tables(positions, x.dtype):
+            for layer in self.layers:
+                x, residual = layer(positions, x, residual, kv_cache, attn_metadata)
         if residual is None:
             return self.norm(x)
         return self.norm.add_and_norm(x, residual)[0]
@@ -207,13 +212,35 @@ class LlamaForCausalLM(nn.Module):
         """The fused small-batch kernels when this batch and this model can use them: no
         biases and no q/k norm (those keep the general path)."""
         c = self.config
-        if c.attention_bias or c.attention_out_bias or c.qk_norm or self.layers[0].mlp.down_proj.lora is not None:
+        if (
+            c.attention_bias
+            or c.attention_out_bias
+            or c.qk_norm
+            or self.layers[0].mlp.down_proj.lora is not None
+        ):
             return None  # LoRA adds its products after each layer's own matmul: the general path
         return small_batch_kernels(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] in float32 for the hidden states of the tokens that sample."""
+        if self.lm_head_packed is not None:
+            return self.lm_head_packed.matmul(hidden).float()
         return linear(hidden, self.lm_head).float()
+
+    def linear_sources(self) -> list[tuple[str, Linear | None, list[str]]]:
+        """(role, module, the Hugging Face tensors it stacks by rows) of every matmul weight;
+        module None is the LM head (its source is the embedding when they are tied)."""
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        sources: list[tuple[str, Linear | None, list[str]]] = [("lm_head", None, [head])]
+        for i, layer in enumerate(self.layers):
+            attn, mlp, p = layer.self_attn, layer.mlp, f"model.layers.{i}."
+            sources += [
+                ("qkv", attn.qkv_proj, [p + f"self_attn.{x}_proj.weight" for x in "qkv"]),
+                ("o", attn.o_proj, [p + "self_attn.o_proj.weight"]),
+                ("gate_up", mlp.gate_up_proj, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                ("down", mlp.down_proj, [p + "mlp.down_proj.weight"]),
+            ]
+        return sources
 
     def weight_targets(self) -> dict[str, torch.Tensor]:
         """Hugging Face tensor name -> the tensor (or slice of a fused one) it loads into."""

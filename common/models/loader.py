@@ -18,10 +18,17 @@ from common.models.config import ModelConfig, gguf_reader, load_model_config
 from common.models.llama import LlamaForCausalLM
 from common.models.parallel_layers import TensorParallelLlamaForCausalLM
 from common.models.weights_dummy import fill_dummy_weights
-from common.models.weights_gguf import iter_gguf_weights
+from common.models.weights_gguf import iter_gguf_weights, pack_gguf_linears
 from common.models.weights_safetensors import iter_safetensors_weights
 
-__all__ = ["LOAD_FORMATS", "load_model", "load_model_config", "load_weights", "resolve_dtype"]
+__all__ = [
+    "LOAD_FORMATS",
+    "load_model",
+    "load_model_config",
+    "load_weights",
+    "resolve_dtype",
+    "source_load_format",
+]
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
@@ -62,14 +69,17 @@ def load_model(
     hf_config_path: str | None = None,
     seed: int = 0,
     tp_group: TensorParallelGroup | None = None,
+    quantization: str | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """The model of `source` with its weights, ready for forward(); and its config.
 
     With `tp_group`, the part of the model that rank holds (parallel_layers.py), its
     weights read as slices of the checkpoint's tensors; every rank of the group calls
-    this at the same time. The config returned is the whole model's.
+    this at the same time. The config returned is the whole model's. quantization "gguf"
+    keeps a GGUF's Q4_0/Q4_1/Q8_0 matmul weights quantized (CPU, one rank: see
+    common/config/quantization.py); None loads every weight densely in `dtype`.
     """
-    fmt = _resolve_format(source, load_format)
+    fmt = source_load_format(source, load_format)
     config = load_model_config(source, hf_config_path)
     if isinstance(dtype, str):
         dtype = resolve_dtype(config.torch_dtype, dtype, device)
@@ -80,6 +90,8 @@ def load_model(
             shard = plan_shards(config, tp_group.size)[tp_group.rank]
             model = TensorParallelLlamaForCausalLM(config, attn_backend, tp_group, shard)
     shards = model.weight_shards() if tp_group is not None else None
+    if quantization not in (None, "gguf") or (quantization == "gguf" and fmt != "gguf"):
+        raise ValueError(f"quantization {quantization!r} does not apply to a {fmt} model")
     if fmt == "dummy":
         fill_dummy_weights(model, seed)
         if tp_group is not None:
@@ -87,16 +99,25 @@ def load_model(
     elif fmt == "gguf":
         reader = gguf_reader(source.path)
         # The tensor layout comes from the file even when --hf-config-path gave the config.
-        load_weights(model, iter_gguf_weights(reader, ModelConfig.from_gguf(reader), shards))
+        file_config = ModelConfig.from_gguf(reader)
+        packed: set[str] = set()
+        if quantization == "gguf":
+            if tp_group is not None or torch.device(device).type != "cpu":
+                raise ValueError("GGUF blocks are kept quantized on the CPU, on one rank only")
+            packed = pack_gguf_linears(model, reader, file_config)
+        load_weights(model, iter_gguf_weights(reader, file_config, shards, skip=packed), preloaded=packed)
     else:
         load_weights(model, iter_safetensors_weights(source.path, shards))
     return model.eval(), config
 
 
-def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy Hugging Face-named tensors into the model; every weight must be among them."""
+def load_weights(
+    model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], preloaded: Iterable[str] = ()
+) -> None:
+    """Copy Hugging Face-named tensors into the model; every weight must be among them or
+    among `preloaded` (kept quantized by the caller)."""
     targets = model.weight_targets()
-    loaded: set[str] = set()
+    loaded: set[str] = set(preloaded)
     unexpected: list[str] = []
     with torch.no_grad():
         for name, tensor in weights:
@@ -132,7 +153,8 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
     return name == "lm_head.weight" and config.tie_word_embeddings
 
 
-def _resolve_format(source: ModelSource, load_format: str) -> str:
+def source_load_format(source: ModelSource, load_format: str) -> str:
+    """The format --load-format resolves to for `source` ("gguf", "safetensors" or "dummy")."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"--load-format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     if load_format == "auto":

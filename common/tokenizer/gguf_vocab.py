@@ -11,13 +11,13 @@ turns that description back into a `tokenizers.Tokenizer`:
 - "llama": SentencePiece BPE with byte fallback. The merges are recovered from the
   token scores (a SentencePiece merge joins the two pieces whose union scores best).
 
-Reading goes through the `gguf` package's GGUFReader, which needs numpy only.
+Reading goes through common/gguf_file.py, which needs numpy only.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from common.gguf_file import open_gguf
 from common.tokenizer.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
@@ -101,13 +102,11 @@ WORD_SPLITS: dict[str, WordSplit] = {
 
 
 def tokenizer_from_gguf(path: Path) -> Tokenizer:
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # a truncated or foreign file
+        file = open_gguf(path)
+    except OSError as exc:  # open_gguf raises ValueError, naming the fault, for a foreign file
         raise ValueError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-    metadata = _GGUFMetadata(reader, path)
+    metadata = _GGUFMetadata(file.metadata, path)
     kind = metadata.get("tokenizer.ggml.model")
     if kind == "gpt2":
         backend = _byte_level_bpe(metadata)
@@ -124,13 +123,12 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
 
 
 class _GGUFMetadata:
-    def __init__(self, reader: Any, path: Path):
-        self._fields = reader.fields
+    def __init__(self, values: Mapping[str, Any], path: Path):
+        self._values = values
         self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        return default if field is None else field.contents()
+        return self._values.get(key, default)
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -141,7 +139,7 @@ class _GGUFMetadata:
         return value
 
     def keys(self) -> list[str]:
-        return list(self._fields)
+        return list(self._values)
 
 
 def _token_types(metadata: _GGUFMetadata, num_tokens: int) -> list[int]:

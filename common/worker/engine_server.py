@@ -216,6 +216,10 @@ class EngineServer:
             connector = self.connector
             records = connector.take_transfer_records() if connector is not None else []
             self.metrics.observe_step(stats, records, connector.stats() if connector is not None else {})
+            if connector is not None:  # pulls land on a consumer only
+                landed = self.engine.take_landed_kv_pulls()
+                if landed:
+                    self.metrics.observe_kv_pulls(landed, self.engine.kv_block_bytes)
         if self.reporter.routers:  # what the next report says the engine holds
             self.reporter.loras = self.engine.lora_names()
         report = self.reporter.due(stats)

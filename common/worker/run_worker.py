@@ -78,6 +78,7 @@ class WorkerProcess:
     """The parts of a running worker, built in order and closed in reverse."""
 
     def __init__(self, config: EngineConfig, role: Role, options: WorkerOptions, model_name: str) -> None:
+        from common.engine.engine_setup import resolve_device
         from common.engine.llm_engine import LLMEngine
         from common.kv_event_publisher import make_kv_event_publisher
         from common.worker.engine_server import EngineServer
@@ -91,8 +92,14 @@ class WorkerProcess:
         self.server: EngineServer | None = None
         self.heartbeat: Any = None  # common.registry_heartbeat.RegistryHeartbeat with --registry
         try:
+            on_gpu = resolve_device(config.device).type == "cuda"
+            if on_gpu:  # graph capture compiles kernels already: the folder must work before it
+                from common.engine.kernel_cache import require_writable_kernel_cache
+
+                logger.info("Triton kernel cache: %s", require_writable_kernel_cache())
             self.engine = engine = LLMEngine.from_config(config)
             config = engine.config
+            self._warm_up(on_gpu)
             self.connector = connector = role.connectors.build(
                 config.kv_transfer_config,
                 kv_cache_spec_fields(engine, model_name),
@@ -135,6 +142,19 @@ class WorkerProcess:
         except BaseException:
             self.close()
             raise
+
+    def _warm_up(self, on_gpu: bool) -> None:
+        """--warmup: run every shape serving needs before saying ready (common/engine/warmup.py);
+        on a GPU, then log each kernel that still compiles while serving: a shape it missed."""
+        from common.engine.engine_setup import resolve_warmup
+
+        if not resolve_warmup(self.engine.config):
+            return
+        from common.engine.warmup import log_kernel_compiles_while_serving, warm_up
+
+        logger.info(warm_up(self.engine).summary())
+        if on_gpu:
+            log_kernel_compiles_while_serving()
 
     def ready_info(self) -> dict[str, Any]:
         """What routers and launchers need to know about this worker (msgpack- and JSON-safe):

@@ -9,13 +9,19 @@ request arrived on its socket. On a decode worker that pulled the prompt's KV, t
 first token it sends is the request's second, so its TTFT is the time to that token.
 
 The KV-transfer histograms keep vLLM's `nixl_` names whichever connector moved the
-bytes. pdserve's own additions are under `pdserve:`.
+bytes; they time a pull as its connector sees it, from the start of the data movement
+(after the handshake) to the connector's record of its end. pdserve's own additions are
+under `pdserve:`, among them a pull as the decode worker sees it (pdserve:kv_pull_seconds
+and pdserve:kv_pull_bytes): from the engine handing it to the connector until the engine
+has taken the landed pull in and its request can be scheduled, the hand-off to the
+connector's I/O thread, the handshake and the worker loop's poll included.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,8 +34,29 @@ from prometheus_client import (
 
 from common.metrics_buckets import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, one_two_five_buckets
 
-# seconds one KV pull takes (vllm:nixl_xfer_time_seconds)
-XFER_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+if TYPE_CHECKING:  # the engine's types (torch) stay out of the metrics' imports
+    from common.engine.remote_kv_states import LandedPull
+
+# seconds one KV pull takes (vllm:nixl_xfer_time_seconds, pdserve:kv_pull_seconds)
+XFER_TIME_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+# bytes one KV pull moves, 1 KiB to 16 GiB by fours (vllm:nixl_bytes_transferred, pdserve:kv_pull_bytes)
+XFER_BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(13))
 FINISHED_REASONS = ("stop", "length", "abort")
 
 
@@ -107,7 +134,7 @@ class WorkerMetrics:
         self.xfer_bytes = histogram(
             "vllm:nixl_bytes_transferred",
             "Histogram of bytes transferred per KV cache pull.",
-            tuple(float(4**k * 1024) for k in range(13)),
+            XFER_BYTES_BUCKETS,
         )
         self.xfer_descriptors = histogram(
             "vllm:nixl_num_descriptors",
@@ -115,6 +142,17 @@ class WorkerMetrics:
             one_two_five_buckets(1 << 20),
         )
         self.xfer_failed = counter("vllm:nixl_num_failed_transfers", "Number of failed KV cache pulls.")
+        self.kv_pull_time = histogram(
+            "pdserve:kv_pull_seconds",
+            "Seconds from handing a KV pull to the connector until its blocks are usable and the "
+            "request can be scheduled (the whole path the decode worker waits on).",
+            XFER_TIME_BUCKETS,
+        )
+        self.kv_pull_bytes = histogram(
+            "pdserve:kv_pull_bytes",
+            "KV bytes of the blocks each pull timed by pdserve:kv_pull_seconds brought in.",
+            XFER_BYTES_BUCKETS,
+        )
         self.held_requests = gauge(
             "pdserve:kv_held_requests", "Requests whose KV blocks are held for a decode worker to pull."
         )
@@ -155,6 +193,12 @@ class WorkerMetrics:
             self.xfer_time.observe(record.seconds)
             self.xfer_bytes.observe(record.num_bytes)
             self.xfer_descriptors.observe(record.num_descriptors)
+
+    def observe_kv_pulls(self, pulls: Sequence[LandedPull], block_bytes: int) -> None:
+        """Pulls whose blocks became usable, each of their blocks `block_bytes` of KV."""
+        for pull in pulls:
+            self.kv_pull_time.observe(pull.seconds)
+            self.kv_pull_bytes.observe(pull.num_blocks * block_bytes)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

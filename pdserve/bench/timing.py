@@ -1,7 +1,7 @@
 """How the GPU benchmarks time a piece of work: triton's do_bench (CUDA events, warm-up,
 L2 flushed before each run, median) on a GPU, a host clock on CPU; CUDA-graph capture,
 so host launch cost stays out of a figure; and the device-to-device copy bandwidth that
-each run measures as its ceiling."""
+each run measures as its ceiling, with the dense matmul rate beside it."""
 
 from __future__ import annotations
 
@@ -54,3 +54,20 @@ def copy_bandwidth(
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
     return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_rate(
+    device: torch.device,
+    dtype: torch.dtype,
+    timer: Callable[[Callable[[], object]], float],
+    size: int,
+    tries: int,
+) -> float:
+    """FLOPs per second of a dense size × size × size torch.mm in `dtype`, the best of
+    `tries` timings by `timer` (ms): the rate a prefill's matmuls could reach at best here.
+    Best, not median: clocks and a neighbour's load only ever slow a try down."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    best_ms = min(timer(lambda: torch.mm(a, b, out=out)) for _ in range(tries))
+    return 2 * size**3 / (best_ms * 1e-3)

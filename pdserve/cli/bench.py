@@ -19,13 +19,16 @@ from pdserve.bench.grammar import add_grammar_args, run_grammar_bench
 from pdserve.bench.kernels.command import add_kernel_bench_args, run_kernel_bench
 from pdserve.bench.lora_kernels import add_lora_kernels_args, run_lora_kernels
 from pdserve.bench.make_bench_model import add_make_model_args, run_make_model
+from pdserve.bench.prefill.command import add_prefill_args, run_prefill_bench
 from pdserve.bench.prefix_index import add_prefix_index_args, run_prefix_index_bench
+from pdserve.bench.roofline import add_roofline_args, run_roofline
 from pdserve.bench.route_sim.command import add_route_args, run_route_bench
 from pdserve.bench.router_overhead import add_router_overhead_args, run_router_overhead
 from pdserve.bench.serve.cli_args import add_bench_serve_args
 from pdserve.bench.serve.command import run_bench_serve
 from pdserve.bench.tp_check import add_tp_check_args, run_tp_check
 from pdserve.bench.transfer.command import add_transfer_args, run_transfer_bench
+from pdserve.bench.warm_start import add_warm_start_args, run_warm_start
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,19 @@ BENCHMARKS: dict[str, Benchmark] = {
         "Time a whole-model decode step against the weight-read floor (GPU).",
         add_decode_step_args,
         run_decode_step_bench,
+    ),
+    "prefill": Benchmark(
+        "Time to first token of prompts on the engine (chunked as served) against their compute "
+        "floor at the measured matmul rate: ratio, TFLOP/s, MFU; --profile groups the kernels.",
+        add_prefill_args,
+        run_prefill_bench,
+    ),
+    "roofline": Benchmark(
+        "The roofline of a serving workload (random prompts, N requests at concurrency C): prefill "
+        "FLOPs at the measured matmul rate plus every decode step's bytes at the measured copy "
+        "bandwidth, as output tokens/s, and a measured throughput's fraction of it.",
+        add_roofline_args,
+        run_roofline,
     ),
     "transfer": Benchmark(
         "KV-transfer throughput between two processes through each connector; on a GPU, every "
@@ -95,6 +111,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         "TTFT and TPOT through pdserve serve, remote prefill against prefill on the decode worker.",
         add_disagg_latency_args,
         run_disagg_latency,
+    ),
+    "warm-start": Benchmark(
+        "Time pdserve serve to ready with an empty and with a filled kernel cache, and each start's "
+        "first request's TTFT against the requests after it.",
+        add_warm_start_args,
+        run_warm_start,
     ),
     "tp-check": Benchmark(
         "Tensor parallelism on this machine: TP=N greedy tokens against one process, and generate time.",

@@ -18,6 +18,7 @@ on Linux also die with this process if it is killed outright (no orphans).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -77,14 +78,26 @@ def register(subparsers: Any) -> None:
 
 
 def _add_serve_args(group: Any) -> None:
-    group.add_argument("--num-prefill-workers", type=int_at_least(0), default=1,
-                       help="Prefill workers to start; 0 starts none (the decode workers prefill: aggregated).")  # fmt: skip
+    group.add_argument("--num-prefill-workers", type=int_at_least(0), default=None,
+                       help="Prefill workers to start; 0 starts none (the decode workers prefill: aggregated). "
+                       "Default: 1 where a GPU is present, 0 on a CPU-only machine, where a second engine "
+                       "process would only split the same cores (docs/benchmarks.md, CPU path).")  # fmt: skip
     group.add_argument(
         "--num-decode-workers", type=int_at_least(1), default=1, help="Decode workers to start."
     )
     group.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
                        help="Seconds to wait for every process to be ready before giving up.")  # fmt: skip
     add_registry_args(group)  # the workers register in it and the router watches it
+
+
+def gpu_present(device: str) -> bool:
+    """Whether the workers will run on a GPU, without importing torch: --device, else an
+    NVIDIA device node that CUDA_VISIBLE_DEVICES does not hide."""
+    if device != "auto":
+        return device == "cuda"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _child_flags(parser: argparse.ArgumentParser) -> ChildFlags:
@@ -240,6 +253,8 @@ def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
     except ValueError as exc:
         raise _StartupFailed(str(exc)) from None
     common = worker_argv(args)
+    if args.num_prefill_workers is None:
+        args.num_prefill_workers = 1 if gpu_present(args.device) else 0
     for role, count in (("prefill", args.num_prefill_workers), ("decode", args.num_decode_workers)):
         for i in range(count):
             ready_file = launcher.workdir / f"{role}-{i}.json"

@@ -17,6 +17,8 @@ EVERY_BENCHMARK = [
     "kernels",
     "lora-kernels",
     "decode-step",
+    "prefill",
+    "roofline",
     "transfer",
     "route",
     "prefix-index",
@@ -24,6 +26,7 @@ EVERY_BENCHMARK = [
     "grammar",
     "cpu-throughput",
     "disagg-latency",
+    "warm-start",
     "tp-check",
     "make-model",
 ]

@@ -1,7 +1,8 @@
 """`pdserve bench serve` against a real `pdserve serve` (the embedded model on CPU, one
-prefill and one decode worker): the figures agree with what the server counted, chat,
-several rates with charts, a trace replayed on its times, and failures (a 400 for a
-prompt over --max-model-len, a server that is not there) counted, never raised."""
+prefill and one decode worker): the figures agree with what the server counted, the
+decode worker's KV pulls read from its metrics, chat, several rates with charts, a trace
+replayed on its times, and failures (a 400 for a prompt over --max-model-len, a server
+that is not there) counted, never raised."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def server():
     serve = ServeStack(
-        [*ENGINE_FLAGS, "--local-prefill-threshold", "0", "--disable-uvicorn-access-log",
+        [*ENGINE_FLAGS, "--num-prefill-workers", "1", "--local-prefill-threshold", "0", "--disable-uvicorn-access-log",
          "--worker-health-timeout", "30"]
     )  # fmt: skip
     try:
@@ -68,6 +69,28 @@ def test_figures_match_what_the_server_counted(server, tmp_path, capsys):
     assert "Successful requests:                     6" in captured.out
     assert "Median TPOT (ms):" in captured.out and "P99 E2EL (ms):" in captured.out
     assert "6/6" in captured.err  # the progress bar
+
+
+def test_the_runs_kv_pulls_are_read_from_the_decode_workers_metrics(server, tmp_path, capsys):
+    (decode_metrics_port,) = [port for _, port in server.workers["decode"]]  # as `pdserve serve` prints it
+    status = _bench(
+        server.url, "--random-input-len", "40", "--random-output-len", "3", "--num-prompts", "4",
+        "--max-concurrency", "2", "--ignore-eos", "--seed", "11", "--disable-tqdm",
+        "--worker-metrics-url", f"http://127.0.0.1:{decode_metrics_port}",
+        "--save-result", "--result-filename", str(tmp_path / "pulls.json"),
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    pulls = json.loads((tmp_path / "pulls.json").read_text())["kv_pulls"]
+    # every prompt went to the prefill worker (--local-prefill-threshold 0) and was pulled once
+    assert pulls["num_pulls"] == 4 == pulls["num_connector_transfers"]
+    assert pulls["num_failed_pulls"] == 0
+    assert pulls["mean_pull_ms"] >= pulls["mean_connector_xfer_ms"] > 0
+    assert pulls["mean_pull_bytes"] > 0 and pulls["pull_gb_per_s"] > 0
+    assert "KV pulls:                                4" in captured.out
+    # the router's endpoint is not a worker's: the run stops before it sends anything
+    assert _bench(server.url, "--num-prompts", "1", "--worker-metrics-url", server.url) == 1
+    assert "exports no pdserve:kv_pull_seconds" in capsys.readouterr().err
 
 
 def test_chat_at_several_rates_writes_one_result_per_rate_and_the_charts(server, tmp_path, capsys):

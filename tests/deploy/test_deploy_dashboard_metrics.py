@@ -127,7 +127,9 @@ def test_query_parser_finds_selectors_and_grouping():
 
 @pytest.fixture(scope="module")
 def scraped() -> Scraped:
-    stack = ServeStack(["--local-prefill-threshold", "0", "--max-model-len", "1024"]).ready()
+    stack = ServeStack(
+        ["--num-prefill-workers", "1", "--local-prefill-threshold", "0", "--max-model-len", "1024"]
+    ).ready()
     try:
         with urllib.request.urlopen(stack.url + "/v1/models", timeout=10) as response:
             model = json.load(response)["data"][0]["id"]

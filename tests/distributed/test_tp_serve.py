@@ -23,7 +23,7 @@ def stack():
             "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
             "--tensor-parallel-size", "2",
             "--kv-transfer-config", '{"kv_connector": "TcpConnector", "kv_role": "kv_both"}',
-            "--local-prefill-threshold", "0",
+            "--num-prefill-workers", "1", "--local-prefill-threshold", "0",
             "--worker-health-timeout", "60",
         ]
     )  # fmt: skip

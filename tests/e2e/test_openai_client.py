@@ -24,7 +24,7 @@ API_KEY = "e2e-secret"
 MAX_MODEL_LEN = 512
 BLOCK_SIZE = 16
 ENGINE_FLAGS = [
-    "--dtype", "float32", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+    "--dtype", "float32", "--quantization", "none", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
     "--num-gpu-blocks-override", "128", "--block-size", str(BLOCK_SIZE),
 ]  # fmt: skip
 MODEL = "SmolLM2-135M-Instruct"

@@ -38,7 +38,7 @@ API_KEY = "e2e-structured"
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
 ENGINE_FLAGS = [
-    "--dtype", "float32", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+    "--dtype", "float32", "--quantization", "none", "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
     "--num-gpu-blocks-override", "384", "--block-size", "16",
 ]  # fmt: skip
 # Every string and list in the models below is bounded, so a grammar completes well

@@ -134,7 +134,7 @@ def _kv_usage(stack: ServeStack) -> list[float]:
 def _run_load(clients: int, duration_s: float, max_num_seqs: int) -> Counts:
     stack = ServeStack(
         [
-            "--dtype", "float32", "--device", "cpu", "--max-model-len", "256",
+            "--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--num-prefill-workers", "1",
             # the router's default limit is the decode worker's --max-num-seqs; as many may queue
             "--max-num-seqs", str(max_num_seqs),
             "--max-queue-wait", "30",

@@ -57,7 +57,11 @@ def interleave_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_model, path, arch: str, rope_freqs: np.ndarray | None = None) -> ModelSource:
+def write_gguf(
+    hf_model, path, arch: str, rope_freqs: np.ndarray | None = None, block_type=None
+) -> ModelSource:
+    """block_type (a GGMLQuantizationType): store every matrix in those blocks, as a quantized
+    file does; None stores fp32."""
     cfg = hf_model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -90,7 +94,10 @@ def write_gguf(hf_model, path, arch: str, rope_freqs: np.ndarray | None = None) 
                 w = interleave_rotary_rows(w, cfg.num_attention_heads)
             if arch == "llama" and rest == "self_attn.k_proj.weight":
                 w = interleave_rotary_rows(w, cfg.num_key_value_heads)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+        if block_type is not None and w.ndim == 2:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, block_type), raw_dtype=block_type)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(w))
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     writer.write_header_to_file()

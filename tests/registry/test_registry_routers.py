@@ -43,7 +43,7 @@ def redis_registry():
 def stack(redis_registry):
     serve = ServeStack(
         [*ENGINE_FLAGS, "--registry", redis_registry.url, "--registry-ttl", str(TTL_S),
-         "--local-prefill-threshold", "0", "--worker-health-timeout", "30", "--disable-uvicorn-access-log"]
+         "--num-prefill-workers", "1", "--local-prefill-threshold", "0", "--worker-health-timeout", "30", "--disable-uvicorn-access-log"]
     )  # fmt: skip
     try:
         yield serve.ready()

@@ -43,6 +43,7 @@ def stack(secret_file):
             *ENGINE_FLAGS,
             "--cluster-secret-file", str(secret_file),
             "--api-key", API_KEY,
+            "--num-prefill-workers", "1",
             "--local-prefill-threshold", "0",  # every prompt crosses prefill -> side channel -> decode
             "--worker-health-timeout", "30",
             "--h11-max-header-count", str(MAX_HEADERS),

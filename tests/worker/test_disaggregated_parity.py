@@ -17,7 +17,7 @@ TEXTS = [
 ]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 ENGINE_FLAGS = [
-    "--dtype", "float32", "--device", "cpu", "--max-model-len", "512", "--num-gpu-blocks-override", "128",
+    "--dtype", "float32", "--quantization", "none", "--device", "cpu", "--max-model-len", "512", "--num-gpu-blocks-override", "128",
 ]  # fmt: skip
 
 

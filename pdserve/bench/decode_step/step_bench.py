@@ -14,6 +14,7 @@ import torch
 
 from pdserve.bench import timing
 from pdserve.bench.decode_step.report import StepRow
+from pdserve.bench.model_costs import ModelCosts
 
 
 def time_ms(fn, device: torch.device, rep_ms: float) -> float:
@@ -25,23 +26,6 @@ def time_ms(fn, device: torch.device, rep_ms: float) -> float:
 def measure_copy_bandwidth(device: torch.device) -> float:
     """Bytes read + written per second by a device-to-device copy of a large buffer."""
     return timing.copy_bandwidth(device, lambda fn: time_ms(fn, device, rep_ms=300), cpu_bytes=1 << 26)
-
-
-def decode_weight_bytes(model, batch_size: int) -> int:
-    """Bytes of parameters one decode step reads: all of them, but only the batch's rows of
-    an embedding table that is not also the LM head."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.embed_tokens
-    if model.lm_head is not embed:
-        total -= embed.numel() * embed.element_size()
-        total += batch_size * embed.shape[1] * embed.element_size()
-    return total
-
-
-def decode_kv_bytes(model_config, batch_size: int, context: int, kv_dtype: torch.dtype) -> int:
-    """Bytes of K and V one decode step reads: every layer, every position of every sequence."""
-    per_token = 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * model_config.head_dim
-    return batch_size * context * per_token * torch.empty((), dtype=kv_dtype).element_size()
 
 
 class StepBench:
@@ -185,8 +169,9 @@ class StepBench:
 
         eager_ms = time_ms(eager, self.device, rep)
         engine_ms = self.time_engine_steps(batch)
-        weight_bytes = decode_weight_bytes(model, batch_size)
-        kv_bytes = decode_kv_bytes(self.model_config, batch_size, self.context, runner.kv_cache.dtype)
+        costs = ModelCosts.from_config(self.model_config)
+        weight_bytes = costs.decode_weight_bytes(batch_size, model.embed_tokens.element_size())
+        kv_bytes = batch_size * self.context * costs.kv_bytes_per_token(runner.kv_cache.element_size())
         return StepRow(
             batch=batch_size,
             context=self.context,

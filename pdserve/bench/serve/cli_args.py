@@ -12,6 +12,7 @@ from typing import Any
 
 from pdserve.bench.serve.client import BACKENDS
 from pdserve.bench.serve.datasets import DATASET_NAMES
+from pdserve.bench.serve.kv_pulls import metrics_url
 from pdserve.bench.serve.metrics import LATENCY_METRICS, parse_goodput
 
 CHAT_SUFFIX = "chat/completions"
@@ -57,6 +58,22 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Tokenizer to count prompt tokens with: a folder with tokenizer.json, a .gguf file "
         "or a Hub id. (default: the server's own, through its /tokenize and /detokenize)",
+    )
+    server.add_argument(
+        "--worker-metrics-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="A decode worker's Prometheus endpoint, e.g. http://127.0.0.1:PORT (repeat for "
+        "several workers). Scraped before and after each run to report the run's KV pulls as "
+        "the workers measured them (pdserve:kv_pull_seconds and pdserve:kv_pull_bytes, from "
+        "start_pull until the blocks are usable) beside the connector's own "
+        "vllm:nixl_xfer_time_seconds. `pdserve serve` prints each worker's 'metrics on port "
+        "PORT' once ready; a worker started alone serves it at its --metrics-host and "
+        "--metrics-port (also metrics_port in its --ready-file). A prompt the decode worker "
+        "already holds is not pulled again, and warm-ups (--num-warmups) and every --request-rate "
+        "after the first resend the run's prompts: measure pulls with one rate per run, each "
+        "with a --seed of its own.",
     )
     server.add_argument(
         "--ready-check-timeout-sec",
@@ -265,6 +282,7 @@ class Choices:
     slos: dict[str, float] | None
     extra_body: dict[str, Any]
     metadata: dict[str, str]
+    worker_metrics_urls: list[str]  # each ending in /metrics
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Choices:
@@ -275,6 +293,7 @@ class Choices:
             slos=parse_goodput(args.goodput) if args.goodput else None,
             extra_body=_parse_extra_body(args.extra_body),
             metadata=_parse_metadata(args.metadata),
+            worker_metrics_urls=[metrics_url(url) for url in args.worker_metrics_url or ()],
         )
 
 

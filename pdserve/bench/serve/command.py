@@ -6,6 +6,7 @@ JSON result of `vllm bench serve`.
         --num-prompts 32 --max-concurrency 4 --ignore-eos --save-result
     pdserve bench serve --request-rate 1,2,4 --plot plots/     # one run per rate, with charts
     pdserve bench serve --dataset-name trace --dataset-path trace.jsonl --trace-time-scale 0.5
+    pdserve bench serve --worker-metrics-url http://127.0.0.1:PORT   # + the decode worker's KV pulls
 
 Torch-free: it runs on any machine that reaches the server.
 """
@@ -39,6 +40,7 @@ from pdserve.bench.serve.datasets import (
     sharegpt_requests,
     trace_requests,
 )
+from pdserve.bench.serve.kv_pulls import KVPullFigures, WorkerMetricsScrape, kv_pull_figures
 from pdserve.bench.serve.metrics import RequestResult, compute_metrics
 from pdserve.bench.serve.plots import PlottedRun
 from pdserve.bench.serve.progress import ProgressBar
@@ -115,6 +117,9 @@ def _benchmark(
     max_model_len: int | None,
 ) -> int:
     rates = choices.rates
+    scrape = WorkerMetricsScrape(choices.worker_metrics_urls) if choices.worker_metrics_urls else None
+    if scrape is not None:
+        scrape.snapshot()  # a wrong URL stops the benchmark before it sends anything
     started = time.monotonic()
     requests = build_requests(args, tokenizer, target.chat, max_model_len)
     print(
@@ -142,18 +147,22 @@ def _benchmark(
     status = 0
     for rate in rates:
         times = send_times(requests, rate, args.burstiness, args.seed)
+        before = scrape.snapshot() if scrape is not None else None
         progress = ProgressBar(len(requests), enabled=not args.disable_tqdm)
         results, duration = asyncio.run(run_requests(target, requests, times, args.max_concurrency, progress))
         progress.close()
+        kv_pulls = _kv_pulls_since(scrape, before)
         check_structured_outputs(requests, results)
         metrics = compute_metrics(results, duration, choices.percentiles, choices.slos)
         replayed = requests[0].send_at_s is not None
         settings = replace(settings, num_prompts=len(requests), request_rate="trace" if replayed else rate)
-        print(format_summary(metrics, settings))
+        print(format_summary(metrics, settings, kv_pulls))
         _report_failures(results)
         if args.save_result:
             date = datetime.now().strftime("%Y%m%d-%H%M%S")
-            document = result_json(metrics, settings, results, date, args.save_detailed, choices.metadata)
+            document = result_json(
+                metrics, settings, results, date, args.save_detailed, choices.metadata, kv_pulls
+            )
             path = result_path(args, settings.backend, settings.model, rate, date, several=len(rates) > 1)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(document, indent=2) + "\n")
@@ -248,6 +257,20 @@ def _wait_for_models(
         )
     print(f"bench serve: {message}; going on with --model as given", file=sys.stderr)
     return []
+
+
+def _kv_pulls_since(
+    scrape: WorkerMetricsScrape | None, before: dict[str, float] | None
+) -> KVPullFigures | None:
+    """The run's KV pulls; None without --worker-metrics-url, or (with a warning, the run's
+    own figures still reported) when a worker can no longer be read."""
+    if scrape is None or before is None:
+        return None
+    try:
+        return kv_pull_figures(before, scrape.snapshot())
+    except RuntimeError as exc:
+        print(f"bench serve: no KV pull figures for this run: {exc}", file=sys.stderr)
+        return None
 
 
 def _report_failures(results: list[RequestResult]) -> None:

@@ -1,7 +1,8 @@
 """The printed summary table and the JSON result of a run, laid out as `vllm bench serve`
 lays them out (same labels, same JSON keys), so results compare side by side; a run
 with structured outputs adds the valid answers and vLLM's structured-output benchmark's
-correct_rate(%). Torch-free.
+correct_rate(%), and one with --worker-metrics-url the decode workers' KV pulls (a
+section of the table, and "kv_pulls" in the JSON). Torch-free.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.bench.serve.kv_pulls import KVPullFigures
 from pdserve.bench.serve.metrics import METRIC_TITLES, BenchmarkMetrics, RequestResult
 
 _WIDTH = 50
@@ -36,7 +38,9 @@ def percentile_name(p: float) -> str:
     return str(int(p)) if p == int(p) else str(p)
 
 
-def format_summary(metrics: BenchmarkMetrics, settings: RunSettings) -> str:
+def format_summary(
+    metrics: BenchmarkMetrics, settings: RunSettings, kv_pulls: KVPullFigures | None = None
+) -> str:
     lines = [" Serving Benchmark Result ".center(_WIDTH, "=")]
 
     def row(label: str, value: Any) -> None:
@@ -71,6 +75,18 @@ def format_summary(metrics: BenchmarkMetrics, settings: RunSettings) -> str:
         row(f"Std {short} (ms):", dist.std)
         for p, value in dist.percentiles:
             row(f"P{percentile_name(p)} {short} (ms):", value)
+    if kv_pulls is not None:
+        lines.append("KV pulls (decode workers)".center(_WIDTH, "-"))
+        row("KV pulls:", kv_pulls.num_pulls)
+        row("Failed KV pulls:", kv_pulls.num_failed_pulls)
+        if kv_pulls.mean_pull_ms is not None and kv_pulls.mean_pull_bytes is not None:
+            row("Mean KV pull, start to usable (ms):", kv_pulls.mean_pull_ms)
+            row("Mean KV pull size (MB):", kv_pulls.mean_pull_bytes / 1e6)
+            row("KV pull throughput (GB/s):", _or_dash(kv_pulls.pull_gb_per_s))
+        row("Connector transfers:", kv_pulls.num_connector_transfers)
+        if kv_pulls.mean_connector_xfer_ms is not None:
+            row("Mean connector transfer (ms):", kv_pulls.mean_connector_xfer_ms)
+            row("Connector throughput (GB/s):", _or_dash(kv_pulls.connector_gb_per_s))
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
 
@@ -82,8 +98,10 @@ def result_json(
     date: str,
     detailed: bool = False,
     metadata: dict[str, str] | None = None,
+    kv_pulls: KVPullFigures | None = None,
 ) -> dict[str, Any]:
-    """The JSON result with vLLM's keys; `detailed` adds every request's lengths and timings."""
+    """The JSON result with vLLM's keys; `detailed` adds every request's lengths and timings,
+    `kv_pulls` the decode workers' KV pulls under "kv_pulls"."""
     result: dict[str, Any] = {
         "date": date,
         "endpoint_type": settings.backend,
@@ -111,6 +129,8 @@ def result_json(
         result["num_structured_outputs"] = metrics.structured_outputs.constrained
         result["num_valid_structured_outputs"] = metrics.structured_outputs.valid
         result["correct_rate(%)"] = metrics.structured_outputs.correct_rate
+    if kv_pulls is not None:
+        result["kv_pulls"] = kv_pulls.to_json()
     for name in settings.percentile_metrics:
         dist = metrics.latencies[name]
         result[f"mean_{name}_ms"] = dist.mean
@@ -130,6 +150,10 @@ def result_json(
         if metrics.structured_outputs is not None:
             result["follows_schema"] = [r.follows_schema for r in results]
     return result
+
+
+def _or_dash(value: float | None) -> float | str:
+    return "-" if value is None else value
 
 
 def _rate_text(rate: float | str) -> float | str:

@@ -67,6 +67,9 @@ class GpuRow:
     poll_sleep_s: float = 0.0  # the caller's sleep between polls (0: a busy poll)
 
 
+GET_ZCOPY_ON = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+
+
 def gpu_rows() -> list[GpuRow]:
     fast = {"UCX_TLS": UCX_FAST_TLS}
     slow = 8192
@@ -103,6 +106,11 @@ def gpu_rows() -> list[GpuRow]:
             max_tokens=slow,
             pulls=3,
         ),
+        # UCX serves a GET over cuda_ipc only where it finds NVLink unless this is on (its
+        # uct_cuda_ipc_iface_get_max_get_zcopy): a one-GPU host has none, so reads go by TCP
+        GpuRow("NixlConnector, cuda_ipc GET on", "NixlConnector", {**fast, **GET_ZCOPY_ON}, pulls=5),
+        GpuRow("NixlConnector, UCX defaults + cuda_ipc GET on", "NixlConnector", GET_ZCOPY_ON, pulls=5),
+        GpuRow("raw NIXL READ, 1 desc/block, cuda_ipc GET on", "nixl-raw", {**fast, **GET_ZCOPY_ON}, pulls=5),
         GpuRow("raw NIXL READ, 1 desc/block", "nixl-raw", fast, max_tokens=slow, pulls=3),
         GpuRow(
             "raw NIXL READ, 1 desc/layer/block", "nixl-raw", fast, per_layer=True, max_tokens=slow, pulls=3
