@@ -31,12 +31,11 @@ def write_kv(
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
-    if k_scale == v_scale:  # K and V in one scatter: [T, 2, Hkv, D] into [N, 2, Hkv, BS, D]
-        both = _to_cache(torch.stack((key, value), dim=1), k_scale, kv_cache.dtype)
-        kv_cache.select(1, layer)[blocks, :, :, offsets] = both
-        return
-    kv_cache[blocks, layer, 0, :, offsets] = _to_cache(key, k_scale, kv_cache.dtype)
-    kv_cache[blocks, layer, 1, :, offsets] = _to_cache(value, v_scale, kv_cache.dtype)
+    # K and V in one scatter: [T, 2, Hkv, D] into the layer's [N, 2, Hkv, BS, D]
+    both = torch.stack(
+        (_to_cache(key, k_scale, kv_cache.dtype), _to_cache(value, v_scale, kv_cache.dtype)), dim=1
+    )
+    kv_cache.select(1, layer)[blocks, :, :, offsets] = both
 
 
 def _to_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -100,17 +99,15 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One query token per request: all requests in one padded SDPA call (one request:
     its context exactly, with no mask)."""
-    block_size = kv_cache.shape[4]
     if metadata.num_reqs == 1:
         return _one_decode(query, kv_cache, layer, metadata, scale, k_scale, v_scale)
     max_len = metadata.max_seq_len
-    num_blocks = -(-max_len // block_size)
-    tables = metadata.block_tables[:, :num_blocks]  # [B, nb]
+    nb = -(-max_len // kv_cache.shape[4])
+    tables = metadata.block_tables[:, :nb]  # [B, nb]
     b = tables.shape[0]
     tiles = _blocks_of_layer(kv_cache, layer, tables.reshape(-1))
     _, _, hkv, bs, d = tiles.shape
-    tiles = tiles.view(b, num_blocks, 2, hkv, bs, d)
-    nb = num_blocks
+    tiles = tiles.view(b, nb, 2, hkv, bs, d)
     kv = tiles.permute(2, 0, 3, 1, 4, 5).reshape(2, b, hkv, nb * bs, d)[:, :, :, :max_len]
     seq_lens = metadata.seq_lens.to(torch.long).cpu() if metadata.seq_lens.is_cuda else metadata.seq_lens
     mask = torch.arange(max_len, device=query.device)[None, :] < seq_lens.to(query.device)[:, None]

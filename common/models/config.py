@@ -262,12 +262,7 @@ def load_model_config(source: Any, hf_config_path: str | None = None) -> ModelCo
     if hf_config_path is not None:
         return ModelConfig.from_hf_config(read_hf_config(hf_config_path))
     if source.kind == "gguf":
-        return ModelConfig.from_gguf(gguf_reader(source.path))
+        from common.gguf_file import open_gguf
+
+        return ModelConfig.from_gguf(open_gguf(source.path))
     return ModelConfig.from_hf_config(read_hf_config(source.path))
-
-
-def gguf_reader(path: str | Path) -> GGUFFile:
-    """The GGUF file at `path`, mapped once per process (common.gguf_file.open_gguf)."""
-    from common.gguf_file import open_gguf
-
-    return open_gguf(path)

@@ -13,8 +13,9 @@ import torch
 
 from common.distributed.group import TensorParallelGroup
 from common.distributed.shard_plan import plan_shards
+from common.gguf_file import open_gguf
 from common.model_files import ModelSource
-from common.models.config import ModelConfig, gguf_reader, load_model_config
+from common.models.config import ModelConfig, load_model_config
 from common.models.llama import LlamaForCausalLM
 from common.models.parallel_layers import TensorParallelLlamaForCausalLM
 from common.models.weights_dummy import fill_dummy_weights
@@ -97,7 +98,7 @@ def load_model(
         if tp_group is not None:
             model.broadcast_replicated()
     elif fmt == "gguf":
-        reader = gguf_reader(source.path)
+        reader = open_gguf(source.path)
         # The tensor layout comes from the file even when --hf-config-path gave the config.
         file_config = ModelConfig.from_gguf(reader)
         packed: set[str] = set()

@@ -4,12 +4,38 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from common.models.config import ModelConfig
+
+
+def add_dummy_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model-config, --dtype, --kv-cache-dtype, --device: the model a bench builds from a
+    config and where it runs (and measures the device's rates)."""
+    parser.add_argument(
+        "--model-config",
+        "--model",
+        dest="model_config",
+        default="llama-3-8b",
+        help="a bundled config name (common/models/configs), a config.json or a model folder "
+        "(pdserve bench make-model DIR; its vocabulary is the embedded tokenizer's): the model's "
+        "shapes, with dummy weights",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weight and activation dtype, and of the matmul whose rate is measured (auto: "
+        "float32 on CPU, the config's on a GPU)",
+    )
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cuda or cpu: where it runs and the rates are measured"
+    )
 
 
 def config_path(name_or_path: str) -> Path:

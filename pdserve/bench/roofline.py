@@ -29,6 +29,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
+from pdserve.bench.dummy_model import add_dummy_model_args
 from pdserve.bench.model_costs import ModelCosts
 from pdserve.bench.table import format_table
 
@@ -122,23 +123,7 @@ def workload_from_result(result: dict) -> dict[str, int]:
 
 
 def add_roofline_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-config",
-        "--model",
-        dest="model_config",
-        default="llama-3-8b",
-        help="a bundled config name, a config.json or a model folder: the served model's shapes "
-        "(its vocabulary too: a make-model folder has the embedded tokenizer's)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        help="weight dtype, and of the matmul whose rate is measured (auto: float32 on CPU, the "
-        "config's on a GPU)",
-    )
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu: where the rates are measured")
+    add_dummy_model_args(parser)
     parser.add_argument("--input-len", type=int, default=None, help="prompt tokens a request (default 2048)")
     parser.add_argument("--output-len", type=int, default=None, help="output tokens a request (default 256)")
     parser.add_argument("--num-prompts", type=int, default=None, help="requests (default 64)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from common.models.config import ModelConfig, gguf_reader
+from common.gguf_file import open_gguf
+from common.models.config import ModelConfig
 from common.models.weights_gguf import iter_gguf_weights
 from common.models.weights_safetensors import iter_safetensors_weights
 from common.models.weights_shard import Shard
@@ -21,7 +22,7 @@ GGUF_SHARDS = {
 
 
 def test_gguf_slices_equal_the_slices_of_the_dequantized_unpermuted_tensors(smollm2_source):
-    reader = gguf_reader(smollm2_source.path)
+    reader = open_gguf(smollm2_source.path)
     config = ModelConfig.from_gguf(reader)
     wanted = set(GGUF_SHARDS)
     full = {n: t for n, t in iter_gguf_weights(reader, config) if n in wanted}

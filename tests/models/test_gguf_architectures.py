@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from common.attention.reference import TorchAttentionBackend
+from common.gguf_file import open_gguf
 from common.model_files import ModelSource
-from common.models.config import ModelConfig, gguf_reader
+from common.models.config import ModelConfig
 from common.models.layers import rope_inv_freq
 from common.models.loader import load_model
 from tests.tiny_llama import LLAMA3_ROPE_SCALING, TINY_HF_SHAPE
@@ -147,7 +148,7 @@ def test_gguf_of_unsupported_architecture_is_refused_by_name(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(ValueError, match=r"GGUF architecture 'gpt2' is not supported.*llama.*qwen3"):
-        ModelConfig.from_gguf(gguf_reader(tmp_path / "gpt2.gguf"))
+        ModelConfig.from_gguf(open_gguf(tmp_path / "gpt2.gguf"))
 
 
 def check_prefill_and_decode(ours, hf_model, runner, logits_close) -> None:

@@ -8,7 +8,6 @@ import gc
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 DTYPES = ["bfloat16", "float16", "float32"]
 
@@ -17,7 +16,7 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-config",
         default="llama-3-8b",
-        help="a bundled config name (common/models/configs) or a config.json path",
+        help="a bundled config name (common/models/configs), a config.json or a model folder",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="Weight and activation dtype.")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
@@ -85,14 +84,11 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table; 0 on success."""
     import torch
 
-    from common.attention.backend_select import get_attention_backend
-    from common.model_files import ModelSource
-    from common.models.configs import bundled_config
-    from common.models.loader import load_model
     from pdserve.bench.decode_step.diagnostics import gemv_sweep, gemv_table, kernel_profile
     from pdserve.bench.decode_step.hf_baseline import hf_generate_tokens_per_s
     from pdserve.bench.decode_step.report import step_table
     from pdserve.bench.decode_step.step_bench import StepBench, measure_copy_bandwidth
+    from pdserve.bench.dummy_model import config_path, load_dummy_model
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     if args.device == "auto" and device.type != "cuda":
@@ -101,27 +97,23 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    config_path = Path(args.model_config)
-    if not config_path.is_file():
-        config_path = bundled_config(args.model_config)
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
     torch.manual_seed(args.seed)
 
     bandwidth = measure_copy_bandwidth(device)
     print(f"device-to-device copy: {bandwidth / 1e12:.3f} TB/s (bytes read + written)", flush=True)
 
-    source = ModelSource("hf_dir", config_path.parent, config_path.stem)
-    model_config_probe = json.loads(config_path.read_text())
-    max_model_len = args.max_model_len or model_config_probe.get("max_position_embeddings", 8192)
-    model, model_config = load_model(
-        source,
-        load_format="dummy",
+    model, model_config, note = load_dummy_model(
+        args.model_config,
         dtype=args.dtype,
         device=device,
-        attn_backend=get_attention_backend(device, args.kv_cache_dtype, max_model_len),
-        hf_config_path=str(config_path),
         seed=args.seed,
+        min_positions=args.max_model_len or 0,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
+    if note:
+        print(note, flush=True)
+    max_model_len = args.max_model_len or model_config.max_position_embeddings
     dtype = next(model.parameters()).dtype
     bench = StepBench(model, model_config, args, device, dtype, batch_sizes, max_model_len)
     rows = bench.run(bandwidth)
@@ -148,7 +140,13 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     if not args.no_hf:
         for row in rows:
             row.hf_decode_tok_s, row.hf_total_tok_s = hf_generate_tokens_per_s(
-                config_path, dtype, device, row.batch, args.context_len, args.hf_new_tokens, args.seed
+                config_path(args.model_config),
+                dtype,
+                device,
+                row.batch,
+                args.context_len,
+                args.hf_new_tokens,
+                args.seed,
             )
             gc.collect()
             if device.type == "cuda":

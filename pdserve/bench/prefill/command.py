@@ -6,29 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from pdserve.bench.dummy_model import add_dummy_model_args
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
 def add_prefill_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-config",
-        "--model",
-        dest="model_config",
-        default="llama-3-8b",
-        help="a bundled config name (common/models/configs), a config.json or a model folder "
-        "(pdserve bench make-model DIR); the weights are dummy",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        help="weight and activation dtype, and of the matmul whose rate is the floor "
-        "(auto: float32 on CPU, the config's on a GPU)",
-    )
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_dummy_model_args(parser)
     parser.add_argument(
         "--prompt-lens",
         default="2048,8192,32768",
