@@ -104,7 +104,12 @@ def registered(server: RedisServer) -> dict[str, WorkerRecord]:
 
 
 def test_serves_workers_register_with_what_routers_need(stack, redis_registry):
-    records = registered(redis_registry)
+    # a worker registers before its first heartbeat carries a load report: wait for that one
+    records = wait_until(
+        lambda: (r := registered(redis_registry)) and all(x.load for x in r.values()) and r,
+        30,
+        "every registered worker's first load report",
+    )
     expected = {address: role for role in ("prefill", "decode") for address in stack.addresses(role)}
     assert {a: r.role for a, r in records.items()} == expected
     for record in records.values():
