@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,9 @@ class KVConsumer(ABC):
         self.timeout_s = timeout_s
         self.region: KVRegion | None = None
         self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+        # called (from the I/O thread) whenever an outcome is queued: a caller sleeping in
+        # its own poll() wakes at once instead of finding the pull on its next check
+        self.on_outcome: Callable[[], None] | None = None
         self._pending: set[str] = set()  # caller's thread: started, not yet reported
         self._counters = _Counters()
         self._counters_lock = threading.Lock()
@@ -132,7 +136,7 @@ class KVConsumer(ABC):
         try:
             remote = RemoteBlocks.from_params(params)
         except ValueError as e:
-            self._outcomes.put(_Outcome(request_id, str(e)))
+            self._report(_Outcome(request_id, str(e)))
             return
         stray = set(remote_ids) - set(remote.block_ids)
         if stray:
@@ -326,7 +330,7 @@ class KVConsumer(ABC):
         record = TransferRecord(
             pull.request_id, num_bytes, time.monotonic() - pull.started, len(pull.local_ids), pull.phases_ns
         )
-        self._outcomes.put(_Outcome(pull.request_id, None, record if pull.remote_ids else None))
+        self._report(_Outcome(pull.request_id, None, record if pull.remote_ids else None))
         if notify and self.release_producer:
             self._send_done(pull.remote)
 
@@ -336,9 +340,15 @@ class KVConsumer(ABC):
         pull.finished = True
         self._active.pop(pull.request_id, None)
         logger.warning("KV pull of request %s failed: %s", pull.request_id, reason)
-        self._outcomes.put(_Outcome(pull.request_id, reason))
+        self._report(_Outcome(pull.request_id, reason))
         if self.release_producer:
             self._send_done(pull.remote)  # the producer may free its blocks at once
+
+    def _report(self, outcome: _Outcome) -> None:
+        self._outcomes.put(outcome)
+        wake = self.on_outcome
+        if wake is not None:
+            wake()
 
     def _lease_expired(self, pull: Pull) -> str | None:
         expiry = pull.remote.expiry_time

@@ -57,6 +57,7 @@ class SideChannelConnector(ConnectorBase):
         self._kv_cache: torch.Tensor | None = None
         self._rank_puller: Any = None  # tp_pull.RankPuller, built for the first multi-rank producer
         self._rank_pulls: dict[str, dict[str, Any]] = {}  # its pulls in flight: request id -> params
+        self._pull_waker: Callable[[], None] | None = None
         if self.is_producer:
             self._producer = KVProducer(
                 connector_name=self.name,
@@ -150,6 +151,15 @@ class SideChannelConnector(ConnectorBase):
             return
         consumer.notify_done(request_id, params)
 
+    def set_pull_waker(self, wake: Callable[[], None]) -> None:
+        """Call `wake` (from the connector's I/O thread) whenever a pull lands or fails, so
+        a caller sleeping between its poll() calls learns of it at once."""
+        self._pull_waker = wake
+        if self._consumer is not None:
+            self._consumer.on_outcome = wake
+        if self._rank_puller is not None:
+            self._rank_puller.on_outcome = wake
+
     def _multi_rank_puller(self) -> Any:
         if self._rank_puller is None:
             if self._kv_cache is None:
@@ -157,6 +167,7 @@ class SideChannelConnector(ConnectorBase):
             from kvtransfer.tp_pull import RankPuller  # it builds on this module
 
             self._rank_puller = RankPuller(self.config, self.kv_spec, 0, 1, self._kv_cache)
+            self._rank_puller.on_outcome = self._pull_waker
         return self._rank_puller
 
     def stats(self) -> dict[str, float]:

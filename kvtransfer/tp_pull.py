@@ -11,6 +11,7 @@ rank still reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,7 @@ class RankPuller:
         self._consumers: dict[tuple[int, HeadPiece], KVConsumer] = {}
         self._parts: dict[str, _Parts] = {}
         self._outcomes: list[tuple[str, str | None]] = []
+        self.on_outcome: Callable[[], None] | None = None  # handed to every piece's consumer
 
     def start_pull(
         self, request_id: str, params: dict[str, Any], local_block_ids: list[int], remote_block_ids: list[int]
@@ -103,6 +105,8 @@ class RankPuller:
             pieces = self._pieces(params)
         except ValueError as e:
             self._outcomes.append((request_id, str(e)))
+            if self.on_outcome is not None:
+                self.on_outcome()
             return
         self._parts[request_id] = _Parts(len(pieces))
         for piece, piece_params in pieces:
@@ -172,6 +176,7 @@ class RankPuller:
                 timeout_s=self.timeout_s,
                 release_producer=False,
             )
+            consumer.on_outcome = self.on_outcome
             consumer.start(HeadSliceRegion(self.kv_cache, remote_spec, piece))
             self._consumers[key] = consumer
         return consumer

@@ -5,9 +5,11 @@ hello, load_lora, unload_lora), run one engine step, publish the step's KV event
 update the metrics, send the load reports that are due, and stream a TokenDelta per
 request that progressed. While the engine has
 work the socket is polled without waiting between steps; while it only waits for KV
-pulls or holds blocks for consumers it polls every few milliseconds (the connector
-reports through `poll()` and `take_freed_requests()`); idle, it sleeps on the socket
-until a message or the next load report is due.
+pulls it sleeps until the connector wakes it (`set_pull_waker`: a pull landed or failed;
+a connector without it is checked every millisecond), and while it holds blocks for
+consumers it polls every few milliseconds (the connector reports through `poll()` and
+`take_freed_requests()`); idle, it sleeps on the socket until a message or the next load
+report is due.
 
 Frames are `[identity, payload]` (docs/disaggregation-flow.md). Every payload goes
 through `decode_message`; a malformed one, or a request the engine refuses, is answered
@@ -60,7 +62,10 @@ logger = logging.getLogger(__name__)
 
 # How long the loop sleeps between checks of a connector while it waits for pulls to land,
 # and while it only holds blocks for consumers (their leases end on the consumer's notice).
+# A connector with set_pull_waker wakes the loop the moment a pull lands or fails, so its
+# poll is only a safety net; one without it is checked every millisecond.
 PULL_POLL_S = 0.001  # whole milliseconds: the poller counts in them
+PULL_WAKER_POLL_S = 0.05
 HELD_POLL_S = 0.05
 # The loop's nap when the engine has requests but could not schedule any (no free blocks).
 STALLED_POLL_S = 0.01
@@ -139,12 +144,21 @@ class EngineServer:
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        set_pull_waker = getattr(connector, "set_pull_waker", None)
+        self._pull_poll_s = PULL_POLL_S
+        if set_pull_waker is not None and connector.is_consumer:
+            set_pull_waker(self._wake)
+            self._pull_poll_s = PULL_WAKER_POLL_S
 
     # -- lifetime --------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Make run() return after its current turn; safe from a signal handler or a thread."""
         self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the loop's current sleep in poll(); safe from any thread."""
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -180,7 +194,7 @@ class EngineServer:
         if engine.has_schedulable_requests():
             wait = 0.0 if self._progressing else STALLED_POLL_S
         elif stats.num_waiting_for_remote_kv:
-            wait = PULL_POLL_S
+            wait = self._pull_poll_s
         elif engine.has_kv_transfers():
             wait = HELD_POLL_S
         else:

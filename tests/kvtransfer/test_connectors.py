@@ -3,6 +3,7 @@ the producer lets its blocks go, and what happens when something is wrong."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -238,3 +239,20 @@ def test_a_nixl_consumer_refuses_a_tcp_producer_with_a_clear_error(producers, kv
         producers.process.wait_freed(producer, rid, timeout_s=5)
     finally:
         consumer.close()
+
+
+def test_the_pull_waker_is_called_when_a_pull_lands_and_when_one_fails(producers, connector_name, consumer):
+    """A worker sleeping between its checks of the connector learns of every outcome at once."""
+    woken = threading.Event()
+    consumer.set_pull_waker(woken.set)
+    producer = producers.get(connector_name)
+    rid = new_request_id()
+    params = producers.process.export(producer, rid, [1, 2], num_tokens=8)
+    consumer.start_pull(rid, params, [5, 6], [1, 2])
+    assert woken.wait(timeout=10)
+    assert wait_pull(consumer, rid) is None
+
+    woken.clear()
+    consumer.start_pull("bad-params", {"do_remote_prefill": True}, [], [])
+    assert woken.wait(timeout=10)
+    assert wait_pull(consumer, "bad-params") is not None

@@ -64,3 +64,35 @@ def test_a_landed_pull_steps_at_once_but_an_empty_step_naps(server):
     assert srv._poll_timeout(engine.stats()) == 0.0
     srv._turn()  # a step that still schedules nothing (no block): the stalled nap
     assert srv._poll_timeout(engine.stats()) == engine_server.STALLED_POLL_S
+
+
+class WakingConnector:
+    """A consumer connector that can wake the loop when a pull lands (set_pull_waker)."""
+
+    is_consumer = True
+
+    def __init__(self) -> None:
+        self.wake = None
+
+    def set_pull_waker(self, wake) -> None:
+        self.wake = wake
+
+
+def test_a_connector_that_wakes_the_loop_lets_it_sleep_longer_and_ends_its_sleep_when_a_pull_lands():
+    engine = PullingEngine()
+    ctx = zmq.Context()
+    reporter = LoadReporter(worker_id="w", role="decode", engine_id="e", info={"block_size": 16})
+    connector = WakingConnector()
+    srv = EngineServer(
+        engine, address="tcp://127.0.0.1:0", reporter=reporter, context=ctx, connector=connector
+    )
+    try:
+        assert srv._poll_timeout(engine.stats()) == engine_server.PULL_WAKER_POLL_S
+        assert connector.wake is not None
+        assert not srv._poller.poll(0)  # nothing to read yet
+        connector.wake()  # what the connector's I/O thread does when the pull lands
+        ready = dict(srv._poller.poll(60_000))
+        assert srv._wake_r.fileno() in ready
+    finally:
+        srv.close()
+        ctx.term()
