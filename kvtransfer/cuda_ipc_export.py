@@ -1,5 +1,5 @@
-"""What a CudaIpcConnector producer tells consumers about its KV cache, and how a consumer
-picks its data path from that.
+"""What a producer offering direct copies (CudaIpcConnector, NixlConnector) tells consumers
+about its KV cache, and how a consumer picks its data path from that.
 
 The producer adds a `cuda_ipc` map to its side-channel handshake reply, in plain msgpack
 fields (never pickle):
@@ -19,7 +19,8 @@ The consumer then moves blocks one of three ways (`choose_route`):
     same_process  the producer is a connector in this very process: copy from its tensor
     ipc           same machine, both caches on CUDA, a handle: map the producer's
                   allocation once and copy on the GPU
-    tcp           anything else: the side channel's block reads, as TcpConnector does
+    fallback      anything else: the connector's own path (CudaIpcConnector: the side
+                  channel's block reads, as TcpConnector does; NixlConnector: NIXL READs)
 
 This module is torch-free; it only checks and decides.
 """
@@ -39,7 +40,7 @@ MAX_ADDRESS = (1 << 64) - 1
 
 ROUTE_SAME_PROCESS = "same_process"
 ROUTE_IPC = "ipc"
-ROUTE_TCP = "tcp"
+ROUTE_FALLBACK = "fallback"
 
 
 def this_host_id() -> str:
@@ -125,15 +126,18 @@ class LocalEnd:
 
 def choose_route(export: CudaIpcExport | None, local: LocalEnd) -> tuple[str, str]:
     """(route, why) for pulls from a producer that announced `export` (None: it announced
-    nothing, e.g. a TcpConnector or NixlConnector producer)."""
+    nothing, e.g. a TcpConnector producer)."""
     if export is None:
-        return ROUTE_TCP, "the producer offers no CUDA IPC export (it runs another connector)"
+        return ROUTE_FALLBACK, (
+            "the producer offers no CUDA IPC export (it runs another connector, or has direct "
+            "copies turned off)"
+        )
     if export.host_id != local.host_id:
-        return ROUTE_TCP, "the producer runs on another machine"
+        return ROUTE_FALLBACK, "the producer runs on another machine"
     if export.pid == local.pid:
         return ROUTE_SAME_PROCESS, "the producer runs in this process"
     if export.device != "cuda" or local.device != "cuda":
-        return ROUTE_TCP, "CUDA IPC needs both KV caches in GPU memory"
+        return ROUTE_FALLBACK, "CUDA IPC needs both KV caches in GPU memory"
     if not export.handle:
-        return ROUTE_TCP, "the producer could not export a CUDA IPC handle for its cache"
+        return ROUTE_FALLBACK, "the producer could not export a CUDA IPC handle for its cache"
     return ROUTE_IPC, "same machine, both caches on CUDA"

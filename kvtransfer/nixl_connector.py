@@ -1,5 +1,5 @@
 """NixlConnector: KV blocks by NIXL READs (UCX), on host memory ("DRAM") or GPU memory
-("VRAM") alike.
+("VRAM") alike, and by a direct device copy between engines of one machine.
 
 Both sides register their whole KV tensor with a NIXL agent. The producer announces
 in the side-channel handshake its agent metadata, the cache's base address and its
@@ -15,11 +15,25 @@ notifications (and so drives the target side's progress) while blocks are leased
 agent runs in strict thread-sync mode, since a kv_both connector uses it from both
 threads.
 
+On one machine a NIXL READ carries a fixed cost per transfer that dominates a
+request-sized pull (on one GPU, UCX serves READs between processes over TCP unless its
+cuda_ipc GET is forced on, and even then reaches a fraction of a device copy). So the
+producer also announces its cache for direct copies (kvtransfer/direct_export.py, the
+handshake's `cuda_ipc` field), and a consumer whose cache and the producer's are both on
+CUDA on the same machine, or which runs in the producer's process, copies the blocks
+directly instead, as CudaIpcConnector does (kvtransfer/direct_copy.py), and releases
+the producer's lease with the side channel's "done" notice, since no READ notification
+comes. Every other pull (another machine, a host-memory cache, a handle that does not
+map) is a NIXL READ. The consumer logs once per producer which path its pulls take.
+
 kv_connector_extra_config keys read here (besides SideChannelConnector's):
     backends            NIXL backends to create (["UCX"])
     num_threads         backend worker threads (0: the backend's default)
     enable_prog_thread  NIXL's progress thread (false: it spins a core while idle;
                         the I/O thread drives progress instead)
+    same_host_copy      "auto" (default): direct copies where the route allows, as above;
+                        "off": a consumer always READs, and a producer announces no cache
+                        for direct copies
 """
 
 from __future__ import annotations
@@ -36,6 +50,8 @@ from typing import Any
 import numpy as np
 
 from kvtransfer.connector import ConnectorUnavailableError
+from kvtransfer.direct_copy import DirectCopier, DirectSource
+from kvtransfer.direct_export import DirectExport
 from kvtransfer.kv_consumer import KVConsumer, Pull, RemoteEngine
 from kvtransfer.kv_region import KVRegion
 from kvtransfer.peer_link import Peer
@@ -48,6 +64,7 @@ logger = logging.getLogger(__name__)
 # under their own names.
 NIXL_API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
 IN_FLIGHT_POLL_S = 0.001
+SAME_HOST_COPY_MODES = ("auto", "off")
 
 
 @functools.cache
@@ -98,21 +115,37 @@ class _RemoteAgent:
 
 
 class NixlConsumer(KVConsumer):
-    def __init__(self, *, agent: Any, **kwargs: Any) -> None:
+    def __init__(self, *, agent: Any, same_host_copy: bool = True, **kwargs: Any) -> None:
+        """same_host_copy: copy directly from producers on this machine where the route allows."""
         self._agent = agent
+        self._same_host_copy = same_host_copy
+        self._copier: DirectCopier | None = None
         self._local_blocks: Any = None
         self._remote_agents: dict[str, _RemoteAgent] = {}
         self._in_flight: dict[str, Pull] = {}
         self._unreleased: list[Any] = []  # handles NIXL could not release yet
         super().__init__(**kwargs)
 
+    @property
+    def num_direct_transfers(self) -> int:
+        return 0 if self._copier is None else self._copier.num_copies
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "num_direct_transfers": self.num_direct_transfers}
+
     def _on_register(self, region: KVRegion) -> None:
         self._local_blocks = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", region.block_addresses(), region.mem_type
         )
+        if self._same_host_copy:
+            self._copier = DirectCopier(region, fallback="by NIXL READ")
 
-    def _accept_engine(self, engine: RemoteEngine) -> _RemoteAgent:
+    def _accept_engine(self, engine: RemoteEngine) -> DirectSource | _RemoteAgent:
         reply = engine.reply
+        if self._copier is not None:
+            source = self._copier.accept(engine)  # logs the path it chose
+            if source is not None:
+                return source
         info = reply.nixl
         if info is None:
             raise ValueError(
@@ -138,9 +171,22 @@ class NixlConsumer(KVConsumer):
         )
         self._remote_agents[info.agent_name] = remote
         logger.info("loaded NIXL agent %s of engine %s", info.agent_name, reply.engine_id)
+        if self._copier is None:
+            logger.info(
+                "pulls from engine %s go by NIXL READ: kv_connector_extra_config.same_host_copy is off",
+                reply.engine_id,
+            )
         return remote
 
     def _transfer(self, pull: Pull, engine: RemoteEngine) -> None:
+        if isinstance(engine.transfer, DirectSource):
+            error = self._copier.copy(engine.transfer, pull)
+            if error is not None:
+                self._fail(pull, error)
+                return
+            # no READ, so no notification: the side channel's "done" releases the lease
+            self._succeed(pull, num_bytes=len(pull.local_ids) * self.region.block_len, notify=True)
+            return
         notification = f"{pull.remote.request_id}:{self.tp_size}".encode()
         handle = self._agent.make_prepped_xfer(
             "READ", self._local_blocks, pull.local_ids, engine.transfer.blocks, pull.remote_ids, notification
@@ -188,6 +234,8 @@ class NixlConsumer(KVConsumer):
         return True
 
     def _lost_peer(self, peer: Peer) -> None:
+        if self._copier is not None:
+            self._copier.lost_peer(peer)
         for pull in [p for p in self._in_flight.values() if p.remote.peer == peer]:
             if self._cancel(pull):
                 self._fail(pull, f"lost the side channel to the producer at {peer[0]}:{peer[1]}")
@@ -199,6 +247,8 @@ class NixlConsumer(KVConsumer):
             self._unreleased.append(handle)
 
     def _on_close(self) -> None:
+        if self._copier is not None:
+            self._copier.close()
         for pull in self._in_flight.values():
             try:
                 pull.transfer.handle.release()
@@ -238,6 +288,13 @@ class NixlConnector(SideChannelConnector):
             raise ValueError(
                 f"kv_connector_extra_config.enable_prog_thread must be true or false, got {progress_thread!r}"
             )
+        same_host_copy = extra.get("same_host_copy", "auto")
+        if not isinstance(same_host_copy, str) or same_host_copy not in SAME_HOST_COPY_MODES:
+            raise ValueError(
+                f'kv_connector_extra_config.same_host_copy must be "auto" or "off", got {same_host_copy!r}'
+            )
+        self.same_host_copy = same_host_copy == "auto"
+        self._direct_export: DirectExport | None = None
         # a new name at every start: a consumer must never mistake a restarted producer for the old one
         self.agent_name = f"{self.config.engine_id}-rank{self.tp_rank}-{uuid.uuid4().hex[:12]}"
         self._agent = api.nixl_agent(
@@ -258,7 +315,7 @@ class NixlConnector(SideChannelConnector):
         super()._setup()
 
     def _make_consumer(self) -> KVConsumer:
-        return NixlConsumer(agent=self._agent, **self._consumer_kwargs())
+        return NixlConsumer(agent=self._agent, same_host_copy=self.same_host_copy, **self._consumer_kwargs())
 
     def _register_memory(self, region: KVRegion) -> dict[str, Any]:
         self._registered = self._agent.register_memory(region.tensor)
@@ -271,7 +328,10 @@ class NixlConnector(SideChannelConnector):
             device_id=region.device_id,
             mem_type=region.mem_type,
         )
-        return {"nixl": info}
+        if not self.same_host_copy:
+            return {"nixl": info}
+        self._direct_export = DirectExport(self._producer.instance_id, region, fallback="by NIXL READ")
+        return {"nixl": info, "cuda_ipc": self._direct_export.to_message()}
 
     def _notification_source(self) -> Callable[[], list[str]]:
         return self._released_by_notification
@@ -291,6 +351,9 @@ class NixlConnector(SideChannelConnector):
         return released
 
     def close(self) -> None:
+        if self._direct_export is not None:
+            self._direct_export.close()
+            self._direct_export = None
         super().close()
         if self._registered is not None:
             self._agent.deregister_memory(self._registered)

@@ -29,9 +29,9 @@ from kvtransfer.cuda_ipc_copy import (
 from kvtransfer.cuda_ipc_driver import CudaIpcError, handle_bytes, handle_struct
 from kvtransfer.cuda_ipc_export import (
     HANDLE_BYTES,
+    ROUTE_FALLBACK,
     ROUTE_IPC,
     ROUTE_SAME_PROCESS,
-    ROUTE_TCP,
     CudaIpcExport,
     LocalEnd,
     choose_route,
@@ -148,12 +148,12 @@ LOCAL_GPU = LocalEnd(HOST, os.getpid(), "cuda")
     ("export", "local", "route"),
     [
         (gpu_export(), LOCAL_GPU, ROUTE_IPC),
-        (None, LOCAL_GPU, ROUTE_TCP),
-        (gpu_export(host_id="other-boot/other-host"), LOCAL_GPU, ROUTE_TCP),
+        (None, LOCAL_GPU, ROUTE_FALLBACK),
+        (gpu_export(host_id="other-boot/other-host"), LOCAL_GPU, ROUTE_FALLBACK),
         (gpu_export(pid=os.getpid()), LOCAL_GPU, ROUTE_SAME_PROCESS),
-        (gpu_export(device="cpu", handle=b""), LOCAL_GPU, ROUTE_TCP),
-        (gpu_export(), LocalEnd(HOST, os.getpid(), "cpu"), ROUTE_TCP),
-        (gpu_export(handle=b""), LOCAL_GPU, ROUTE_TCP),
+        (gpu_export(device="cpu", handle=b""), LOCAL_GPU, ROUTE_FALLBACK),
+        (gpu_export(), LocalEnd(HOST, os.getpid(), "cpu"), ROUTE_FALLBACK),
+        (gpu_export(handle=b""), LOCAL_GPU, ROUTE_FALLBACK),
     ],
     ids=[
         "same-host-gpus",

@@ -30,6 +30,8 @@ class TransferBenchResult:
     # per timed pull, the connector's phase stamps (TransferRecord.phases_ns) plus "polled":
     # when the caller's poll() reported it; empty where the connector records none
     phases: list[dict[str, int]] = field(default_factory=list)
+    # the consumer's stats() after the last pull (num_direct_transfers tells the route taken)
+    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_bytes(self) -> int:
@@ -160,13 +162,16 @@ def bench_transfer(
                 xfer_seconds.extend(r.seconds for r in records)
                 phases.extend({**r.phases_ns, "polled": polled} for r in records if r.phases_ns)
         check_blocks(cache, local_ids, remote_ids)
+        stats = consumer.stats()
     finally:
         consumer.close()
         pipe.send(None)
         process.join(timeout=30)
         if process.is_alive():
             process.kill()
-    return TransferBenchResult(connector, device, num_blocks, block_bytes, seconds, xfer_seconds, phases)
+    return TransferBenchResult(
+        connector, device, num_blocks, block_bytes, seconds, xfer_seconds, phases, stats
+    )
 
 
 def expect_reply(pipe: Any, wanted: Any = ..., process: Any = None) -> Any:

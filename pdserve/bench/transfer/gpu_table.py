@@ -1,10 +1,15 @@
 """`pdserve bench transfer --gpu-table`: each data path between two processes sharing a
 GPU, at Llama-3-8B shapes, against a device copy of the same bytes; every row in a
-process of its own (UCX reads its environment once), then one table."""
+process of its own (UCX reads its environment once), then one table.
+
+On one GPU NixlConnector pulls by the same direct copy as CudaIpcConnector unless its
+same_host_copy is off; the rows say which route they expect, and a row whose pulls took
+another one fails, naming the route its pulls took (its log holds the consumer's reason)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -23,7 +28,8 @@ ROW_TIMEOUT_S = 50.0  # bounds --gpu-table at about ten minutes
 UCX_FAST_TLS = "cuda_ipc,cuda_copy,tcp"
 
 
-# the phases of a CudaIpcConnector pull, as (name, from stamp, to stamp), in order
+# the phases of a direct-copy pull (CudaIpcConnector; NixlConnector on one machine, which
+# stamps from "started" on), as (name, from stamp, to stamp), in order
 PHASES = [
     ("handoff", "dispatched", "dequeued"),  # start_pull() to the I/O thread running the pull
     ("begin", "dequeued", "started"),  # lease and id checks, engine lookup
@@ -65,51 +71,89 @@ class GpuRow:
     max_tokens: int | None = None  # slow paths skip the largest requests
     pulls: int = 5
     poll_sleep_s: float = 0.0  # the caller's sleep between polls (0: a busy poll)
+    # connectors only: True, every pull must take the direct copy; False, none may
+    expect_direct: bool | None = None
 
 
 GET_ZCOPY_ON = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+READS = {"same_host_copy": "off"}  # NixlConnector by NIXL READ even on one machine
 
 
 def gpu_rows() -> list[GpuRow]:
     fast = {"UCX_TLS": UCX_FAST_TLS}
     slow = 8192
+    direct = {"expect_direct": True, "pulls": 10}
     return [
-        GpuRow("CudaIpcConnector", "CudaIpcConnector", pulls=10),
+        GpuRow("CudaIpcConnector", "CudaIpcConnector", **direct),
         GpuRow(
             "CudaIpcConnector, launch without CUDA graph",
             "CudaIpcConnector",
             {"PDSERVE_KV_COPY_GRAPHS": "0"},
-            pulls=10,
+            **direct,
         ),
         GpuRow(
-            "CudaIpcConnector, caller sleeps 50 us per poll", "CudaIpcConnector", pulls=10, poll_sleep_s=50e-6
+            "CudaIpcConnector, caller sleeps 50 us per poll",
+            "CudaIpcConnector",
+            poll_sleep_s=50e-6,
+            **direct,
         ),
         GpuRow(
             "CudaIpcConnector, graph launch and events through torch",
             "CudaIpcConnector",
             {"PDSERVE_KV_COPY_DRIVER": "0"},
-            pulls=10,
+            **direct,
         ),
         GpuRow(
             "CudaIpcConnector, blocking event wait",
             "CudaIpcConnector",
             {"PDSERVE_KV_COPY_WAIT": "block"},
-            pulls=10,
+            **direct,
         ),
-        GpuRow("NixlConnector, UCX defaults", "NixlConnector", max_tokens=slow, pulls=3),
-        GpuRow(f"NixlConnector, UCX_TLS={UCX_FAST_TLS}", "NixlConnector", fast, max_tokens=slow, pulls=3),
+        GpuRow("NixlConnector", "NixlConnector", **direct),  # same_host_copy auto: the direct copy
+        # UCX serves a GET over cuda_ipc only where it finds NVLink unless this is on (its
+        # uct_cuda_ipc_iface_get_max_get_zcopy): a one-GPU host has none, so reads go by TCP
         GpuRow(
-            "NixlConnector, same + progress thread",
+            "NixlConnector, same_host_copy off",
             "NixlConnector",
-            fast,
-            {"enable_prog_thread": True},
+            {**fast, **GET_ZCOPY_ON},
+            READS,
+            expect_direct=False,
+            pulls=5,
+        ),
+        GpuRow(
+            "NixlConnector, same_host_copy off, UCX defaults + cuda_ipc GET on",
+            "NixlConnector",
+            GET_ZCOPY_ON,
+            READS,
+            expect_direct=False,
+            pulls=5,
+        ),
+        GpuRow(
+            "NixlConnector, same_host_copy off, UCX defaults",
+            "NixlConnector",
+            extra=READS,
+            expect_direct=False,
             max_tokens=slow,
             pulls=3,
         ),
-        # UCX serves a GET over cuda_ipc only where it finds NVLink unless this is on (its
-        # uct_cuda_ipc_iface_get_max_get_zcopy): a one-GPU host has none, so reads go by TCP
-        GpuRow("NixlConnector, cuda_ipc GET on", "NixlConnector", {**fast, **GET_ZCOPY_ON}, pulls=5),
-        GpuRow("NixlConnector, UCX defaults + cuda_ipc GET on", "NixlConnector", GET_ZCOPY_ON, pulls=5),
+        GpuRow(
+            f"NixlConnector, same_host_copy off, UCX_TLS={UCX_FAST_TLS}",
+            "NixlConnector",
+            fast,
+            READS,
+            expect_direct=False,
+            max_tokens=slow,
+            pulls=3,
+        ),
+        GpuRow(
+            "NixlConnector, same_host_copy off, same TLS + progress thread",
+            "NixlConnector",
+            fast,
+            {**READS, "enable_prog_thread": True},
+            expect_direct=False,
+            max_tokens=slow,
+            pulls=3,
+        ),
         GpuRow("raw NIXL READ, 1 desc/block, cuda_ipc GET on", "nixl-raw", {**fast, **GET_ZCOPY_ON}, pulls=5),
         GpuRow("raw NIXL READ, 1 desc/block", "nixl-raw", fast, max_tokens=slow, pulls=3),
         GpuRow(
@@ -134,6 +178,9 @@ def gpu_rows() -> list[GpuRow]:
 def run_row(row: GpuRow, tokens: list[int]) -> list[dict[str, Any]]:
     """Measure `row` at each request size, with the device copy of the same bytes first."""
     spec = KVCacheSpec("bench-llama3-8b", "bfloat16", **LLAMA3_8B)
+    # the consumer's line saying which path its pulls take, and why, into the row's log
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kvtransfer.direct_copy").setLevel(logging.INFO)
     results = []
     for n in tokens:
         if row.max_tokens is not None and n > row.max_tokens:
@@ -161,6 +208,7 @@ def run_row(row: GpuRow, tokens: list[int]) -> list[dict[str, Any]]:
                 extra=row.extra,
                 poll_sleep_s=row.poll_sleep_s,
             )
+            check_route(row, result.stats)
         phases_us = phase_medians_us(result.phases)
         results.append(
             {
@@ -172,10 +220,25 @@ def run_row(row: GpuRow, tokens: list[int]) -> list[dict[str, Any]]:
                 "xfer_gb_s": result.median_xfer_gb_per_s,
                 "wall_gb_s": result.median_gb_per_s,
                 "phases_us": phases_us,
+                "direct_transfers": result.stats.get("num_direct_transfers"),
             }
         )
         print(json.dumps({"row": row.label, **results[-1]}), flush=True)
     return results
+
+
+def check_route(row: GpuRow, stats: dict[str, float]) -> None:
+    """RuntimeError unless the row's pulls (its timed ones and the first) took the route it
+    expects, by the consumer's num_direct_transfers."""
+    if row.expect_direct is None:
+        return
+    direct, pulls = int(stats.get("num_direct_transfers", 0)), row.pulls + 1
+    wanted = pulls if row.expect_direct else 0
+    if direct != wanted:
+        raise RuntimeError(
+            f"{row.label}: {direct} of {pulls} pulls took the direct copy, expected {wanted}; "
+            "the consumer logged why (the line 'pulls from engine ...' in this row's log)"
+        )
 
 
 def gpu_table(tokens: list[int], out: Path, only: list[str] | None = None) -> None:
@@ -225,21 +288,24 @@ def print_table(table: list[tuple[str, dict[str, Any] | None, str]]) -> None:
     """Today's columns (copy_ on CUDA events against the connector's host-timed xfer and the
     caller's wall time), then two like-for-like ratios: the copy kernel on CUDA events against
     copy_ on CUDA events (k/copy), and xfer against copy_ timed on host clocks as a pull is,
-    launch plus wait (x/copyh); then each CudaIpcConnector pull's phases."""
+    launch plus wait (x/copyh); "direct" counts the pulls (the first, untimed, included) that
+    took the direct copy. Then each direct-copy pull's phases."""
+    width = max([52] + [len(label) for label, _, _ in table])
     print()
     print(
-        f"{'path':52s} {'tokens':>6s} {'MiB':>6s} {'copy GB/s':>9s} {'xfer GB/s':>9s} {'x/copy':>6s} "
+        f"{'path':{width}s} {'direct':>6s} {'tokens':>6s} {'MiB':>6s} {'copy GB/s':>9s} {'xfer GB/s':>9s} {'x/copy':>6s} "
         f"{'wall GB/s':>9s} {'w/copy':>6s} {'kernel GB/s':>11s} {'k/copy':>6s} {'copyh GB/s':>10s} "
         f"{'x/copyh':>7s}"
     )
     for label, m, status in table:
         if m is None:
-            print(f"{label:52s} failed: {status} (see its log)")
+            print(f"{label:{width}s} failed: {status} (see its log)")
             continue
         kernel = m.get("kernel_gb_s")
         copy_host = m.get("copy_host_gb_s")
+        direct = m.get("direct_transfers")
         print(
-            f"{label:52s} {m['tokens']:6d} {m['mib']:6.0f} {m['copy_gb_s']:9.1f} {m['xfer_gb_s']:9.1f} "
+            f"{label:{width}s} {'' if direct is None else direct:>6} {m['tokens']:6d} {m['mib']:6.0f} {m['copy_gb_s']:9.1f} {m['xfer_gb_s']:9.1f} "
             f"{m['xfer_gb_s'] / m['copy_gb_s']:6.1%} {m['wall_gb_s']:9.1f} {m['wall_gb_s'] / m['copy_gb_s']:6.1%} "
             + (f"{kernel:11.1f} {kernel / m['copy_gb_s']:6.1%} " if kernel else f"{'':11s} {'':6s} ")
             + (f"{copy_host:10.1f} {m['xfer_gb_s'] / copy_host:7.1%}" if copy_host else "")
@@ -250,8 +316,8 @@ def print_table(table: list[tuple[str, dict[str, Any] | None, str]]) -> None:
     names = [name for name, _, _ in PHASES] + ["gpu", "xfer"]
     print()
     print("median microseconds per phase of a pull (host perf_counter; gpu: CUDA events around the copy)")
-    print(f"{'path':52s} {'tokens':>6s} " + " ".join(f"{name:>8s}" for name in names))
+    print(f"{'path':{width}s} {'tokens':>6s} " + " ".join(f"{name:>8s}" for name in names))
     for label, m in phased:
         phases = m["phases_us"]
         cells = " ".join(f"{phases[name]:8.1f}" if name in phases else f"{'':8s}" for name in names)
-        print(f"{label:52s} {m['tokens']:6d} {cells}")
+        print(f"{label:{width}s} {m['tokens']:6d} {cells}")
