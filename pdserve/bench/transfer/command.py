@@ -41,7 +41,9 @@ def add_transfer_args(parser: argparse.ArgumentParser) -> None:
         help="folder for the logs of --gpu-table's rows (default bench-transfer-logs)",
     )
     parser.add_argument(
-        "--only", nargs="+", help="with --gpu-table: only rows whose label contains one of these"
+        "--only",
+        nargs="+",
+        help='with --gpu-table: only rows whose label contains one of these ("LABEL$": exactly that label)',
     )
     parser.add_argument(
         "--kernel-sweep",

@@ -241,13 +241,18 @@ def check_route(row: GpuRow, stats: dict[str, float]) -> None:
         )
 
 
+def label_matches(label: str, word: str) -> bool:
+    """--only's test: `word` inside the label, or, ending in "$", the whole label."""
+    return label == word[:-1] if word.endswith("$") else word in label
+
+
 def gpu_table(tokens: list[int], out: Path, only: list[str] | None = None) -> None:
     """Run every row in its own process (with its environment), logging under `out`, then
     print the table."""
     out.mkdir(parents=True, exist_ok=True)
     table = []
     for i, row in enumerate(gpu_rows()):
-        if only and not any(word in row.label for word in only):
+        if only and not any(label_matches(row.label, word) for word in only):
             continue
         log = out / f"row{i:02d}.log"
         env = {**os.environ, **row.env, "UCX_PROTO_INFO": "y"}
