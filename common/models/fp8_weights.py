@@ -71,9 +71,7 @@ class Fp8Weight:
     @classmethod
     def quantize(cls, w: torch.Tensor, compute_dtype: torch.dtype | None = None) -> Fp8Weight:
         """Dynamic quantization at load: per-output-channel scales amax(|w_n|) / 448."""
-        w32 = w.float()
-        scale = w32.abs().amax(dim=1).clamp(min=_MIN_AMAX) / FP8_MAX
-        q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q, scale = quantize_rows(w)
         return cls(q, scale, compute_dtype=compute_dtype or w.dtype)
 
     @classmethod
@@ -146,6 +144,14 @@ class Fp8Weight:
 
     def nbytes(self) -> int:
         return self.weight.numel() + self.scale.numel() * 4
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 values, fp32 scales) of w [..., N, K] with one scale per row, amax(|w_n|) / 448:
+    a linear layer's output channels, or each expert's of a stacked [E, N, K]."""
+    w32 = w.float()
+    scale = w32.abs().amax(dim=-1).clamp(min=_MIN_AMAX) / FP8_MAX
+    return (w32 / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def _block_grid(shape: torch.Size, block: tuple[int, int]) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """fp8 weights into a model's linear layers: quantized at load, or read from an fp8 checkpoint.
 
-Only the layers `model.linear_sources()` lists (q/k/v, o, gate/up, down) become fp8; the
-embedding, the LM head and the norms stay in the model dtype, as in vLLM. The tensor names
+Only the layers `model.linear_sources()` lists (q/k/v, o, gate/up, down) and, quantized at
+load, a mixture-of-experts layer's stacked experts become fp8; the embedding, the LM head,
+the router and the norms stay in the model dtype, as in vLLM. The tensor names
 and shapes an fp8 checkpoint may hold are in common/config/checkpoint_quantization.py.
 """
 
@@ -16,15 +17,20 @@ from safetensors import safe_open
 
 from common.config.checkpoint_quantization import Fp8Scheme
 from common.models.fp8_weights import FP8, Fp8Weight
+from common.models.moe import SparseMoeBlock
 from common.models.weights_safetensors import safetensors_files
 
 
 def quantize_linears(model) -> None:
     """Replace every linear layer's dense weight (already loaded) by its fp8 form, one scale
-    per output channel; the dense weight is freed layer by layer."""
+    per output channel, and every mixture-of-experts layer's experts, one scale per expert's
+    output channel (SparseMoeBlock.quantize_fp8); the dense weights are freed layer by layer."""
     for _role, module, _names in model.linear_sources():
         if module is not None:
             module.keep_packed(Fp8Weight.quantize(module.weight))
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.quantize_fp8()
 
 
 def load_fp8_linears(model, folder: Path, scheme: Fp8Scheme, keep: bool) -> tuple[set[str], set[str]]:
