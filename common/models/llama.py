@@ -217,7 +217,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _small_batch_kernels(self, x: torch.Tensor):
         """The fused small-batch kernels when this batch and this model can use them: no
-        biases, no q/k norm and no experts (those keep the general path)."""
+        biases, no q/k norm, no experts and no packed (fp8, GGUF) weights (those keep the
+        general path)."""
         c = self.config
         if (
             c.num_experts
@@ -227,7 +228,12 @@ class LlamaForCausalLM(nn.Module):
             or self.layers[0].mlp.down_proj.lora is not None
         ):
             return None  # LoRA adds its products after each layer's own matmul: the general path
-        return small_batch_kernels(x)
+        kernels = small_batch_kernels(x)
+        if kernels is not None and any(
+            m.packed is not None for m in self.modules() if isinstance(m, Linear)
+        ):  # forward_small_batch multiplies by `.weight`, a packed Linear's zero-strided stand-in
+            return None
+        return kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] in float32 for the hidden states of the tokens that sample."""

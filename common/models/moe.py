@@ -141,3 +141,8 @@ def experts_capture_in_cuda_graphs(model: nn.Module) -> bool:
     """Whether every mixture-of-experts layer of `model` runs without reading back to the host
     (the Triton kernels), as a CUDA graph needs; True for a dense model."""
     return all(fused_moe_kernels(m.w13) is not None for m in model.modules() if isinstance(m, SparseMoeBlock))
+
+
+def experts_in_fp8(model: nn.Module) -> bool:
+    """Whether `model`'s experts are held in fp8 (--quantization fp8 where the kernels read it)."""
+    return any(m.w13.dtype == FP8 for m in model.modules() if isinstance(m, SparseMoeBlock))
