@@ -3,10 +3,13 @@
 # with fp8 weights and Qwen3-30B-A3B in bf16, dummy weights, on one GPU.
 #
 # STAGE picks the parts (several, space-separated, run in turn; each fits one 600-second command):
-#   kernels    (default, about 8 min) decode-step at batch 1 and 64, context 1024, of Llama-3-8B fp8
-#              (against its fp8 floor) and Qwen3-30B-A3B bf16 (against the floor of the experts its
-#              tokens touch and of all experts); pdserve bench moe-kernel with its defaults; prefill
-#              of one 2048-token prompt of each against the matmul peaks measured in the run.
+#   kernels-dense  (about 7 min) the fused MoE kernels' tests on the device; pdserve bench moe-kernel
+#              (defaults: Qwen3-30B-A3B and Mixtral-8x7B expert shapes, bf16 and fp8); decode-step at
+#              batch 1 and 64, context 1024, of Llama-3-8B fp8 against its fp8 floor; prefill of one
+#              2048-token prompt against the matmul peaks measured in the run.
+#   kernels-moe    (about 6 min) the same decode-step and prefill for Qwen3-30B-A3B bf16, against the
+#              floor of the experts its tokens touch and of all experts.
+#   kernels    (default) both, in turn (more than one command's 600 s).
 #   e2e-llama  (about 5 min) pdserve bench serve at concurrency 1, 8 and 64, aggregated and
 #              1 prefill + 1 decode process (CUDA IPC), Llama-3-8B -q fp8 (pdserve/bench/e2e_serve.sh).
 #   e2e-qwen   (about 6 min) the same for Qwen3-30B-A3B bf16. Its weights are 60 GB (with the bench
@@ -14,16 +17,14 @@
 #              process cannot both hold them on an 80 GB card: where the GPU has less than 130 GB
 #              the 1P+1D run serves the model cut to its first QWEN_DISAGG_LAYERS (default 24) layers,
 #              30 GB a process, and says so; on an H200 (kind nvidia-h200, 141 GB) both hold the
-#              whole model. fp8 does not halve it: -q fp8 quantizes the attention linears only (the
-#              experts stay bf16, common/models/weights_fp8.py), about 59 GB.
+#              whole model. (-q fp8 would halve it, experts included, but the issue asks for bf16.)
 # Budget: every command below runs under a deadline (BUDGET_S, default 580 s from the start), so a
 # stage ends in time and prints its table whatever part overran.
 # Needs (carry): .whl (the wheels, as every GPU script here), and for the e2e stages TOKENIZER
 # (default .bench/smollm2-tokenizer): a folder with tokenizer.json for the bench model folders
 # (pdserve bench make-model --tokenizer); without it make-model exports the embedded GGUF's with
 # transformers, if installed.
-# A mixture-of-experts forward that cannot be captured in a CUDA graph (the torch reference reads
-# expert counts back to the host) is timed and served eagerly: decode-step reruns with
+# The fused MoE kernels capture in CUDA graphs; should a capture fail, decode-step reruns with
 # --enforce-eager, and e2e-qwen probes a one-layer capture first (QWEN_EAGER=auto|0|1).
 set -u
 STAGE=${STAGE:-kernels}
@@ -48,26 +49,40 @@ run() {
 }
 STEP="--batch-sizes 1,64 --context-len 1024 --max-model-len 2048 --no-hf --rep-ms 200 --engine-steps 16"
 
-kernels() {
+# the dense half: the fused MoE kernels' tests on the device, their bench, Llama-3-8B fp8
+kernels_dense() {
+  run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider tests/models/test_fused_moe_triton.py \
+    tests/models/test_moe_models.py tests/models/test_fp8_weights.py
+  tail -1 "$OUT/gpu_tests.log" | tee -a "$SUMMARY"
+  run moe_kernel 150 python3 -m pdserve bench moe-kernel --json "$OUT/moe_kernel.json"
   run decode_llama8b_fp8 150 python3 -m pdserve bench decode-step --model-config llama-3-8b -q fp8 $STEP \
     --json "$OUT/decode_llama8b_fp8.json"
-  if ! run decode_qwen3_30b 170 python3 -m pdserve bench decode-step --model-config qwen3-30b-a3b $STEP \
+  run prefill_llama8b_fp8 100 python3 -m pdserve bench prefill --model-config llama-3-8b -q fp8 \
+    --prompt-lens 2048 --batch-prompts "" --warmup 1 --repeats 3 --matmul-tries 3 --json "$OUT/prefill_llama8b_fp8.json"
+  echo
+  grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | tail -8
+  [ -f "$OUT/moe_kernel.log" ] && { echo "== moe_kernel"; tail -30 "$OUT/moe_kernel.log"; }
+  report decode_llama8b_fp8 prefill_llama8b_fp8
+}
+
+# the MoE half: Qwen3-30B-A3B bf16 decode step and prefill
+kernels_moe() {
+  if ! run decode_qwen3_30b 200 python3 -m pdserve bench decode-step --model-config qwen3-30b-a3b $STEP \
       --json "$OUT/decode_qwen3_30b.json"; then
-    run decode_qwen3_30b_eager 150 python3 -m pdserve bench decode-step --model-config qwen3-30b-a3b $STEP \
+    run decode_qwen3_30b_eager 170 python3 -m pdserve bench decode-step --model-config qwen3-30b-a3b $STEP \
       --enforce-eager --json "$OUT/decode_qwen3_30b_eager.json"
   fi
-  run moe_kernel 120 python3 -m pdserve bench moe-kernel
-  run prefill_llama8b_fp8 90 python3 -m pdserve bench prefill --model-config llama-3-8b -q fp8 \
-    --prompt-lens 2048 --batch-prompts "" --warmup 1 --repeats 3 --matmul-tries 3 --json "$OUT/prefill_llama8b_fp8.json"
-  run prefill_qwen3_30b 110 python3 -m pdserve bench prefill --model-config qwen3-30b-a3b \
+  run prefill_qwen3_30b 150 python3 -m pdserve bench prefill --model-config qwen3-30b-a3b \
     --prompt-lens 2048 --batch-prompts "" --warmup 1 --repeats 3 --matmul-tries 3 --json "$OUT/prefill_qwen3_30b.json"
   echo
-  for name in decode_llama8b_fp8 decode_qwen3_30b decode_qwen3_30b_eager; do
-    [ -f "$OUT/$name.log" ] && { echo "== $name"; grep -E "^(B=|device-to|whole-model|\|)" "$OUT/$name.log" | tail -8; }
-  done
-  [ -f "$OUT/moe_kernel.log" ] && { echo "== moe_kernel"; tail -25 "$OUT/moe_kernel.log"; }
-  for name in prefill_llama8b_fp8 prefill_qwen3_30b; do
-    [ -f "$OUT/$name.log" ] && { echo "== $name"; grep -E "matmul|^\|" "$OUT/$name.log" | tail -5; }
+  report decode_qwen3_30b decode_qwen3_30b_eager prefill_qwen3_30b
+}
+
+report() {  # the tables of the named logs
+  for name in "$@"; do
+    [ -f "$OUT/$name.log" ] || continue
+    echo "== $name"
+    grep -E "^(B=|device-to|whole-model|\|)|matmul|Error|error" "$OUT/$name.log" | tail -10
   done
 }
 
@@ -120,10 +135,12 @@ e2e_qwen() {
 
 for stage in $STAGE; do
   case $stage in
-    kernels) kernels ;;
+    kernels) kernels_dense; kernels_moe ;;
+    kernels-dense) kernels_dense ;;
+    kernels-moe) kernels_moe ;;
     e2e-llama) e2e_llama ;;
     e2e-qwen) e2e_qwen ;;
-    *) echo "unknown STAGE $stage (kernels, e2e-llama, e2e-qwen)"; exit 2 ;;
+    *) echo "unknown STAGE $stage (kernels-dense, kernels-moe, kernels, e2e-llama, e2e-qwen)"; exit 2 ;;
   esac
 done
 echo; echo "== summary ($SECONDS s)"; cat "$SUMMARY"
