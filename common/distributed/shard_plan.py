@@ -81,10 +81,8 @@ def plan_shards(config: ModelConfig, tp_size: int) -> list[RankShard]:
             f"--tensor-parallel-size {tp_size} leaves ranks without a query head ({num_q} query heads); "
             f"use at most {num_q} ranks"
         )
-    if tp_size > config.intermediate_size:
-        raise ValueError(
-            f"--tensor-parallel-size {tp_size} is larger than the MLP width {config.intermediate_size}"
-        )
+    if tp_size > config.mlp_width:
+        raise ValueError(f"--tensor-parallel-size {tp_size} is larger than the MLP width {config.mlp_width}")
     vocab_shard = -(-config.vocab_size // tp_size)
     shards = []
     for rank in range(tp_size):
@@ -103,7 +101,7 @@ def plan_shards(config: ModelConfig, tp_size: int) -> list[RankShard]:
                 size=tp_size,
                 q_heads=q,
                 kv_heads=kv,
-                intermediate=even_range(config.intermediate_size, tp_size, rank),
+                intermediate=even_range(config.mlp_width, tp_size, rank),
                 vocab=(start, min(start + vocab_shard, config.vocab_size)),
                 vocab_shard_size=vocab_shard,
             )
@@ -112,11 +110,13 @@ def plan_shards(config: ModelConfig, tp_size: int) -> list[RankShard]:
 
 
 def rank_model_config(config: ModelConfig, shard: RankShard) -> ModelConfig:
-    """The config a rank builds its modules from: its heads, its MLP columns, its vocabulary shard."""
+    """The config a rank builds its modules from: its heads, its MLP columns (each expert's,
+    for a mixture of experts), its vocabulary shard."""
+    width = {"moe_intermediate_size" if config.num_experts else "intermediate_size": shard.intermediate_size}
     return dataclasses.replace(
         config,
         num_attention_heads=shard.num_q_heads,
         num_key_value_heads=shard.num_kv_heads,
-        intermediate_size=shard.intermediate_size,
         vocab_size=shard.vocab_shard_size,
+        **width,
     )

@@ -138,6 +138,7 @@ def set_up_engine(
                 source_load_format(source, config.load_format),
                 device.type,
                 config.tensor_parallel_size,
+                model_config.extra,  # config.json: its quantization_config, checked here
             ),
         )
     num_blocks = kv_cache_num_blocks(config, model, model_config, device, tp_group)

@@ -38,6 +38,7 @@ from common.engine.sampler import Sampler
 from common.engine.scheduled_batch import ScheduledBatch
 from common.engine.step_buffers import StepBuffers, StepHandle, StepInputs
 from common.lora.adapter_slots import AdapterSlots
+from common.models.moe import experts_capture_in_cuda_graphs
 
 
 class ModelRunner:
@@ -463,5 +464,7 @@ def _attach_lora(model, lora_config, cache, dtype, device, max_num_batched_token
 
 def _backend_supports_cuda_graphs(model) -> bool:
     # The plain-torch backend reads lengths back to the host and masks with host-side
-    # shapes; only the Triton kernels launch grids fixed by the batch size.
-    return getattr(getattr(model, "attn_backend", None), "name", None) == "triton"
+    # shapes; only the Triton kernels launch grids fixed by the batch size. The same holds
+    # for mixture-of-experts layers: the torch reference reads expert counts back.
+    triton_attention = getattr(getattr(model, "attn_backend", None), "name", None) == "triton"
+    return triton_attention and experts_capture_in_cuda_graphs(model)

@@ -130,6 +130,11 @@ def attach_lora(
 ) -> tuple[LoRAContext, list[LinearLoRA]]:
     """Give every decoder layer's qkv, o, gate_up and down projections a LinearLoRA of
     `num_slots` slots; (the shared context, every LinearLoRA in layer order)."""
+    if model.config.num_experts:
+        raise ValueError(
+            f"--enable-lora: LoRA adapters on a mixture-of-experts model ({model.config.architecture}) "
+            "are not supported; serve it without --enable-lora"
+        )
     context = LoRAContext()
     device = next(model.parameters()).device
     full_shards = model.weight_shards() if hasattr(model, "weight_shards") else {}

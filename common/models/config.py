@@ -1,4 +1,5 @@
-"""ModelConfig: the shape of a Llama-family decoder, read from config.json or GGUF metadata.
+"""ModelConfig: the shape of a Llama-family decoder (dense or mixture-of-experts), read from
+config.json or GGUF metadata.
 
 Torch-free (plain dataclass, json, and common/gguf_file.py, which needs numpy only), so the
 router and the CLI can learn a model's vocabulary size and context length without loading
@@ -24,6 +25,8 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
 )
 
 _MODEL_TYPES = {
@@ -31,6 +34,8 @@ _MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 # HF config classes' defaults for keys a config.json may leave out.
 _DEFAULT_MAX_POSITIONS = {
@@ -38,6 +43,8 @@ _DEFAULT_MAX_POSITIONS = {
     "MistralForCausalLM": 4096 * 32,
     "Qwen2ForCausalLM": 32768,
     "Qwen3ForCausalLM": 32768,
+    "Qwen3MoeForCausalLM": 32768,
+    "MixtralForCausalLM": 4096 * 32,
 }
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "freq_factors")
 
@@ -78,6 +85,13 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "float32"
     sliding_window: int | None = None  # informative only: max_position_embeddings is capped to it
+    # Mixture-of-experts (Qwen3-MoE, Mixtral; common/models/moe.py): every layer's MLP is
+    # num_experts SiLU-gated MLPs of width moe_intermediate_size, num_experts_per_tok of
+    # them per token; norm_topk_prob renormalises the chosen experts' weights. 0: dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # raw source config
 
     def __post_init__(self) -> None:
@@ -100,6 +114,16 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
             self.max_position_embeddings = self.sliding_window
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"{self.architecture}: num_experts_per_tok {self.num_experts_per_tok} must be between 1 "
+                f"and the number of experts, {self.num_experts}; the config.json is inconsistent"
+            )
+
+    @property
+    def mlp_width(self) -> int:
+        """The intermediate width of each layer's MLP: an expert's for a mixture-of-experts model."""
+        return self.moe_intermediate_size if self.num_experts else self.intermediate_size
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -131,6 +155,7 @@ class ModelConfig:
         rope_theta, rope_scaling = _hf_rope(cfg)
         bias = bool(cfg.get("attention_bias", False))
         is_qwen2 = arch == "Qwen2ForCausalLM"
+        moe = _hf_moe(arch, cfg, need)
         return cls(
             architecture=arch,
             vocab_size=need("vocab_size"),
@@ -147,13 +172,14 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=True if is_qwen2 else bias,
             attention_out_bias=False if is_qwen2 else bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hidden_act=cfg.get("hidden_act", "silu"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             sliding_window=_hf_sliding_window(arch, cfg),
             extra=dict(cfg),
+            **moe,
         )
 
     @classmethod
@@ -229,6 +255,52 @@ def _hf_sliding_window(arch: str, cfg: dict[str, Any]) -> int | None:
     if cfg.get("use_sliding_window") or "sliding_attention" in layer_types:
         return window
     return None
+
+
+def _hf_moe(arch: str, cfg: dict[str, Any], need) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE or Mixtral config.json ({} for a dense
+    model); a field whose value pdserve does not implement is refused by name."""
+    if arch == "Qwen3MoeForCausalLM":
+        # every layer sparse, no shared expert: what Qwen3-MoE checkpoints use
+        unsupported = (
+            ("decoder_sparse_step", cfg.get("decoder_sparse_step", 1), (None, 1)),
+            ("mlp_only_layers", cfg.get("mlp_only_layers"), (None, [])),
+            ("shared_expert_intermediate_size", cfg.get("shared_expert_intermediate_size"), (None, 0)),
+        )
+        for name, value, supported in unsupported:
+            if value not in supported:
+                raise ValueError(
+                    f"{arch}: {name}={value!r} is not supported; pdserve runs Qwen3-MoE models whose "
+                    "every layer is a mixture of experts without a shared expert "
+                    "(decoder_sparse_step 1, mlp_only_layers empty, no shared_expert_intermediate_size)"
+                )
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        if not experts:
+            raise ValueError(f"config.json of a {arch} has no 'num_experts'; the file is incomplete")
+        return {
+            "num_experts": experts,
+            "num_experts_per_tok": need("num_experts_per_tok"),
+            "moe_intermediate_size": need("moe_intermediate_size"),
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+        }
+    if arch == "MixtralForCausalLM":
+        # router_jitter_noise perturbs the router in training only; output_router_logits
+        # asks for the auxiliary loss's inputs: neither changes inference.
+        window = cfg.get("sliding_window")
+        positions = cfg.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
+        if window is not None and window < positions:
+            raise ValueError(
+                f"{arch}: sliding_window={window} is not supported (pdserve attends over the whole "
+                f"context, max_position_embeddings {positions}); set sliding_window to null in "
+                "config.json (or pass --hf-config-path) if the model was trained without it"
+            )
+        return {
+            "num_experts": need("num_local_experts"),
+            "num_experts_per_tok": need("num_experts_per_tok"),
+            "moe_intermediate_size": need("intermediate_size"),
+            "norm_topk_prob": True,  # Mixtral's softmax over the top-k logits: renormalised
+        }
+    return {}
 
 
 def _gguf_rope_scaling(file: GGUFFile, arch: str) -> dict[str, Any] | None:

@@ -89,9 +89,10 @@ class Linear(nn.Module):
     """y = x W^T (+ b). Parameters start uninitialized: a loader always fills them.
 
     `lora` (common/lora/lora_layer.py, set by an engine with --enable-lora) adds the
-    step's adapters' products to y; None serves the base model alone. `packed` (a
-    common.models.gguf_int4.PackedInt4Weight, set by the loader with --quantization gguf)
-    replaces the weight, which then keeps only its shape (see `keep_packed`)."""
+    step's adapters' products to y; None serves the base model alone. `packed` (a weight
+    object with `matmul(x)`: common.models.gguf_int4.PackedInt4Weight with --quantization
+    gguf, common.models.fp8_weights.Fp8Weight with fp8) replaces the weight, which then keeps
+    only its shape (see `keep_packed`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -253,5 +254,6 @@ class GatedMLP(nn.Module):
             and type(gate_up) is Linear
             and gate_up.bias is None
             and gate_up.lora is None
+            and gate_up.packed is None
             and kernels.small_m_matmul_fits(x, gate_up.weight)
         )

@@ -1,4 +1,5 @@
-"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2.
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, and the
+mixture-of-experts Qwen3-MoE and Mixtral.
 
 The model runs a packed batch: the new tokens of many requests, one after another, with
 no batch dimension. Attention goes through a backend (plain torch on CPU, Triton on
@@ -6,7 +7,8 @@ GPU) that writes this step's K/V into the paged cache and attends over it, as
 AttentionMetadata describes.
 
 Differences between the family members are flags of ModelConfig: q/k/v bias (Qwen2),
-per-head q/k RMSNorm before RoPE (Qwen3), explicit head_dim, RoPE scaling, tied LM head.
+per-head q/k RMSNorm before RoPE (Qwen3), explicit head_dim, RoPE scaling, tied LM head,
+and a sparse mixture-of-experts MLP in every layer (num_experts > 0, common/models/moe.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from common.models.layers import (
     linear,
     small_batch_kernels,
 )
+from common.models.moe import SparseMoeBlock
 
 
 class Attention(nn.Module):
@@ -85,7 +88,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx, rotary, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp: GatedMLP | SparseMoeBlock
+        if config.num_experts:
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,
@@ -210,16 +217,23 @@ class LlamaForCausalLM(nn.Module):
 
     def _small_batch_kernels(self, x: torch.Tensor):
         """The fused small-batch kernels when this batch and this model can use them: no
-        biases and no q/k norm (those keep the general path)."""
+        biases, no q/k norm, no experts and no packed (fp8, GGUF) weights (those keep the
+        general path)."""
         c = self.config
         if (
-            c.attention_bias
+            c.num_experts
+            or c.attention_bias
             or c.attention_out_bias
             or c.qk_norm
             or self.layers[0].mlp.down_proj.lora is not None
         ):
             return None  # LoRA adds its products after each layer's own matmul: the general path
-        return small_batch_kernels(x)
+        kernels = small_batch_kernels(x)
+        if kernels is not None and any(
+            m.packed is not None for m in self.modules() if isinstance(m, Linear)
+        ):  # forward_small_batch multiplies by `.weight`, a packed Linear's zero-strided stand-in
+            return None
+        return kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] in float32 for the hidden states of the tokens that sample."""
@@ -229,7 +243,8 @@ class LlamaForCausalLM(nn.Module):
 
     def linear_sources(self) -> list[tuple[str, Linear | None, list[str]]]:
         """(role, module, the Hugging Face tensors it stacks by rows) of every matmul weight;
-        module None is the LM head (its source is the embedding when they are tied)."""
+        module None is the LM head (its source is the embedding when they are tied). A
+        mixture-of-experts layer's experts are stacked tensors, not Linear modules: not listed."""
         head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         sources: list[tuple[str, Linear | None, list[str]]] = [("lm_head", None, [head])]
         for i, layer in enumerate(self.layers):
@@ -237,9 +252,12 @@ class LlamaForCausalLM(nn.Module):
             sources += [
                 ("qkv", attn.qkv_proj, [p + f"self_attn.{x}_proj.weight" for x in "qkv"]),
                 ("o", attn.o_proj, [p + "self_attn.o_proj.weight"]),
-                ("gate_up", mlp.gate_up_proj, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                ("down", mlp.down_proj, [p + "mlp.down_proj.weight"]),
             ]
+            if isinstance(mlp, GatedMLP):
+                sources += [
+                    ("gate_up", mlp.gate_up_proj, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    ("down", mlp.down_proj, [p + "mlp.down_proj.weight"]),
+                ]
         return sources
 
     def weight_targets(self) -> dict[str, torch.Tensor]:
@@ -261,10 +279,13 @@ class LlamaForCausalLM(nn.Module):
             if self.config.qk_norm:
                 targets[p + "self_attn.q_norm.weight"] = attn.q_norm.weight
                 targets[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
-            gate_up, n = layer.mlp.gate_up_proj.weight, layer.mlp.intermediate_size
-            targets[p + "mlp.gate_proj.weight"] = gate_up[:n]
-            targets[p + "mlp.up_proj.weight"] = gate_up[n:]
-            targets[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight
+            if isinstance(layer.mlp, SparseMoeBlock):
+                targets.update(layer.mlp.weight_targets(self.config.architecture, p))
+            else:
+                gate_up, n = layer.mlp.gate_up_proj.weight, layer.mlp.intermediate_size
+                targets[p + "mlp.gate_proj.weight"] = gate_up[:n]
+                targets[p + "mlp.up_proj.weight"] = gate_up[n:]
+                targets[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight
             targets[p + "input_layernorm.weight"] = layer.input_layernorm.weight
             targets[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         return targets

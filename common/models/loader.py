@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from common.config.checkpoint_quantization import checkpoint_fp8_scheme
 from common.distributed.group import TensorParallelGroup
 from common.distributed.shard_plan import plan_shards
 from common.gguf_file import open_gguf
@@ -19,6 +20,7 @@ from common.models.config import ModelConfig, load_model_config
 from common.models.llama import LlamaForCausalLM
 from common.models.parallel_layers import TensorParallelLlamaForCausalLM
 from common.models.weights_dummy import fill_dummy_weights
+from common.models.weights_fp8 import dense_weights, load_fp8_linears, quantize_linears
 from common.models.weights_gguf import iter_gguf_weights, pack_gguf_linears
 from common.models.weights_safetensors import iter_safetensors_weights
 
@@ -78,7 +80,9 @@ def load_model(
     weights read as slices of the checkpoint's tensors; every rank of the group calls
     this at the same time. The config returned is the whole model's. quantization "gguf"
     keeps a GGUF's Q4_0/Q4_1/Q8_0 matmul weights quantized (CPU, one rank: see
-    common/config/quantization.py); None loads every weight densely in `dtype`.
+    common/config/quantization.py); "fp8" keeps the linear layers' weights in fp8, as an fp8
+    checkpoint stores them or quantized at load (one rank); None loads every weight densely
+    in `dtype`, an fp8 checkpoint's dequantized.
     """
     fmt = source_load_format(source, load_format)
     config = load_model_config(source, hf_config_path)
@@ -91,8 +95,12 @@ def load_model(
             shard = plan_shards(config, tp_group.size)[tp_group.rank]
             model = TensorParallelLlamaForCausalLM(config, attn_backend, tp_group, shard)
     shards = model.weight_shards() if tp_group is not None else None
-    if quantization not in (None, "gguf") or (quantization == "gguf" and fmt != "gguf"):
+    if quantization not in (None, "gguf", "fp8") or (quantization == "gguf" and fmt != "gguf"):
         raise ValueError(f"quantization {quantization!r} does not apply to a {fmt} model")
+    # fp8 (common/models/weights_fp8.py): stored so by the checkpoint, or quantized below
+    fp8_stored = fmt == "safetensors" and checkpoint_fp8_scheme(config.extra) is not None
+    if (quantization == "fp8" or fp8_stored) and tp_group is not None:
+        raise ValueError("fp8 weights load on one rank only; pass --tensor-parallel-size 1")
     if fmt == "dummy":
         fill_dummy_weights(model, seed)
         if tp_group is not None:
@@ -107,9 +115,20 @@ def load_model(
                 raise ValueError("GGUF blocks are kept quantized on the CPU, on one rank only")
             packed = pack_gguf_linears(model, reader, file_config)
         load_weights(model, iter_gguf_weights(reader, file_config, shards, skip=packed), preloaded=packed)
+    elif fp8_stored:
+        _load_fp8_checkpoint(model, source.path, config, keep=quantization == "fp8")
     else:
         load_weights(model, iter_safetensors_weights(source.path, shards))
+    if quantization == "fp8" and not fp8_stored:
+        quantize_linears(model)  # dynamic quantization of the dense weights just loaded
     return model.eval(), config
+
+
+def _load_fp8_checkpoint(model: LlamaForCausalLM, folder, config: ModelConfig, keep: bool) -> None:
+    """An fp8 checkpoint's linear layers kept in fp8 (`keep`) or dequantized to the model
+    dtype (--quantization none); its other tensors loaded densely."""
+    loaded, read = load_fp8_linears(model, folder, checkpoint_fp8_scheme(config.extra), keep)
+    load_weights(model, dense_weights(iter_safetensors_weights(folder, skip=read)), preloaded=loaded)
 
 
 def load_weights(

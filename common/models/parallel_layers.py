@@ -6,6 +6,9 @@ holding fewer output rows, attention runs on the rank's own heads and KV cache. 
 differs is where the ranks' partial results meet:
   - o_proj and down_proj are row-parallel: each rank multiplies its slice of the input
     features and the partial sums are all-reduced (the bias, if any, added once after);
+  - a mixture-of-experts layer holds every expert's slice of the intermediate columns
+    (vLLM's split; the router whole on every rank, so all ranks pick the same experts) and
+    all-reduces the sum of its experts' partial outputs;
   - the embedding is vocabulary-parallel: a rank looks up only the ids in its shard,
     zeros the rest, and an all-reduce sums the one non-zero row per token;
   - the LM head is vocabulary-parallel: each rank computes its shard's logits and rank 0
@@ -22,6 +25,7 @@ from common.distributed.shard_plan import RankShard, rank_model_config
 from common.models.config import ModelConfig
 from common.models.layers import Linear, linear
 from common.models.llama import LlamaForCausalLM
+from common.models.moe import SparseMoeBlock, expert_tensor_names
 from common.models.weights_shard import Shard
 
 
@@ -60,7 +64,10 @@ class TensorParallelLlamaForCausalLM(LlamaForCausalLM):
             attn = layer.self_attn
             attn.o_proj = RowParallelLinear(attn.q_size, config.hidden_size, config.attention_out_bias, group)
             mlp = layer.mlp
-            mlp.down_proj = RowParallelLinear(mlp.intermediate_size, config.hidden_size, False, group)
+            if isinstance(mlp, SparseMoeBlock):
+                mlp.group = group
+            else:
+                mlp.down_proj = RowParallelLinear(mlp.intermediate_size, config.hidden_size, False, group)
         with torch.no_grad():  # rows past the vocabulary pad the last shard: never looked up, logits cut off
             self.embed_tokens[shard.num_vocab_rows :].zero_()
             self.lm_head[shard.num_vocab_rows :].zero_()
@@ -112,15 +119,20 @@ class TensorParallelLlamaForCausalLM(LlamaForCausalLM):
                 shards[p + f"self_attn.k_proj.{suffix}"] = kv_rows
                 shards[p + f"self_attn.v_proj.{suffix}"] = kv_rows
             shards[p + "self_attn.o_proj.weight"] = Shard(1, q_rows.start, q_rows.stop)
-            shards[p + "mlp.gate_proj.weight"] = mlp_rows
-            shards[p + "mlp.up_proj.weight"] = mlp_rows
-            shards[p + "mlp.down_proj.weight"] = Shard(1, mlp_rows.start, mlp_rows.stop)
+            mlps = [(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight")]
+            if self.config.num_experts:
+                mlps = expert_tensor_names(self.config.architecture, p, self.config.num_experts)
+            for gate, up, down in mlps:
+                shards[gate] = shards[up] = mlp_rows
+                shards[down] = Shard(1, mlp_rows.start, mlp_rows.stop)
         return shards
 
     def replicated_parameters(self) -> list[torch.Tensor]:
-        """The parameters every rank holds whole (norms, o_proj's bias): they must be equal
-        on all ranks, since each rank applies them to the same all-reduced activations."""
-        return [p for name, p in self.named_parameters() if name.endswith(("norm.weight", "o_proj.bias"))]
+        """The parameters every rank holds whole (norms, o_proj's bias, the experts' router):
+        they must be equal on all ranks, since each rank applies them to the same
+        all-reduced activations."""
+        whole = ("norm.weight", "o_proj.bias", "router_weight")
+        return [p for name, p in self.named_parameters() if name.endswith(whole)]
 
     def broadcast_replicated(self) -> None:
         """Make every rank's replicated parameters rank 0's (after random dummy weights)."""

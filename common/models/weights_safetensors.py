@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -41,14 +41,17 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def iter_safetensors_weights(
-    folder: Path, shards: Mapping[str, Shard] | None = None
+    folder: Path, shards: Mapping[str, Shard] | None = None, skip: Collection[str] = ()
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, CPU tensor) for every tensor of the folder, one at a time; a
-    tensor named in `shards` is read as that slice only (a tensor-parallel rank's part)."""
+    """(Hugging Face name, CPU tensor) for every tensor of the folder but those in `skip`
+    (read by the caller already), one at a time; a tensor named in `shards` is read as that
+    slice only (a tensor-parallel rank's part)."""
     shards = shards or {}
     for file in safetensors_files(Path(folder)):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if name in skip:
+                    continue
                 shard = shards.get(name)
                 if shard is None:
                     yield name, f.get_tensor(name)

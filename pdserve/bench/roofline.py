@@ -21,6 +21,12 @@ fraction reached.
 The matmul rate (torch.mm, best of several) and the copy bandwidth (a 1 GiB device copy,
 bytes read + written) are measured in the same run unless --matmul-tflops and
 --copy-tbps give them; on CPU the same code runs with the CPU's own rates.
+
+A mixture-of-experts model's FLOPs count each token's router and k experts, and a step of
+b sequences reads the experts b tokens touch under uniform routing (model_costs.py). With
+--quantization fp8 the fp8 linears' bytes are theirs (1 byte a weight and a scale a row),
+and their FLOPs run at the fp8 matmul rate (torch._scaled_mm, measured on a GPU that has
+it, else the 16-bit rate).
 """
 
 from __future__ import annotations
@@ -71,12 +77,24 @@ def serving_roofline(
     copy_bandwidth: float,
     bytes_per_param: float,
     kv_bytes_per_element: float,
+    fp8_linears: bool = False,
+    fp8_matmul_rate: float | None = None,
+    fp8_experts: bool = False,
 ) -> Roofline:
-    """The workload's floor (module docstring): rates in FLOP/s and bytes/s."""
+    """The workload's floor (module docstring): rates in FLOP/s and bytes/s. fp8_linears:
+    the linears fp8 keeps read at their bytes and, at `fp8_matmul_rate` if given, their FLOPs;
+    fp8_experts: the experts read at fp8's bytes (their FLOPs stay at the dtype's rate: the
+    fused MoE kernels multiply in the dtype)."""
     w = workload
     if min(w.input_len, w.output_len, w.num_requests, w.concurrency) < 1:
         raise ValueError(f"every length and count of the workload must be at least 1, got {w}")
+    fp8_rate = fp8_matmul_rate if fp8_linears and fp8_matmul_rate else matmul_rate
+
+    def compute_s(flops: float, fp8_flops: float) -> float:
+        return (flops - fp8_flops) / matmul_rate + fp8_flops / fp8_rate
+
     prefill_flops = costs.prefill_flops(w.input_len, w.num_requests)
+    prefill_fp8 = costs.prefill_fp8_flops(w.input_len, w.num_requests) if fp8_linears else 0
     kv_per_token = costs.kv_bytes_per_token(kv_bytes_per_element)
     steps, total_bytes, decode_s, compute_bound = 0, 0.0, 0.0, 0
     first_wave_ms: list[float] = []  # the step floors of the first (the fullest) wave
@@ -87,18 +105,22 @@ def serving_roofline(
         remaining -= batch
         for s in range(1, w.output_len):
             context_total = batch * (w.input_len + s)
-            nbytes = costs.decode_weight_bytes(batch, bytes_per_param) + kv_per_token * context_total
+            weights = costs.decode_weight_bytes(
+                batch, bytes_per_param, fp8_linears=fp8_linears, fp8_experts=fp8_experts
+            )
+            nbytes = weights + kv_per_token * context_total
             memory_s = nbytes / copy_bandwidth
-            compute_s = costs.decode_step_flops(batch, context_total) / matmul_rate
-            compute_bound += compute_s > memory_s
-            decode_s += max(memory_s, compute_s)
+            step_fp8 = costs.prefill_fp8_flops(1, batch) if fp8_linears else 0  # one token each
+            step_s = compute_s(costs.decode_step_flops(batch, context_total), step_fp8)
+            compute_bound += step_s > memory_s
+            decode_s += max(memory_s, step_s)
             total_bytes += nbytes
             steps += 1
             if first_wave:
-                first_wave_ms.append(max(memory_s, compute_s) * 1e3)
+                first_wave_ms.append(max(memory_s, step_s) * 1e3)
     return Roofline(
         prefill_flops=prefill_flops,
-        prefill_s=prefill_flops / matmul_rate,
+        prefill_s=compute_s(prefill_flops, prefill_fp8),
         decode_steps=steps,
         decode_bytes=total_bytes,
         decode_s=decode_s,
@@ -160,20 +182,25 @@ _KV_BYTES = {"fp8": 1, "fp8_e4m3": 1, "bfloat16": 2, "float16": 2, "float32": 4}
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def _measure_rates(args: argparse.Namespace, device, dtype) -> tuple[float | None, float | None]:
-    """(matmul FLOP/s, copy bytes/s), each measured here unless a flag gives it (then None)."""
+def _measure_rates(
+    args: argparse.Namespace, device, dtype
+) -> tuple[float | None, float | None, float | None]:
+    """(matmul FLOP/s, copy bytes/s, fp8 matmul FLOP/s), each measured here unless a flag
+    gives it (then None); the fp8 rate only with --quantization fp8 on a GPU that has it."""
     from pdserve.bench import timing
 
     def timer(fn) -> float:
         return timing.time_ms(fn, device, warmup_ms=25, rep_ms=200, host_repeats=3)
 
-    rate = bandwidth = None
+    rate = bandwidth = fp8_rate = None
+    size = args.matmul_size or (8192 if device.type == "cuda" else 512)
     if args.matmul_tflops is None:
-        size = args.matmul_size or (8192 if device.type == "cuda" else 512)
         rate = timing.matmul_rate(device, dtype, timer, size, args.matmul_tries)
+        if args.quantization == "fp8":
+            fp8_rate = timing.fp8_matmul_rate(device, timer, size, args.matmul_tries)
     if args.copy_tbps is None:
         bandwidth = timing.copy_bandwidth(device, timer, cpu_bytes=1 << 26)
-    return rate, bandwidth
+    return rate, bandwidth, fp8_rate
 
 
 def run_roofline(args: argparse.Namespace) -> int:
@@ -184,7 +211,7 @@ def run_roofline(args: argparse.Namespace) -> int:
     from common.models.loader import resolve_dtype
     from pdserve.bench.dummy_model import read_model_config
 
-    model_config = read_model_config(args.model_config)
+    model_config = read_model_config(args.model_config, args.num_layers)
     costs = ModelCosts.from_config(model_config)
     result = None
     if args.result:
@@ -212,7 +239,7 @@ def run_roofline(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"--kv-cache-dtype {args.kv_cache_dtype!r}: use auto, fp8, bfloat16, float16 or float32"
         )
-    rate, bandwidth = _measure_rates(args, device, dtype)
+    rate, bandwidth, fp8_rate = _measure_rates(args, device, dtype)
     sources = {
         "matmul": "given" if rate is None else "measured",
         "copy": "given" if bandwidth is None else "measured",
@@ -223,6 +250,8 @@ def run_roofline(args: argparse.Namespace) -> int:
         f"{dtype_name} matmul {rate / 1e12:.4g} TFLOP/s ({sources['matmul']}), copy "
         f"{bandwidth / 1e12:.4g} TB/s ({sources['copy']}; bytes read + written)"
     )
+    if fp8_rate is not None:
+        rates += f", fp8 matmul {fp8_rate / 1e12:.4g} TFLOP/s (measured)"
     print(rates, flush=True)
     roof = serving_roofline(
         costs,
@@ -231,12 +260,18 @@ def run_roofline(args: argparse.Namespace) -> int:
         copy_bandwidth=bandwidth,
         bytes_per_param=_DTYPE_BYTES[dtype_name],
         kv_bytes_per_element=_KV_BYTES[kv_name],
+        fp8_linears=args.quantization == "fp8",
+        fp8_matmul_rate=fp8_rate,
+        # a GPU keeps experts in fp8 (common/models/moe.py); the CPU dequantizes them
+        fp8_experts=args.quantization == "fp8" and device.type == "cuda",
     )
     if not measuring:
         name = "none (rates given)"
     else:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    setting = f"{args.model_config}, weights {dtype_name}, KV cache {kv_name}"
+    weights = dtype_name if args.quantization != "fp8" else f"fp8 linears, the rest {dtype_name}"
+    layers = f" ({args.num_layers} layers)" if args.num_layers else ""
+    setting = f"{args.model_config}{layers}, weights {weights}, KV cache {kv_name}"
     print()
     print(roofline_table(roof, workload, measured, setting, f"device {name}; {rates}"))
     if args.json_path:
@@ -245,7 +280,9 @@ def run_roofline(args: argparse.Namespace) -> int:
             "model_config": args.model_config,
             "dtype": dtype_name,
             "kv_cache_dtype": kv_name,
+            "quantization": args.quantization,
             "matmul_TFLOPs": rate / 1e12,
+            "fp8_matmul_TFLOPs": fp8_rate / 1e12 if fp8_rate is not None else None,
             "copy_TBps": bandwidth / 1e12,
             "rates": sources,
             "workload": asdict(workload),

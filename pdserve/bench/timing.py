@@ -71,3 +71,24 @@ def matmul_rate(
     out = torch.empty(size, size, device=device, dtype=dtype)
     best_ms = min(timer(lambda: torch.mm(a, b, out=out)) for _ in range(tries))
     return 2 * size**3 / (best_ms * 1e-3)
+
+
+def fp8_matmul_rate(
+    device: torch.device, timer: Callable[[Callable[[], object]], float], size: int, tries: int
+) -> float | None:
+    """FLOPs per second of a size × size × size float8_e4m3fn matmul with row-wise scales
+    and bf16 out (torch._scaled_mm, as common/models/fp8_weights.py runs an fp8 linear), the
+    best of `tries`; None where there is none (the CPU, a GPU before compute capability 8.9)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    fp8 = torch.float8_e4m3fn
+    a = torch.randn(size, size, device=device).to(fp8)
+    b = torch.randn(size, size, device=device).to(fp8).t()  # column-major, as _scaled_mm needs
+    scale_a = torch.ones(size, 1, device=device)
+    scale_b = torch.ones(1, size, device=device)
+
+    def mm() -> torch.Tensor:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+    best_ms = min(timer(mm) for _ in range(tries))
+    return 2 * size**3 / (best_ms * 1e-3)

@@ -19,6 +19,7 @@ from pdserve.bench.grammar import add_grammar_args, run_grammar_bench
 from pdserve.bench.kernels.command import add_kernel_bench_args, run_kernel_bench
 from pdserve.bench.lora_kernels import add_lora_kernels_args, run_lora_kernels
 from pdserve.bench.make_bench_model import add_make_model_args, run_make_model
+from pdserve.bench.moe_kernel import add_moe_kernel_args, run_moe_kernel_bench
 from pdserve.bench.prefill.command import add_prefill_args, run_prefill_bench
 from pdserve.bench.prefix_index import add_prefix_index_args, run_prefix_index_bench
 from pdserve.bench.roofline import add_roofline_args, run_roofline
@@ -54,6 +55,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         "and the base layers, at Llama-3-8B shapes (GPU).",
         add_lora_kernels_args,
         run_lora_kernels,
+    ),
+    "moe-kernel": Benchmark(
+        "The fused mixture-of-experts kernels (Triton; bf16 and fp8 experts) at Qwen3-30B-A3B and "
+        "Mixtral-8x7B shapes against a per-expert torch matmul loop and the bytes/FLOPs floor (GPU).",
+        add_moe_kernel_args,
+        run_moe_kernel_bench,
     ),
     "decode-step": Benchmark(
         "Time a whole-model decode step against the weight-read floor (GPU).",

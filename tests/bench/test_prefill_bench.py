@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pdserve.bench.dummy_model import read_model_config
 from pdserve.bench.model_costs import ModelCosts
 from pdserve.cli.main import main
@@ -62,3 +64,34 @@ def test_prefill_is_timed_on_the_engine_against_its_compute_floor(tmp_path, caps
         [" 1 ", " 128 "],
         [" 3 ", " 64 "],
     ]
+
+
+TINY_MOE = {
+    **TINY,
+    "architectures": ["MixtralForCausalLM"],
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 3,
+}
+
+
+def test_a_moe_prefill_in_fp8_counts_k_experts_a_token_and_the_fp8_linears_apart(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MOE))
+    out = tmp_path / "prefill.json"
+    argv = [
+        "bench", "prefill", "--device", "cpu", "--model-config", str(tmp_path), "--prompt-lens", "64",
+        "--batch-prompts", "", "--warmup", "0", "--repeats", "1", "--matmul-size", "128", "--matmul-tries", "1",
+        "-q", "fp8", "--num-layers", "2", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert figures["quantization"] == "fp8" and figures["fp8_matmul_TFLOPs"] is None  # no fp8 matmul on CPU
+    (row,) = figures["rows"]
+    costs = ModelCosts.from_config(read_model_config(str(tmp_path), num_layers=2))
+    assert costs.num_layers == 2 and costs.experts_per_token == 2
+    assert row["flops"] == costs.prefill_flops(64)
+    assert row["fp8_flops"] == costs.prefill_fp8_flops(64) > 0
+    # without an fp8 rate every FLOP counts at the measured one
+    assert row["floor_ms"] == pytest.approx(row["flops"] / (figures["matmul_TFLOPs"] * 1e12) * 1e3)
+    printed = capsys.readouterr().out
+    assert "no fp8 matmul on cpu" in printed and "2 of the config's 3 layers" in printed

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from pdserve.bench.dummy_model import read_model_config
 from pdserve.bench.model_costs import ModelCosts
 from pdserve.bench.roofline import Workload, serving_roofline, workload_from_result
 from pdserve.cli.main import main
@@ -118,3 +119,49 @@ def test_on_cpu_the_command_measures_the_cpus_own_rates(tmp_path):
     roof = figures["roofline"]
     assert roof["decode_steps"] == 3 and roof["output_tokens"] == 8
     assert figures["fraction"] == pytest.approx(100 / roof["output_tok_s"])
+
+
+HAND_MOE = dict(
+    HAND,
+    architecture="Qwen3MoeForCausalLM",
+    qk_norm=True,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    norm_topk_prob=True,
+)
+
+
+def test_a_moe_roofline_reads_the_experts_each_wave_touches_and_fp8_linears_at_their_bytes():
+    costs = ModelCosts.from_config(tiny_config(**HAND_MOE))
+    rates = dict(matmul_rate=1e9, copy_bandwidth=1000.0, bytes_per_param=2, kv_bytes_per_element=2)
+    roof = serving_roofline(costs, TOY, **rates)
+    kv = costs.kv_bytes_per_token(2)
+    waves = [(2, 5), (2, 6), (1, 5), (1, 6)]  # (sequences, context) of each decode step
+    expected = sum(costs.decode_weight_bytes(b, 2) + kv * b * ctx for b, ctx in waves)
+    assert roof.decode_bytes == pytest.approx(expected)
+    assert roof.prefill_flops == costs.prefill_flops(4, 3)
+    fp8 = serving_roofline(costs, TOY, **rates, fp8_linears=True, fp8_matmul_rate=2e9)
+    saved = sum(
+        costs.decode_weight_bytes(b, 2) - costs.decode_weight_bytes(b, 2, fp8_linears=True) for b, _ in waves
+    )
+    assert roof.decode_bytes - fp8.decode_bytes == pytest.approx(saved)
+    # the fp8 linears' share of the prefill at twice the rate
+    fp8_flops = costs.prefill_fp8_flops(4, 3)
+    assert fp8.prefill_s == pytest.approx((roof.prefill_flops - fp8_flops) / 1e9 + fp8_flops / 2e9)
+
+
+def test_the_roofline_command_takes_a_bundled_moe_config_in_fp8(tmp_path):
+    out = tmp_path / "roof.json"
+    argv = [
+        "bench", "roofline", "--model-config", "qwen3-30b-a3b", "-q", "fp8", "--matmul-tflops", "800",
+        "--copy-tbps", "3", "--input-len", "1024", "--output-len", "2", "--num-prompts", "1",
+        "--max-concurrency", "1", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert figures["quantization"] == "fp8"
+    costs = ModelCosts.from_config(read_model_config("qwen3-30b-a3b"))
+    step = costs.decode_weight_bytes(1, 2, fp8_linears=True) + costs.kv_bytes_per_token(2) * 1025
+    assert figures["roofline"]["decode_bytes"] == pytest.approx(step)
+    assert figures["roofline"]["last_step_ms"] == pytest.approx(step / 3e12 * 1e3)

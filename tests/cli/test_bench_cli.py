@@ -16,6 +16,7 @@ EVERY_BENCHMARK = [
     "serve",
     "kernels",
     "lora-kernels",
+    "moe-kernel",
     "decode-step",
     "prefill",
     "roofline",

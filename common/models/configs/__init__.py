@@ -1,7 +1,7 @@
 """config.json files of well-known models, for `--load-format dummy` benchmarks at real shapes.
 
 Pass one as --hf-config-path, e.g. `--load-format dummy --hf-config-path
-common/models/configs/llama-3-8b.json`.
+common/models/configs/llama-3-8b.json`. README.md lists them and what each is for.
 """
 
 from pathlib import Path

@@ -5,7 +5,11 @@ and each sequence's K/V once, and at small batch does little arithmetic, so its 
 
     (bytes of weights read + bytes of K/V read) / device-to-device copy bandwidth,
 
-the copy bandwidth measured in the same run (bytes read + written per second). For each
+the copy bandwidth measured in the same run (bytes read + written per second). The bytes
+are pdserve/bench/model_costs.py's: fp8 linears (`-q fp8`) at a byte a weight and a scale a
+row; a mixture-of-experts model's experts as many as the batch's tokens touch under uniform
+routing (k a layer at batch 1), with the floor of reading every expert and the count its
+tokens really picked (moe_routing.py) beside it. For each
 batch size the bench times the CUDA-graph replay of one decode step (median of many, with
 do_bench), the same forward launched eagerly, and the engine's whole step
 (ModelRunner.execute: packing the inputs, replay, sampling, reading the tokens back), and
@@ -22,6 +26,7 @@ bf16, batches 1 and 64 at context 1024. `--device cpu` runs the same code eagerl
 tiny config, to check the command without a GPU.
 
 command.py (flags, entry; torch-free to import), step_bench.py (the model, its batches,
-the timed steps and the switch variants), diagnostics.py (--gemv, --gemv-sweep,
---profile), hf_baseline.py (transformers' generate), report.py (rows and the table).
+the timed steps and the switch variants), moe_routing.py (the experts a step's tokens pick),
+diagnostics.py (--gemv, --gemv-sweep, --profile), hf_baseline.py (transformers' generate),
+report.py (rows and the table).
 """

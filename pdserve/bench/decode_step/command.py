@@ -9,6 +9,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from pdserve.bench.dummy_model import add_weight_args
+
 DTYPES = ["bfloat16", "float16", "float32"]
 
 
@@ -20,6 +22,7 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="Weight and activation dtype.")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (= --dtype) or fp8")
+    add_weight_args(parser)
     parser.add_argument("--batch-sizes", default="1,64", help="Batch sizes to time, comma-separated.")
     parser.add_argument(
         "--context-len", type=int, default=1024, help="tokens in each sequence at the timed step"
@@ -35,6 +38,11 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         help="Tokens transformers' generate produces for its baseline.",
     )
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="time no CUDA graphs (eager steps only): for a model whose forward cannot be captured",
+    )
     parser.add_argument(
         "--variants",
         action="store_true",
@@ -110,6 +118,8 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         min_positions=args.max_model_len or 0,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        num_layers=args.num_layers,
     )
     if note:
         print(note, flush=True)
@@ -137,7 +147,15 @@ def run_decode_step_bench(args: argparse.Namespace) -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if not args.no_hf:
+    hf = not args.no_hf
+    if hf and (args.quantization or args.num_layers or model_config.num_experts):
+        print(
+            "transformers baseline skipped: hf_baseline.py builds the whole config densely in --dtype, "
+            "not an fp8, --num-layers or mixture-of-experts model (pass --no-hf to silence this)",
+            flush=True,
+        )
+        hf = False
+    if hf:
         for row in rows:
             row.hf_decode_tok_s, row.hf_total_tok_s = hf_generate_tokens_per_s(
                 config_path(args.model_config),

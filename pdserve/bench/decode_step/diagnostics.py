@@ -1,6 +1,11 @@
 """What explains a decode step's gap to its floor: each weight's matmul at batch 1 (cuBLAS
-against the Triton small-M matmul, `--gemv`), the small-M matmul's tile configs on cold
-weights (`--gemv-sweep`) and the kernels of one graph replay (`--profile`)."""
+against the Triton small-M matmul, `--gemv`; fp8 weights through their own matmul), the
+small-M matmul's tile configs on cold weights (`--gemv-sweep`) and the kernels of one graph
+replay (`--profile`).
+
+A mixture-of-experts layer has no gate_up/down Linear: its experts are stacked tensors
+multiplied by the fused-MoE path (timed by `pdserve bench moe-kernel`), so the per-weight
+tables leave them out and say so."""
 
 from __future__ import annotations
 
@@ -24,12 +29,17 @@ _GEMV_HEADER = [
 ]
 
 
+_FP8_HEADER = ["weight", "shape", "bytes", "fp8 matmul µs", "TB/s", "of copy bw"]
+
+
 def gemv_table(bench: StepBench, bandwidth: float) -> dict:
     """Each weight kind's matmul at batch 1, over every layer's copy (so no weight is
-    read from L2), captured in a graph: time per call and bandwidth achieved."""
+    read from L2), captured in a graph: time per call and bandwidth achieved. fp8 weights
+    are timed through their own matmul (activation quantization included), in a table
+    of their own."""
     model = bench.model
     x = torch.randn(1, 1, dtype=model.embed_tokens.dtype, device=bench.device)  # dtype and device
-    kinds = _weights_by_kind(model, with_lm_head=True)
+    kinds, packed, notes = _weights_by_kind(model, with_lm_head=True)
     from common.models import triton_layers
 
     rows = []
@@ -53,13 +63,43 @@ def gemv_table(bench: StepBench, bandwidth: float) -> dict:
                 [name, str(tuple(weights[0].shape)), f"{times['cublas'] * 1e3:.1f}", f"{tb['cublas']:.2f}",
                  f"{times['triton'] * 1e3:.1f}", f"{tb['triton']:.2f}", f"{tb['triton'] * 1e12 / bandwidth:.1%}"]
             )  # fmt: skip
+        fp8_rows, fp8_cells = _time_packed(bench, packed, bandwidth)
     title = (
         "matmul at batch 1 (CUDA-graph replay over each layer's weight in turn): cuBLAS F.linear "
         "against the Triton small-M matmul"
     )
-    text = title + "\n" + format_table(_GEMV_HEADER, cells, "llrrrrr")
+    parts = [title + "\n" + format_table(_GEMV_HEADER, cells, "llrrrrr")] if cells else []
+    if fp8_cells:
+        parts.append(
+            "fp8 weights at batch 1 (their matmul: per-token activation quantization and "
+            "torch._scaled_mm; bytes = fp8 values + fp32 row scales)\n"
+            + format_table(_FP8_HEADER, fp8_cells, "llrrrr")
+        )
+    text = "\n\n".join(parts + notes)
     print(text, flush=True)
-    return {"data": rows, "text": text}
+    return {"data": rows + fp8_rows, "text": text}
+
+
+def _time_packed(bench: StepBench, packed: dict[str, list], bandwidth: float) -> tuple[list, list]:
+    """Each packed (fp8) weight kind's own matmul at batch 1 over every layer's copy."""
+    rows, cells = [], []
+    for name, weights in packed.items():
+        xs = [torch.randn(1, w.in_features, dtype=bench.model.embed_tokens.dtype, device=bench.device)
+              for w in weights]  # fmt: skip
+        nbytes = weights[0].nbytes()
+
+        def calls(ws=weights, xs=xs):
+            for w, xi in zip(ws, xs, strict=True):
+                w.matmul(xi)
+
+        graph = capture_graph(calls)
+        ms = time_ms(graph.replay, bench.device, bench.args.rep_ms / 4) / len(weights)
+        tb = nbytes / (ms * 1e-3) / 1e12
+        shape = [weights[0].out_features, weights[0].in_features]
+        rows.append({"weight": name, "shape": shape, "bytes": nbytes, "us": {"fp8": ms}, "TBps": {"fp8": tb}})
+        cells.append([name, str(tuple(shape)), str(nbytes), f"{ms * 1e3:.1f}", f"{tb:.2f}",
+                      f"{tb * 1e12 / bandwidth:.1%}"])  # fmt: skip
+    return rows, cells
 
 
 def gemv_sweep(bench: StepBench) -> dict:
@@ -67,7 +107,7 @@ def gemv_sweep(bench: StepBench) -> dict:
     layer's copy of the weight (from HBM): µs per call, and the best config per shape."""
     from common.models import triton_layers
 
-    kinds = _weights_by_kind(bench.model, with_lm_head=False)
+    kinds, _packed, notes = _weights_by_kind(bench.model, with_lm_head=False)
     best = {}
     lines = ["small-M matmul tile sweep at batch 1, cold weights: best config per shape"]
     with torch.inference_mode():
@@ -93,7 +133,7 @@ def gemv_sweep(bench: StepBench) -> dict:
             lines.append(
                 f"{name} {shape}: best {times[0][0]:.1f} µs {times[0][1]}; worst {times[-1][0]:.1f} µs"
             )
-    text = "\n".join(lines)
+    text = "\n".join(lines + notes)
     print(text, flush=True)
     return {"data": best, "text": text}
 
@@ -148,14 +188,35 @@ def _kernel_kind(name: str) -> str:
     return name.split("<")[0].split("(")[0][:90]
 
 
-def _weights_by_kind(model, with_lm_head: bool) -> dict[str, list[torch.Tensor]]:
-    """Each weight kind's copies over the layers, so timing them in turn reads each from HBM."""
-    kinds = {
-        "qkv_proj": [layer.self_attn.qkv_proj.weight for layer in model.layers],
-        "o_proj": [layer.self_attn.o_proj.weight for layer in model.layers],
-        "gate_up_proj": [layer.mlp.gate_up_proj.weight for layer in model.layers],
-        "down_proj": [layer.mlp.down_proj.weight for layer in model.layers],
+def _weights_by_kind(model, with_lm_head: bool) -> tuple[dict[str, list], dict[str, list], list[str]]:
+    """Each weight kind's copies over the layers, so timing them in turn reads each from HBM:
+    (dense weights by kind, packed weights by kind, notes on the kinds left out). A kind's
+    Linear that serves from `packed` (fp8) holds only a zero-strided stand-in for its dense
+    weight, which a dense matmul would time reading nothing."""
+    linears = {
+        "qkv_proj": [layer.self_attn.qkv_proj for layer in model.layers],
+        "o_proj": [layer.self_attn.o_proj for layer in model.layers],
     }
+    notes = []
+    if all(hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):
+        linears["gate_up_proj"] = [layer.mlp.gate_up_proj for layer in model.layers]
+        linears["down_proj"] = [layer.mlp.down_proj for layer in model.layers]
+    else:
+        notes.append(
+            "gate_up_proj, down_proj: left out, the layers are mixture-of-experts (stacked experts, "
+            "no Linear); `pdserve bench moe-kernel` times their matmuls"
+        )
+    kinds, packed = {}, {}
+    for name, modules in linears.items():
+        if all(m.packed is None for m in modules):
+            kinds[name] = [m.weight for m in modules]
+        elif all(hasattr(m.packed, "nbytes") and hasattr(m.packed, "in_features") for m in modules):
+            packed[name] = [m.packed for m in modules]
+        else:
+            notes.append(f"{name}: left out, its layers mix dense and packed weights")
     if with_lm_head:
-        kinds["lm_head"] = [model.lm_head]
-    return kinds
+        if model.lm_head_packed is None:
+            kinds["lm_head"] = [model.lm_head]
+        else:
+            notes.append("lm_head: left out, it is packed (GGUF)")
+    return kinds, packed, notes

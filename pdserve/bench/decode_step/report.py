@@ -1,5 +1,6 @@
 """What `pdserve bench decode-step` reports: a row per batch size (graph replay, eager,
-engine step, the floor and each variant), as one Markdown table under the run's setting."""
+engine step, the floor and each variant; for a mixture-of-experts model the experts read
+and the all-experts floor), as one Markdown table under the run's setting."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ class StepRow:
     graph_ms: float | None  # CUDA-graph replay of one step (forward + logits)
     eager_ms: float  # the same forward launched op by op
     engine_ms: float  # ModelRunner.execute: inputs, replay, sampling, tokens read back
-    floor_ms: float
+    floor_ms: float  # weights (the experts uniform routing touches) + K/V at the copy bandwidth
     weight_gb: float
     kv_gb: float
+    experts_uniform: float | None = None  # experts a layer the batch touches under uniform routing
+    experts_measured: float | None = None  # ... that its tokens picked in one forward (layer mean)
+    all_experts_floor_ms: float | None = None  # the floor reading every expert of every layer
     cublas_graph_ms: float | None = None  # graphs with cuBLAS for the small-batch matmuls
     plain_layers_graph_ms: float | None = None  # graphs with torch layers and cuBLAS
     fused_graph_ms: float | None = None  # forward_small_batch: norms and SiLU into the matmuls
@@ -42,6 +46,10 @@ class StepRow:
     def ratio(self) -> float:
         return self.step_ms / self.floor_ms
 
+    @property
+    def all_experts_ratio(self) -> float | None:
+        return None if self.all_experts_floor_ms is None else self.step_ms / self.all_experts_floor_ms
+
 
 _HEADER = [
     "batch",
@@ -50,6 +58,9 @@ _HEADER = [
     "floor ms",
     "graph step ms",
     "ratio",
+    "experts a layer (uniform / measured)",
+    "all-experts floor ms",
+    "ratio to it",
     "tok/s (graph)",
     "engine step ms",
     "tok/s (engine)",
@@ -83,6 +94,11 @@ def _cells(r: StepRow) -> list[str]:
     hf = f"{r.hf_decode_tok_s:.0f}" if r.hf_decode_tok_s is not None else "-"
     engine_tok_s = r.batch / (r.engine_ms * 1e-3)
     vs_hf = f"{engine_tok_s / r.hf_decode_tok_s:.1f}x" if r.hf_decode_tok_s else "-"
+    experts = "-"
+    if r.experts_uniform is not None:
+        measured = f"{r.experts_measured:.1f}" if r.experts_measured is not None else "-"
+        experts = f"{r.experts_uniform:.1f} / {measured}"
+    all_ratio = r.all_experts_ratio
     return [
         str(r.batch),
         str(r.context),
@@ -90,6 +106,9 @@ def _cells(r: StepRow) -> list[str]:
         f"{r.floor_ms:.3f}",
         _ms(r.graph_ms),
         f"{r.ratio:.3f}",
+        experts,
+        _ms(r.all_experts_floor_ms),
+        f"{all_ratio:.3f}" if all_ratio is not None else "-",
         f"{r.batch / (r.step_ms * 1e-3):.0f}",
         f"{r.engine_ms:.3f}",
         f"{engine_tok_s:.0f}",
@@ -103,8 +122,20 @@ def _cells(r: StepRow) -> list[str]:
 
 
 def step_table(rows: list[StepRow], bandwidth: float, device_name: str, args) -> str:
+    weights = args.dtype if not args.quantization else f"{args.quantization} linears, the rest {args.dtype}"
+    layers = f" ({args.num_layers} layers)" if args.num_layers else ""
     head = (
-        f"whole-model decode step: {args.model_config}, {args.dtype}, KV cache {args.kv_cache_dtype}; "
-        f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s measured in this run\n\n"
+        f"whole-model decode step: {args.model_config}{layers}, {weights}, KV cache {args.kv_cache_dtype}; "
+        f"device {device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s measured in this run"
     )
+    if any(r.all_experts_floor_ms is not None for r in rows):
+        head += (
+            "; floor: shared weights + the experts B tokens touch under uniform routing, "
+            "E (1 - (1 - k/E)^B) a layer (k at batch 1)"
+        )
+    if args.quantization and device_name == "cpu":
+        head += (
+            "; on the CPU an fp8 weight is multiplied as a dequantized copy, so its floor is not its time's"
+        )
+    head += "\n\n"
     return head + format_table(_HEADER, [_cells(r) for r in rows], "r" * len(_HEADER))

@@ -12,7 +12,9 @@ import time
 
 import torch
 
+from common.models.moe import experts_in_fp8
 from pdserve.bench import timing
+from pdserve.bench.decode_step.moe_routing import measured_experts_touched
 from pdserve.bench.decode_step.report import StepRow
 from pdserve.bench.model_costs import ModelCosts
 
@@ -53,7 +55,7 @@ class StepBench:
             max_model_len=max_model_len,
             max_num_seqs=max(batch_sizes),
             cuda_graph_sizes=batch_sizes,
-            enforce_eager=device.type != "cuda",
+            enforce_eager=device.type != "cuda" or args.enforce_eager,
         )
         _fill_random(self.runner.kv_cache)
 
@@ -82,9 +84,15 @@ class StepBench:
             rows.append(self.time_batch(b, bandwidth))
             r = rows[-1]
             graph = f"{r.graph_ms:.3f} ms graph replay, " if r.graph_ms is not None else ""
+            experts = ""
+            if r.all_experts_floor_ms is not None:
+                experts = (
+                    f"; experts a layer {r.experts_uniform:.1f} uniform, {r.experts_measured:.1f} measured; "
+                    f"all-experts floor {r.all_experts_floor_ms:.3f} ms"
+                )
             print(
                 f"B={b} ctx={self.context}: {graph}{r.eager_ms:.3f} ms eager, {r.engine_ms:.3f} ms engine step; "
-                f"floor {r.floor_ms:.3f} ms -> {r.ratio:.3f}x",
+                f"floor {r.floor_ms:.3f} ms -> {r.ratio:.3f}x{experts}",
                 flush=True,
             )
         if self.runner.cuda_graphs is not None:
@@ -168,10 +176,23 @@ class StepBench:
             return model.compute_logits(hidden)
 
         eager_ms = time_ms(eager, self.device, rep)
+        experts_measured = measured_experts_touched(model, eager) if self.model_config.num_experts else None
         engine_ms = self.time_engine_steps(batch)
         costs = ModelCosts.from_config(self.model_config)
-        weight_bytes = costs.decode_weight_bytes(batch_size, model.embed_tokens.element_size())
+        # the floor: the dtype's bytes, fp8 linears at theirs, the experts B tokens touch
+        # under uniform routing (k at batch 1); beside it, the floor of reading every expert
+        weight_bytes, all_experts = (
+            costs.decode_weight_bytes(
+                batch_size,
+                model.embed_tokens.element_size(),
+                fp8_linears=self.args.quantization == "fp8",
+                fp8_experts=experts_in_fp8(model),
+                experts_read=read,
+            )
+            for read in (None, costs.num_experts)
+        )
         kv_bytes = batch_size * self.context * costs.kv_bytes_per_token(runner.kv_cache.element_size())
+        moe = bool(costs.num_experts)
         return StepRow(
             batch=batch_size,
             context=self.context,
@@ -181,6 +202,9 @@ class StepBench:
             floor_ms=(weight_bytes + kv_bytes) / bandwidth * 1e3,
             weight_gb=weight_bytes / 1e9,
             kv_gb=kv_bytes / 1e9,
+            experts_uniform=costs.experts_touched(batch_size) if moe else None,
+            experts_measured=experts_measured,
+            all_experts_floor_ms=(all_experts + kv_bytes) / bandwidth * 1e3 if moe else None,
         )
 
     def time_engine_steps(self, batch, restart_grammars: bool = False) -> float:

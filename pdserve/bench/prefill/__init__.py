@@ -9,8 +9,10 @@ shape (fresh random prompts each time, so the prefix cache never hits).
 
 Its floor is the prefill's FLOPs (pdserve/bench/model_costs.py, ModelCosts.prefill_flops)
 at the dense matmul rate measured in the same run (torch.mm at --matmul-size cubed, best
-of --matmul-tries); MFU is the floor over the time. `--profile` runs torch.profiler over
-one prefill and groups its kernels into matmul, attention, norm+rope+act and other.
+of --matmul-tries; with `-q fp8` the fp8 linears' FLOPs at torch._scaled_mm's measured
+rate instead); MFU is the floor over the time. A mixture-of-experts token counts its router
+and its k experts. `--profile` runs torch.profiler over one prefill and groups its kernels
+into matmul, attention, norm+rope+act and other.
 
 command.py (flags, entry; torch-free to import), engine_prefill.py (the engine and the
 timed prefills), kernel_groups.py (--profile), report.py (rows and the table).

@@ -87,6 +87,8 @@ def run_prefill_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         min_positions=longest,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        num_layers=args.num_layers,
     )
     if note:
         print(note, flush=True)
@@ -101,11 +103,23 @@ def run_prefill_bench(args: argparse.Namespace) -> int:
     print(
         f"{dtype_name} matmul {size}^3: {rate / 1e12:.4g} TFLOP/s (best of {args.matmul_tries})", flush=True
     )
+    fp8_rate = None
+    if args.quantization == "fp8":
+        fp8_rate = timing.fp8_matmul_rate(device, timer, size, args.matmul_tries)
+        if fp8_rate is None:
+            print(
+                f"no fp8 matmul on {device.type}: the fp8 linears' FLOPs count at the {dtype_name} rate",
+                flush=True,
+            )
+        else:
+            print(
+                f"fp8 matmul {size}^3: {fp8_rate / 1e12:.4g} TFLOP/s (torch._scaled_mm, row-wise)", flush=True
+            )
 
     bench = PrefillBench(model, model_config, args, device, shapes + [Shape(1, profile_len)])
     rows = []
     for shape in shapes:
-        rows.append(bench.time_shape(shape, rate))
+        rows.append(bench.time_shape(shape, rate, fp8_rate))
         r = rows[-1]
         print(
             f"{r.prompts} x {r.prompt_len} tokens: {r.ms:.3f} ms in {r.steps} steps; floor {r.floor_ms:.3f} ms "
@@ -121,8 +135,14 @@ def run_prefill_bench(args: argparse.Namespace) -> int:
         profile_text = profile_tables(profile_data, f"1 prompt of {profile_len} tokens")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    weights = dtype_name
+    if args.quantization == "fp8":
+        weights = f"fp8 linears (the rest {dtype_name})"
+        if fp8_rate is not None:
+            weights += f" at the fp8 matmul rate {fp8_rate / 1e12:.4g} TFLOP/s measured in this run"
+    layers = f", {args.num_layers} layers" if args.num_layers else ""
     setting = (
-        f"prefill to the first token on the engine: {args.model_config} (dummy weights), {dtype_name}, "
+        f"prefill to the first token on the engine: {args.model_config}{layers} (dummy weights), {weights}, "
         f"KV cache {args.kv_cache_dtype}, --max-num-batched-tokens {bench.max_num_batched_tokens}; "
         f"device {name}; {dtype_name} matmul {rate / 1e12:.4g} TFLOP/s measured in this run "
         f"(torch.mm {size}^3, best of {args.matmul_tries}); median of {args.repeats} after {args.warmup} warm-up"
@@ -139,6 +159,8 @@ def run_prefill_bench(args: argparse.Namespace) -> int:
             "model_config": args.model_config,
             "max_num_batched_tokens": bench.max_num_batched_tokens,
             "matmul_TFLOPs": rate / 1e12,
+            "quantization": args.quantization,
+            "fp8_matmul_TFLOPs": fp8_rate / 1e12 if fp8_rate is not None else None,
             "note": note,
             "rows": [r.as_dict() for r in rows],
             **({"profile": profile_data} if profile_data is not None else {}),

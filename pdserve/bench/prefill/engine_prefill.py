@@ -37,6 +37,7 @@ class PrefillBench:
         self.rng = random.Random(args.seed)
         self.warmup = args.warmup
         self.repeats = args.repeats
+        self.fp8 = args.quantization == "fp8"
         self._next_id = 0
         block = args.block_size
         longest = max(s.prompt_len for s in shapes) + 1  # the prompt and its one output token
@@ -93,12 +94,16 @@ class PrefillBench:
             )
         return ms, steps
 
-    def time_shape(self, shape: Shape, matmul_rate: float) -> PrefillRow:
+    def time_shape(self, shape: Shape, matmul_rate: float, fp8_rate: float | None = None) -> PrefillRow:
+        """The shape's median time against its floor: its FLOPs at `matmul_rate`, the fp8
+        linears' part (with --quantization fp8) at `fp8_rate` when one was measured."""
         for _ in range(self.warmup):  # compiles every kernel this shape's steps need
             self.prefill(shape)
         runs = [self.prefill(shape) for _ in range(self.repeats)]
         times = [ms for ms, _ in runs]
         flops = self.costs.prefill_flops(shape.prompt_len, shape.prompts)
+        fp8_flops = self.costs.prefill_fp8_flops(shape.prompt_len, shape.prompts) if self.fp8 else 0
+        floor_s = (flops - fp8_flops) / matmul_rate + fp8_flops / (fp8_rate or matmul_rate)
         return PrefillRow(
             prompts=shape.prompts,
             prompt_len=shape.prompt_len,
@@ -107,7 +112,8 @@ class PrefillBench:
             min_ms=min(times),
             flops=flops,
             attention_flops=shape.prompts * self.costs.attention_flops(shape.prompt_len),
-            floor_ms=flops / matmul_rate * 1e3,
+            floor_ms=floor_s * 1e3,
+            fp8_flops=fp8_flops,
         )
 
     def _synchronize(self) -> None:

@@ -17,7 +17,8 @@ class PrefillRow:
     min_ms: float
     flops: float  # ModelCosts.prefill_flops(L, B)
     attention_flops: float  # the causal attention part of it
-    floor_ms: float  # flops at the matmul rate measured in this run
+    floor_ms: float  # flops at the matmul rates measured in this run
+    fp8_flops: float = 0  # the part fp8 linears run (--quantization fp8), at the fp8 rate
 
     @property
     def ratio(self) -> float:
@@ -29,7 +30,8 @@ class PrefillRow:
 
     @property
     def mfu(self) -> float:
-        """Achieved FLOP/s over the measured dense matmul rate (= floor / time)."""
+        """Achieved FLOP/s over the measured matmul rates (= floor / time; with fp8 linears,
+        their FLOPs at the fp8 rate and the rest at the 16-bit one)."""
         return self.floor_ms / self.ms
 
     def as_dict(self) -> dict:
