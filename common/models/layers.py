@@ -13,6 +13,8 @@ decode step"); for such a batch SiLU-and-mul runs in the gate_up matmul's epilog
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -41,23 +43,25 @@ FUSE_SILU_INTO_GATE_UP = False
 # inside its decode kernel (TritonAttentionBackend.decode_with_new_token) instead of a
 # rotary_write_kv launch of its own. False: the separate launch (the benchmark times both).
 FUSE_ROPE_INTO_DECODE = True
-_triton_layers = None  # common.models.triton_layers once imported; False without triton
 
 
 def _cuda_kernels(x: torch.Tensor):
     """The Triton layer kernels when x is on a CUDA device and triton imports, else None."""
     if not (x.is_cuda and USE_TRITON_KERNELS):
         return None
-    global _triton_layers
-    if _triton_layers is None:
-        try:
-            from common.models import triton_layers as module
-        except ImportError as exc:
-            if exc.name is None or exc.name.split(".")[0] != "triton":
-                raise
-            module = False
-        _triton_layers = module
-    return _triton_layers or None
+    return triton_module("common.models.triton_layers")
+
+
+@functools.cache
+def triton_module(name: str) -> Any:
+    """The module `name` of Triton kernels, imported once; None where triton does not import
+    (any other import error is a bug and raised)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "triton":
+            raise
+        return None
 
 
 def cuda_layer_kernels(x: torch.Tensor):

@@ -27,9 +27,9 @@ from torch import nn
 from common.models.config import ModelConfig
 from common.models.fp8_weights import FP8, quantize_rows
 from common.models.fused_moe_reference import fused_moe, select_experts
+from common.models.layers import triton_module
 
 USE_TRITON_MOE = True  # False: the torch reference on CUDA too (eager only: it syncs)
-_triton_moe = None  # the kernels' module once imported; False when triton does not import
 
 # architecture -> (the layer's MLP module name, the expert's gate, up and down tensor names)
 _CHECKPOINT_NAMES = {
@@ -117,16 +117,7 @@ def fused_moe_kernels(t: torch.Tensor):
     (the torch reference serves)."""
     if not (t.is_cuda and USE_TRITON_MOE):
         return None
-    global _triton_moe
-    if _triton_moe is None:
-        try:
-            from common.models import fused_moe_triton as module
-        except ImportError as exc:
-            if exc.name is None or exc.name.split(".")[0] != "triton":
-                raise
-            module = False
-        _triton_moe = module
-    return _triton_moe or None
+    return triton_module("common.models.fused_moe_triton")
 
 
 def _kernels_read_fp8(t: torch.Tensor) -> bool:
