@@ -120,6 +120,16 @@ def gpu_rows() -> list[GpuRow]:
             expect_direct=False,
             pulls=5,
         ),
+        # the same with NIXL's progress thread: whether the READ waits on the I/O thread's
+        # 1 ms checks to make progress
+        GpuRow(
+            "NixlConnector, same_host_copy off, cuda_ipc GET on + progress thread",
+            "NixlConnector",
+            {**fast, **GET_ZCOPY_ON},
+            {**READS, "enable_prog_thread": True},
+            expect_direct=False,
+            pulls=5,
+        ),
         GpuRow(
             "NixlConnector, same_host_copy off, UCX defaults + cuda_ipc GET on",
             "NixlConnector",
