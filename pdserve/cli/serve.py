@@ -255,6 +255,10 @@ def _serve(args: argparse.Namespace, launcher: _Launcher) -> int:
     common = worker_argv(args)
     if args.num_prefill_workers is None:
         args.num_prefill_workers = 1 if gpu_present(args.device) else 0
+    if args.num_prefill_workers == 0 and args.kv_transfer_config is None:
+        # nothing to pull from: the lightest connector, not NIXL's agent (half a second of
+        # start-up on a CPU); as vLLM, where no --kv-transfer-config means no transfer
+        common += ["--kv-transfer-config", '{"kv_connector": "TcpConnector", "kv_role": "kv_both"}']
     for role, count in (("prefill", args.num_prefill_workers), ("decode", args.num_decode_workers)):
         for i in range(count):
             ready_file = launcher.workdir / f"{role}-{i}.json"
