@@ -111,6 +111,26 @@ def test_the_embedded_model_in_fp8_stays_within_the_stated_tolerance(
         assert agreement >= TOP1_AGREEMENT, (length, agreement)
 
 
+def test_the_embedded_model_in_fp8_stays_within_the_stated_tolerance_of_bf16(smollm2_source, paged_runner):
+    """The same bound against the dense model in bf16, the dtype fp8 computes in on a GPU."""
+
+    def load(quantization):
+        return load_model(
+            smollm2_source, dtype=torch.bfloat16, device="cpu", attn_backend=TorchAttentionBackend(),
+            quantization=quantization,
+        )[0]  # fmt: skip
+
+    dense, fp8 = load(None), load("fp8")
+    g = torch.Generator().manual_seed(0)
+    for length in (8, 48, 120):
+        prompt = torch.randint(100, 49000, (length,), generator=g).tolist()
+        ref = _logits(dense, prompt, paged_runner).float()
+        ours = _logits(fp8, prompt, paged_runner).float()
+        assert float((ours - ref).abs().max()) <= LOGIT_REL_TOL * float(ref.abs().max()), length
+        agreement = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
+        assert agreement >= TOP1_AGREEMENT, (length, agreement)
+
+
 def test_dummy_weights_load_in_fp8_for_benchmarks(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["LlamaForCausalLM"], **TINY_HF_SHAPE})
