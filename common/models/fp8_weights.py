@@ -18,19 +18,38 @@ converting every fp8 weight to the compute dtype on every call would read and wr
 bytes than the dense matmul itself does, so the CPU path serves correctness (the layouts,
 the loader) at dense speed, not fp8 speed. The fp8 values are kept beside it (a quarter of
 an fp32 weight) so the stored form stays inspectable.
+
+With `USE_TRITON_FP8_SMALL_M` on, a product of at most 16 rows (a decode step) that
+_scaled_mm would serve goes instead to the Triton small-M matmul's fp8 path
+(common/models/triton_layers.py `small_m_matmul` with `weight_scale`): weight-only, the fp8
+tiles widened to bf16 in the kernel and the row scales applied to the fp32 sums, x left in
+its dtype. At that size the step is bound by reading the weights, and quantizing x costs
+launches of its own (amax, scale, convert) that the Triton path does not make; the bf16
+small-M kernel streams its weights at 90-99% of copy bandwidth, where the fp8 batch-1 step
+through _scaled_mm took 2.59x its weight-read floor on an H100 (docs/quantization.md). The
+Triton path ignores a static input scale (a checkpoint's `input_scale`): x is never quantized
+there, so it differs from _scaled_mm by the activations' fp8 rounding only. The switch is
+off: the kernel has so far run only in Triton's interpreter on a CPU (and been compiled for
+sm90 without a launch); it stays off until it is run and timed on a GPU (`pdserve bench
+decode-step -q fp8 --fp8-small-m both`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from common.models.layers import linear
+from common.models.layers import cuda_layer_kernels, linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 # a zero row or token gets this amax instead of 0, so its scale divides safely and its values stay 0
 _MIN_AMAX = 1e-12
 _SCALED_MM_ALIGN = 16  # _scaled_mm needs K and N divisible by 16
+# True sends a product of at most 16 rows that _scaled_mm would serve to the Triton small-M
+# matmul's fp8 path instead (see above). False until timed on a GPU; the decode-step benchmark
+# times both (--fp8-small-m). layers.USE_TRITON_KERNELS off turns it off too; USE_TRITON_SMALL_MATMUL,
+# the 16-bit weights' switch, does not.
+USE_TRITON_FP8_SMALL_M = False
 
 
 class Fp8Weight:
@@ -116,9 +135,23 @@ class Fp8Weight:
         rows = x.reshape(-1, shape[-1])
         if self._dense is not None:
             y = linear(rows.to(self._dense.dtype), self._dense)
+        elif (kernels := self.small_m_kernels(rows)) is not None:
+            y = kernels.small_m_matmul(rows, self.weight, weight_scale=self.scale)
         else:
             y = self._scaled_matmul(rows)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def small_m_kernels(self, rows: torch.Tensor):
+        """The Triton layer kernels when their fp8 small-M matmul serves x = rows [M, K]: the
+        switch on, a weight _scaled_mm would serve (CUDA, compute capability 8.9 or more,
+        per-row scales; elsewhere the dense copy serves), M <= 16 and a layout the kernel
+        takes. Else None."""
+        if not USE_TRITON_FP8_SMALL_M or self._scale_row is None:
+            return None
+        kernels = cuda_layer_kernels(rows)
+        if kernels is None or not kernels.small_m_matmul_fits(rows, self.weight):
+            return None
+        return kernels
 
     def _scaled_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         x = rows.float()

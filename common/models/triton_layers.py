@@ -13,6 +13,13 @@ program streams a band of the gate rows and the matching band of the up rows and
 SiLU-and-mul to the two results before storing them: a decode step's MLP launches no
 SiLU-and-mul kernel.
 
+With an fp8 weight (float8_e4m3fn [N, K] and fp32 per-row scales [N], the layout of
+common/models/fp8_weights.py) the same kernel reads a byte a weight: each tile loads as fp8,
+widens to x's dtype in registers, goes through the same dot with fp32 accumulation, and the
+row scales multiply the accumulator once after the K loop. Weight-only: x is never quantized,
+since at M <= 16 the step is bound by reading W and quantizing x would cost launches and a
+second rounding (the scheme of common/models/fused_moe_triton.py's fp8 experts).
+
 Rounding follows the torch modules in common/models/layers.py step by step (the residual
 sum and the normalized value are rounded to the model's dtype where torch rounds them;
 RoPE's cos/sin and each product are rounded as torch's bf16/fp16 ops round them), so the
@@ -31,6 +38,7 @@ from common.attention.reference import FP8_DTYPES, FP8_E4M3_MAX
 from common.attention.triton_paged_tiles import pdl_enabled, pdl_wait, rope_rows
 from common.attention.triton_write_kv import fp8_scaled
 
+FP8_WEIGHT_DTYPE = torch.float8_e4m3fn  # the fp8 weights small_m_matmul reads (with row scales)
 SMALL_M = 16  # rows of x one small_m_matmul program holds (tl.dot needs at least 16)
 # Under programmatic dependent launch, each small_m_matmul program asks L2 for the first this
 # many 128-byte lines of each of its weight rows before waiting for the previous kernel: the
@@ -372,6 +380,11 @@ def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 _MATMUL_CONFIGS = _configs(
     [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (16, 128, 2, 6)]
 )
+# an fp8 weight row is half the bytes: twice the K per tile streams as many bytes a stage as
+# the 16-bit tiles above (a first guess, not yet timed on a GPU)
+_FP8_MATMUL_CONFIGS = _configs(
+    [(16, 512, 4, 4), (16, 1024, 4, 3), (32, 512, 4, 4), (32, 256, 4, 6), (64, 256, 4, 4), (16, 256, 2, 6)]
+)
 # gate_up with SiLU-and-mul in the epilogue: each program streams two bands of BLOCK_N rows
 # (gate and up), so the narrower bands, and shared-memory stages for both tiles
 _GATE_UP_SILU_CONFIGS = _configs(
@@ -412,6 +425,7 @@ def _small_m_matmul_kernel(
     w_up_ptr,  # GATE_UP_SILU: W's row N, where the up band starts (else unused)
     y_ptr,
     norm_w_ptr,
+    scale_ptr,  # FP8_WEIGHT: fp32 [N] (gate | up: [2N]), each weight row's scale (else unused)
     M,
     N,
     K,
@@ -426,14 +440,16 @@ def _small_m_matmul_kernel(
     SILU_MUL: tl.constexpr,  # x is [M, 2K] gate | up: y = (silu(gate) * up) W^T
     ADD_TO_Y: tl.constexpr,  # y += x W^T (the residual stream updated in place)
     GATE_UP_SILU: tl.constexpr,  # W is [2N, K] gate | up: y = silu(x gate^T) * (x up^T), [M, N]
+    FP8_WEIGHT: tl.constexpr,  # W is float8_e4m3fn, row n worth W[n] * scale[n]
+    PRECISION: tl.constexpr,  # tl.dot's input_precision: None (the default) or "ieee" for fp32 x
     PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
 ):
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH_LINES > 0:
         # the first lines of this program's weight rows into L2, before the wait: W is no
-        # output of the previous kernel (64 16-bit values to a 128-byte line)
-        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * 64, K - 1)
+        # output of the previous kernel (a 128-byte line holds 64 16-bit or 128 fp8 values)
+        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * (128 if FP8_WEIGHT else 64), K - 1)
         first = tl.minimum(rows_n, N - 1).to(tl.int64)[:, None] * stride_wn + lines[None, :]
         _prefetch_l2(w_ptr + first)
         if GATE_UP_SILU:
@@ -465,11 +481,18 @@ def _small_m_matmul_kernel(
             norm_w = tl.load(norm_w_ptr + k + ks, mask=k_mask, other=0.0)
             x = (xf * norm_w.to(tl.float32)[None, :]).to(x.dtype)
         w_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_ptrs + k, mask=w_mask, other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+        # an fp8 tile widens to x's dtype exactly (every e4m3 value is a bf16 and an fp16 value):
+        # the read is a byte a weight, the dot the 16-bit one
+        w = tl.load(w_ptrs + k, mask=w_mask, other=0.0).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         if GATE_UP_SILU:  # the up band in the same loop, against the same x tile
-            w_up = tl.load(w_up_ptrs + k, mask=w_mask, other=0.0)
-            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+            w_up = tl.load(w_up_ptrs + k, mask=w_mask, other=0.0).to(x.dtype)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=PRECISION)
+    if FP8_WEIGHT:
+        # a row's scale factors out of its dot product: once on the fp32 sum, not on every tile
+        acc = acc * tl.load(scale_ptr + rows_n, mask=n_mask, other=0.0)[None, :]
+        if GATE_UP_SILU:
+            acc_up = acc_up * tl.load(scale_ptr + N + rows_n, mask=n_mask, other=0.0)[None, :]
     if NORM:
         inv_rms = tl.rsqrt(sum_sq / K + eps)[:, None]
         acc = acc * inv_rms
@@ -500,15 +523,18 @@ def _quick_bench(fn, quantiles):
 _tuned_kwargs = (
     {"do_bench": _quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
 )
-_small_m_matmul_tuned: dict[tuple[bool, bool, bool, bool], object] = {}
+_small_m_matmul_tuned: dict[tuple[bool, bool, bool, bool, bool], object] = {}
 
 
-def _tuned_kernel(norm: bool, silu_mul: bool, add_to_y: bool, gate_up_silu: bool):
-    variant = (norm, silu_mul, add_to_y, gate_up_silu)
+def _tuned_kernel(norm: bool, silu_mul: bool, add_to_y: bool, gate_up_silu: bool, fp8: bool):
+    variant = (norm, silu_mul, add_to_y, gate_up_silu, fp8)
     if variant not in _small_m_matmul_tuned:
         # a kernel that adds into y must find y as it was before each timed try
         restore = {"restore_value": ["y_ptr"]} if add_to_y else {}
-        configs = _GATE_UP_SILU_CONFIGS if gate_up_silu else _MATMUL_CONFIGS
+        if gate_up_silu:
+            configs = _GATE_UP_SILU_CONFIGS
+        else:
+            configs = _FP8_MATMUL_CONFIGS if fp8 else _MATMUL_CONFIGS
         _small_m_matmul_tuned[variant] = triton.autotune(configs, key=["N", "K"], **_tuned_kwargs, **restore)(
             _small_m_matmul_kernel
         )
@@ -516,12 +542,17 @@ def _tuned_kernel(norm: bool, silu_mul: bool, add_to_y: bool, gate_up_silu: bool
 
 
 def small_m_matmul_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether small_m_matmul takes these: a 16-bit x of at most SMALL_M rows, contiguous rows."""
+    """Whether small_m_matmul takes these: at most SMALL_M rows of x, contiguous rows, and
+    either a 16-bit x and weight of one dtype, or a float8_e4m3fn weight (with its scales)
+    and an x of bf16, fp16 or fp32 (fp32 multiplies in full fp32, "ieee", never tf32)."""
+    if weight.dtype == FP8_WEIGHT_DTYPE:
+        dtype_fits = x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    else:
+        dtype_fits = x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
     return (
         x.dim() == 2
         and 0 < x.shape[0] <= SMALL_M
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
+        and dtype_fits
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
     )
@@ -537,6 +568,7 @@ def small_m_matmul(
     silu_mul: bool = False,
     gate_up_silu: bool = False,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T for M <= SMALL_M, with what comes just before or after it
     folded in:
@@ -546,7 +578,9 @@ def small_m_matmul(
     - `gate_up_silu`: weight is the fused [2I, K] gate | up weight (gate rows first) and the
       result is silu(x gate^T) * (x up^T), [M, I]: the same bits as silu_and_mul of the
       plain product under the same tile config;
-    - `out`: the product is added into `out` [M, N] in place (a residual stream) and returned.
+    - `out`: the product is added into `out` [M, N] in place (a residual stream) and returned;
+    - `weight_scale`: weight is float8_e4m3fn and weight row n is worth weight[n] *
+      weight_scale[n] (fp32 [N], or [2I] with gate_up_silu); y comes out in x's dtype.
 
     `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) skips the tuning, as the interpreter
     on CPU needs."""
@@ -554,10 +588,13 @@ def small_m_matmul(
     in_k = 2 * k if silu_mul else k
     if not small_m_matmul_fits(x, weight) or x.shape[1] != in_k:
         raise ValueError(
-            f"small_m_matmul takes x [M <= {SMALL_M}, {in_k}] and weight [N, {k}] of one 16-bit dtype; "
+            f"small_m_matmul takes x [M <= {SMALL_M}, {in_k}] and weight [N, {k}] of one 16-bit dtype, "
+            f"or a float8_e4m3fn weight with x in bf16, fp16 or fp32; "
             f"got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}"
         )
     m, n = x.shape[0], weight.shape[0]
+    fp8 = weight.dtype == FP8_WEIGHT_DTYPE
+    _check_weight_scale(weight, weight_scale)
     w_up = weight
     if gate_up_silu:
         if silu_mul or out is not None:
@@ -582,24 +619,48 @@ def small_m_matmul(
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"norm_weight must be [{k}]; got {tuple(norm_weight.shape)}")
     args = (
-        x, weight, w_up, y, norm_weight if norm_weight is not None else weight, m, n, k,
-        x.stride(0), weight.stride(0), y.stride(0), float(eps),
+        x, weight, w_up, y, norm_weight if norm_weight is not None else weight,
+        weight_scale if fp8 else weight, m, n, k, x.stride(0), weight.stride(0), y.stride(0), float(eps),
     )  # fmt: skip
     flags = {
         "NORM": norm_weight is not None,
         "SILU_MUL": silu_mul,
         "ADD_TO_Y": out is not None,
         "GATE_UP_SILU": gate_up_silu,
+        "FP8_WEIGHT": fp8,
+        # only an fp8 weight meets an fp32 x here (a 16-bit x keeps tl.dot's default)
+        "PRECISION": "ieee" if x.dtype == torch.float32 else None,
     }
     flags.update(_launch_options(x.device))
     flags["PREFETCH_LINES"] = PREFETCH_LINES if flags["PDL"] else 0
-    if config is None and not gate_up_silu:  # the cold table holds the plain kernel's tiles
+    if config is None and not gate_up_silu and not fp8:  # the cold table holds the 16-bit plain tiles
         config = _cold_tuned_config(x, n, k)
     if config is not None:
         meta = dict(config)
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
         _small_m_matmul_kernel[grid](*args, BLOCK_M=SMALL_M, **flags, **meta)
     else:
-        kernel = _tuned_kernel(flags["NORM"], silu_mul, flags["ADD_TO_Y"], gate_up_silu)
+        kernel = _tuned_kernel(flags["NORM"], silu_mul, flags["ADD_TO_Y"], gate_up_silu, fp8)
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=SMALL_M, **flags)
     return y
+
+
+def _check_weight_scale(weight: torch.Tensor, weight_scale: torch.Tensor | None) -> None:
+    """An fp8 weight comes with its fp32 row scales [N], a 16-bit one with none."""
+    fp8 = weight.dtype == FP8_WEIGHT_DTYPE
+    if fp8 != (weight_scale is not None):
+        raise ValueError(
+            "a float8_e4m3fn weight needs weight_scale (fp32 [N], one a row) and only such a weight "
+            f"takes one; got a {weight.dtype} weight with{'out' if weight_scale is None else ''} weight_scale"
+        )
+    if fp8 and (
+        tuple(weight_scale.shape) != (weight.shape[0],)
+        or weight_scale.dtype != torch.float32
+        or weight_scale.stride(0) != 1
+        or weight_scale.device != weight.device
+    ):
+        raise ValueError(
+            f"weight_scale must be a contiguous fp32 [{weight.shape[0]}] on {weight.device}, one scale a "
+            f"weight row; got {tuple(weight_scale.shape)} {weight_scale.dtype} on {weight_scale.device} "
+            "(block-wise scales are not served here: dequantize such a weight)"
+        )

@@ -7,17 +7,20 @@ small-batch path is never given a packed weight. (The GPU figures come from the 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from common.attention.backend_select import get_attention_backend
-from common.models import llama
+from common.models import fp8_weights, llama
+from common.models.fp8_weights import Fp8Weight
 from common.models.llama import LlamaForCausalLM
 from common.models.weights_dummy import fill_dummy_weights
 from common.models.weights_fp8 import quantize_linears
 from pdserve.bench.decode_step.diagnostics import _weights_by_kind
 from pdserve.bench.decode_step.moe_routing import measured_experts_touched
+from pdserve.bench.decode_step.report import StepRow, step_table
 from pdserve.bench.dummy_model import read_model_config
 from pdserve.bench.model_costs import ModelCosts
 from pdserve.cli.main import main
@@ -90,6 +93,44 @@ def test_an_fp8_step_is_set_against_the_bytes_fp8_weights_take(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "transformers baseline skipped" in printed
     assert "fp8 linears, the rest float32" in printed and "dequantized copy" in printed
+
+
+def test_fp8_small_m_triton_holds_for_the_whole_run_and_is_put_back_after(tmp_path, monkeypatch):
+    switch_at_each_matmul = []
+    matmul = Fp8Weight.matmul
+
+    def spy(self, x):
+        switch_at_each_matmul.append(fp8_weights.USE_TRITON_FP8_SMALL_M)
+        return matmul(self, x)
+
+    monkeypatch.setattr(Fp8Weight, "matmul", spy)
+    figures = _run(tmp_path, TINY_DENSE, "-q", "fp8", "--fp8-small-m", "triton", "--no-hf")
+    assert switch_at_each_matmul and all(switch_at_each_matmul)
+    assert fp8_weights.USE_TRITON_FP8_SMALL_M is False
+    assert all(row["fp8_triton_graph_ms"] is None for row in figures["rows"])  # no graphs on the CPU
+
+
+def test_fp8_small_m_other_than_scaled_mm_asks_for_fp8_weights(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_DENSE))
+    argv = ["bench", "decode-step", "--device", "cpu", "--model-config", str(path), "--fp8-small-m", "both"]
+    assert main(argv) == 2
+    assert "pass -q fp8" in capsys.readouterr().err
+
+
+def test_the_table_names_the_fp8_path_and_puts_the_triton_replay_in_its_own_column():
+    row = StepRow(
+        batch=1, context=1024, graph_ms=7.06, eager_ms=9.0, engine_ms=7.5, floor_ms=2.72,
+        weight_gb=8.036, kv_gb=0.134, fp8_triton_graph_ms=3.25,
+    )  # fmt: skip
+    args = SimpleNamespace(
+        model_config="llama-3-8b", num_layers=None, dtype="bfloat16", quantization="fp8",
+        kv_cache_dtype="auto", fp8_small_m="both",
+    )  # fmt: skip
+    text = step_table([row], 3e12, "NVIDIA H100 80GB HBM3", args)
+    assert "fp8 matmuls of at most 16 rows through torch._scaled_mm; the fp8 Triton small-M column" in text
+    header, cells = (line.split("|") for line in text.splitlines() if line.startswith("| "))
+    assert cells[header.index(" graph ms, fp8 Triton small-M ")].strip() == "3.250"
 
 
 def _tiny_model(**overrides) -> LlamaForCausalLM:

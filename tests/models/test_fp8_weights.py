@@ -10,7 +10,9 @@ weights; each malformed checkpoint must be refused naming what is wrong. The GPU
 
 from __future__ import annotations
 
+import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from common.attention.reference import TorchAttentionBackend
 from common.config.checkpoint_quantization import checkpoint_fp8_scheme
 from common.config.quantization import resolve_quantization
 from common.model_files import ModelSource
+from common.models import fp8_weights
 from common.models.fp8_weights import FP8, FP8_MAX, Fp8Weight
 from common.models.layers import Linear
 from common.models.loader import load_model
@@ -372,6 +375,50 @@ def test_fp8_refuses_tensor_parallelism_and_none_keeps_dense_weights():
     assert resolve_quantization(None, "safetensors", "cuda", 1, {}) is None
 
 
+# --- which path multiplies -----------------------------------------------------------
+
+
+def test_with_the_triton_switch_on_a_cpu_weight_still_multiplies_its_dequantized_copy(monkeypatch):
+    monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", True)
+    fp8 = Fp8Weight.quantize(torch.randn(32, 64, generator=torch.Generator().manual_seed(4)), torch.float32)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    assert fp8.small_m_kernels(x) is None
+    assert torch.allclose(fp8.matmul(x), x @ fp8.dequantize().T, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test below runs the real dispatch")
+def test_the_triton_switch_sends_at_most_16_rows_of_a_scaled_mm_weight_to_the_fp8_kernel(monkeypatch):
+    from common.models import triton_layers
+
+    # a weight as a GPU of compute capability 8.9 holds it (the _scaled_mm operands, no dense
+    # copy), and the Triton kernels as on CUDA, run here in the interpreter with fixed tiles
+    g = torch.Generator().manual_seed(6)
+    quantized = Fp8Weight.quantize(torch.randn(40, 72, generator=g))
+    fp8 = Fp8Weight(quantized.weight, quantized.scale, input_scale=torch.tensor(0.01), prepare=False)
+    fp8._scale_row = fp8.scale.view(1, -1)
+    config = {"BLOCK_N": 16, "BLOCK_K": 32}
+    on_cuda = SimpleNamespace(
+        small_m_matmul=functools.partial(triton_layers.small_m_matmul, config=config),
+        small_m_matmul_fits=triton_layers.small_m_matmul_fits,
+    )
+    monkeypatch.setattr(fp8_weights, "cuda_layer_kernels", lambda x: on_cuda)
+    scaled_mm_rows = []
+    monkeypatch.setattr(
+        Fp8Weight, "_scaled_matmul", lambda self, rows: scaled_mm_rows.append(len(rows)) or rows[:, :40]
+    )
+    x = torch.randn(3, 5, 72, generator=g, dtype=torch.float32).half()
+    fp8.matmul(x)
+    assert scaled_mm_rows == [15]  # the switch is off by default
+
+    monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", True)
+    y = fp8.matmul(x)  # 15 rows; the static input scale plays no part in a weight-only product
+    assert scaled_mm_rows == [15] and y.shape == (3, 5, 40) and y.dtype == torch.float16
+    expected = x.double() @ fp8.dequantize(torch.float64).T
+    assert float((y.double() - expected).norm() / expected.norm()) < 2e-3
+    fp8.matmul(torch.zeros(17, 72, dtype=torch.float16))
+    assert scaled_mm_rows == [15, 17]
+
+
 # --- the GPU GEMM --------------------------------------------------------------------
 
 
@@ -391,3 +438,19 @@ def test_scaled_mm_on_the_gpu_matches_the_dequantized_weight(static, rows):
     ref = x.float() @ fp8.dequantize().T
     # the activations' own fp8 rounding (3 mantissa bits) over K = 1024 products
     assert float((y.float() - ref).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+def test_the_triton_fp8_small_m_path_on_the_gpu_matches_the_dequantized_weight(rows, monkeypatch):
+    monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(4096, 1024, device="cuda", generator=g) * 0.05
+    x = torch.randn(rows, 1024, device="cuda", generator=g).bfloat16()
+    fp8 = Fp8Weight.quantize(w, torch.bfloat16)
+    assert fp8.small_m_kernels(x) is not None  # the Triton path, not _scaled_mm
+    y = fp8.matmul(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 4096)
+    ref = x.double() @ fp8.dequantize(torch.float64).T
+    # bf16 activations and a bf16 result: no activation rounding to fp8, unlike _scaled_mm
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2

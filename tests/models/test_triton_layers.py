@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.models import triton_layers as kernels
+from common.models.fp8_weights import quantize_rows
 from common.models.layers import RMSNorm, RotaryEmbedding
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -284,6 +285,54 @@ def test_small_m_matmul_takes_only_few_rows_of_a_16_bit_dtype():
     assert not kernels.small_m_matmul_fits(torch.zeros(2, 32, device=DEVICE), w.float())
     with pytest.raises(ValueError, match="M <= 16"):
         kernels.small_m_matmul(torch.zeros(17, 32, device=DEVICE, dtype=torch.float16), w)
+
+
+# fp8 weights (float8_e4m3fn [N, K], fp32 row scales [N]); the interpreter's dot is wrong on
+# bf16, so on CPU the activations are fp32 and fp16
+FP8_X_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def _fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row magnitudes spread over two decades, so a scale applied to the wrong row shows."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 0, n)[:, None]
+    q, scale = quantize_rows(w)
+    return q.to(DEVICE), scale.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", FP8_X_DTYPES)
+@pytest.mark.parametrize("m, n, k", [(1, 40, 72), (3, 50, 200), (16, 33, 48)])
+def test_small_m_matmul_of_an_fp8_weight_is_x_times_its_dequantized_rows(dtype, m, n, k):
+    x = _randn(m, k, dtype=dtype, seed=20)
+    q, scale = _fp8_weight(n, k, seed=21)
+    y = kernels.small_m_matmul(x, q, config=MATMUL_CONFIG, weight_scale=scale)
+    assert y.shape == (m, n) and y.dtype == dtype
+    expected = x.double() @ (q.double() * scale.double()[:, None]).T
+    _close(y, expected, dtype)
+
+
+def test_silu_in_the_gate_up_epilogue_of_an_fp8_weight_scales_the_up_rows_by_their_own_scales():
+    x = _randn(3, 48, dtype=torch.float16, seed=22)
+    q, scale = _fp8_weight(2 * 40, 48, seed=23)
+    config = MATMUL_CONFIG or {"BLOCK_N": 16, "BLOCK_K": 32}
+    fused = kernels.small_m_matmul(x, q, config=config, gate_up_silu=True, weight_scale=scale)
+    unfused = kernels.silu_and_mul(kernels.small_m_matmul(x, q, config=config, weight_scale=scale))
+    assert torch.equal(fused, unfused)
+
+
+def test_an_fp8_weight_needs_its_row_scales_and_a_16_bit_one_takes_none():
+    x = torch.zeros(2, 32, device=DEVICE, dtype=torch.float16)
+    q, scale = _fp8_weight(8, 32, seed=24)
+    assert kernels.small_m_matmul_fits(x.float(), q)  # fp8 weights take fp32 activations too
+    assert not kernels.small_m_matmul_fits(torch.zeros(17, 32, device=DEVICE), q)
+    with pytest.raises(ValueError, match="needs weight_scale"):
+        kernels.small_m_matmul(x, q, MATMUL_CONFIG)
+    with pytest.raises(ValueError, match="float16 weight with weight_scale"):
+        kernels.small_m_matmul(x, torch.zeros_like(q, dtype=x.dtype), MATMUL_CONFIG, weight_scale=scale)
+    with pytest.raises(ValueError, match=r"contiguous fp32 \[8\].*got \(4,\)"):
+        kernels.small_m_matmul(x, q, MATMUL_CONFIG, weight_scale=scale[:4])
+    with pytest.raises(ValueError, match="torch.float16 on"):
+        kernels.small_m_matmul(x, q, MATMUL_CONFIG, weight_scale=scale.half())
 
 
 def test_kernels_refuse_layouts_they_would_misread():

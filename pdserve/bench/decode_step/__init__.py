@@ -19,7 +19,9 @@ model of the same config and dtype on the same GPU (its decode tokens/s, prefill
 `--variants` also times the graphs with cuBLAS for the small-batch matmuls and with the
 plain torch layers (no Triton layer kernels at all), `--profile` prints the kernels of one
 replay at the smallest batch, and `--gemv` times each weight shape's matmul at batch 1
-alone, cuBLAS against the Triton small-M matmul: what explains a gap to the floor.
+alone, cuBLAS against the Triton small-M matmul: what explains a gap to the floor. With
+`-q fp8`, `--fp8-small-m` picks how fp8 matmuls of at most 16 rows run (torch._scaled_mm, the
+Triton small-M matmul's weight-only fp8 path, or both, the second as a column of graph replays).
 
 Defaults: Llama-3-8B shapes (common/models/configs/llama-3-8b.json) with dummy weights,
 bf16, batches 1 and 64 at context 1024. `--device cpu` runs the same code eagerly on a

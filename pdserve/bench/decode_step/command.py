@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pdserve.bench.dummy_model import add_weight_args
 
 DTYPES = ["bfloat16", "float16", "float32"]
+FP8_SMALL_M_PATHS = ["scaled_mm", "triton", "both"]
 
 
 def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,15 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         help="also time graphs recaptured with these module switches (modules: layers, kernels, tiles, "
         "decode; values are Python literals), e.g. --try decode.MIN_SPLIT_TOKENS=256; repeatable",
     )
+    parser.add_argument(
+        "--fp8-small-m",
+        choices=FP8_SMALL_M_PATHS,
+        default="scaled_mm",
+        help="with -q fp8, how fp8 matmuls of at most 16 rows run: scaled_mm (torch._scaled_mm, "
+        "activations quantized per token), triton (the Triton small-M matmul, fp8 weights widened "
+        "to bf16, activations left in bf16; common.models.fp8_weights.USE_TRITON_FP8_SMALL_M) for "
+        "every figure, or both: the figures with scaled_mm and a column of graph replays with triton",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one replay")
     parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a tiny eager check)")
@@ -90,6 +100,25 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
 
 def run_decode_step_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table; 0 on success."""
+    if args.fp8_small_m != "scaled_mm" and args.quantization != "fp8":
+        print(
+            f"--fp8-small-m {args.fp8_small_m} picks the path of fp8 matmuls; pass -q fp8 with it, "
+            "or leave it at scaled_mm",
+            file=sys.stderr,
+        )
+        return 2
+    from common.models import fp8_weights
+
+    # "triton": every figure with the Triton path, set before the runner captures its graphs
+    saved = fp8_weights.USE_TRITON_FP8_SMALL_M
+    fp8_weights.USE_TRITON_FP8_SMALL_M = args.fp8_small_m == "triton"
+    try:
+        return _run(args)
+    finally:
+        fp8_weights.USE_TRITON_FP8_SMALL_M = saved
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from pdserve.bench.decode_step.diagnostics import gemv_sweep, gemv_table, kernel_profile

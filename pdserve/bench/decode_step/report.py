@@ -35,6 +35,7 @@ class StepRow:
     silu_gate_up_graph_ms: float | None = None  # SiLU-and-mul in the gate_up matmul's epilogue
     fused_add_silu_gate_up_graph_ms: float | None = None  # residual adds folded, SiLU in gate_up
     rope_apart_graph_ms: float | None = None  # RoPE and the K/V write in a launch of their own
+    fp8_triton_graph_ms: float | None = None  # fp8 matmuls of <= 16 rows on the Triton small-M path
     hf_decode_tok_s: float | None = None
     hf_total_tok_s: float | None = None
 
@@ -78,6 +79,7 @@ _HEADER = [
     "SiLU in gate_up epilogue",
     "fused adds + SiLU in gate_up",
     "RoPE + K/V write apart",
+    "graph ms, fp8 Triton small-M",
     "HF generate tok/s",
     "engine vs HF",
 ]
@@ -91,6 +93,7 @@ def _cells(r: StepRow) -> list[str]:
     fused = (r.fused_graph_ms, r.fused_norm_graph_ms, r.fused_silu_graph_ms, r.fused_add_graph_ms)
     pdl = (r.no_pdl_graph_ms, r.prefetch_0_graph_ms, r.prefetch_16_graph_ms, r.prefetch_32_graph_ms)
     silu = (r.silu_gate_up_graph_ms, r.fused_add_silu_gate_up_graph_ms, r.rope_apart_graph_ms)
+    fp8 = (r.fp8_triton_graph_ms,)
     hf = f"{r.hf_decode_tok_s:.0f}" if r.hf_decode_tok_s is not None else "-"
     engine_tok_s = r.batch / (r.engine_ms * 1e-3)
     vs_hf = f"{engine_tok_s / r.hf_decode_tok_s:.1f}x" if r.hf_decode_tok_s else "-"
@@ -115,7 +118,7 @@ def _cells(r: StepRow) -> list[str]:
         f"{r.eager_ms:.3f}",
         _ms(r.cublas_graph_ms),
         _ms(r.plain_layers_graph_ms),
-        *(_ms(v) for v in (*fused, *pdl, *silu)),
+        *(_ms(v) for v in (*fused, *pdl, *silu, *fp8)),
         hf,
         vs_hf,
     ]
@@ -133,6 +136,13 @@ def step_table(rows: list[StepRow], bandwidth: float, device_name: str, args) ->
             "; floor: shared weights + the experts B tokens touch under uniform routing, "
             "E (1 - (1 - k/E)^B) a layer (k at batch 1)"
         )
+    if args.quantization == "fp8" and device_name != "cpu":
+        path = {
+            "scaled_mm": "torch._scaled_mm (activations quantized per token)",
+            "triton": "the Triton small-M matmul (weight-only, activations bf16)",
+            "both": "torch._scaled_mm; the fp8 Triton small-M column with the Triton path",
+        }[args.fp8_small_m]
+        head += f"; fp8 matmuls of at most 16 rows through {path}"
     if args.quantization and device_name == "cpu":
         head += (
             "; on the CPU an fp8 weight is multiplied as a dequantized copy, so its floor is not its time's"

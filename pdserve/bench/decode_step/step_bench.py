@@ -98,6 +98,8 @@ class StepBench:
         if self.runner.cuda_graphs is not None:
             for text in self.args.try_switches:
                 self.time_variant(rows, None, parse_switches(text))
+            if self.args.fp8_small_m == "both":
+                self.time_variant(rows, "fp8_triton_graph_ms", {"fp8.USE_TRITON_FP8_SMALL_M": True})
         if self.args.variants and self.runner.cuda_graphs is not None:
             self.time_variant(rows, "cublas_graph_ms", {"layers.USE_TRITON_SMALL_MATMUL": False})
             self.time_variant(rows, "plain_layers_graph_ms", {"layers.USE_TRITON_KERNELS": False})
@@ -129,16 +131,18 @@ class StepBench:
 
     def time_variant(self, rows: list[StepRow], field: str | None, switches: dict[str, object]) -> None:
         """Recapture the graphs with module switches set ("layers." common.models.layers,
-        "kernels." common.models.triton_layers, "tiles." common.attention.triton_paged_tiles)
-        and time every batch; a variant that fails is reported and left out."""
+        "kernels." common.models.triton_layers, "tiles." common.attention.triton_paged_tiles,
+        "decode." common.attention.triton_decode, "fp8." common.models.fp8_weights) and time
+        every batch; a variant that fails is reported and left out."""
         from common.attention import triton_decode, triton_paged_tiles
-        from common.models import layers, triton_layers
+        from common.models import fp8_weights, layers, triton_layers
 
         modules = {
             "layers": layers,
             "kernels": triton_layers,
             "tiles": triton_paged_tiles,
             "decode": triton_decode,
+            "fp8": fp8_weights,
         }
         targets = {key: (modules[key.split(".")[0]], key.split(".")[1]) for key in switches}
         saved = {key: getattr(module, name) for key, (module, name) in targets.items()}
