@@ -152,4 +152,3 @@ class _WorkerConnectors:
 
 # what a worker role is given to build its connector with
 WORKER_CONNECTORS = _WorkerConnectors()
-

@@ -142,8 +142,11 @@ def test_quantization_fp8_quantizes_every_expert_at_load(tiny_moe, paged_runner)
             assert not torch.equal(getattr(ours.mlp, name), getattr(theirs.mlp, name))
     logits = paged_runner(fp8).step([("a", PROMPTS[1])])["a"]
     assert logits.shape == (len(PROMPTS[1]), fp8.config.vocab_size) and logits.isfinite().all()
-    # fp8 experts alone move these tiny models' logits by 4-6% of the largest; with every
-    # linear layer in fp8 too, by 30-70%, so only the experts' share is held to a bound here
+    # fp8 experts alone move these tiny models' logits by 4-6% of the largest. With every
+    # linear layer in fp8 too, fp8 rounding flips a top-k expert choice at a few positions
+    # (2-6 of 38 token-layers for prompt 1), whose logits then move by 30-70%, while the
+    # others stay within 11-13%: routing is discontinuous, so only the experts' share is
+    # held to a bound here
     experts_only = load(source)
     for layer in experts_only.layers:
         layer.mlp.quantize_fp8()
