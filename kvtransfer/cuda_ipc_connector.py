@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from kvtransfer.cuda_ipc_driver import CudaDriver
-from kvtransfer.direct_copy import DirectCopier, DirectSource
+from kvtransfer.direct_copy import CountsDirectCopies, DirectCopier, DirectSource
 from kvtransfer.direct_export import DirectExport
 from kvtransfer.kv_consumer import Pull, RemoteEngine
 from kvtransfer.kv_region import KVRegion
@@ -30,18 +30,11 @@ from kvtransfer.peer_link import Peer
 from kvtransfer.tcp_connector import TcpConnector, TcpConsumer
 
 
-class CudaIpcConsumer(TcpConsumer):
+class CudaIpcConsumer(CountsDirectCopies, TcpConsumer):
     def __init__(self, *, driver: CudaDriver | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._driver = driver
         self._copier: DirectCopier | None = None
-
-    @property
-    def num_direct_transfers(self) -> int:
-        return 0 if self._copier is None else self._copier.num_copies
-
-    def stats(self) -> dict[str, float]:
-        return {**super().stats(), "num_direct_transfers": self.num_direct_transfers}
 
     def _on_register(self, region: KVRegion) -> None:
         self._copier = DirectCopier(region, fallback="over the side channel (TCP)", driver=self._driver)

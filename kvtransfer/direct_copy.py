@@ -230,3 +230,17 @@ def _blocking_wait() -> bool:
 def _graphs_wanted() -> bool:
     """CUDA graphs for the copies unless PDSERVE_KV_COPY_GRAPHS=0 (for comparing the two)."""
     return os.environ.get("PDSERVE_KV_COPY_GRAPHS", "1") != "0"
+
+
+class CountsDirectCopies:
+    """Mixed into a KVConsumer that holds a DirectCopier as `_copier`: its stats() report how
+    many pulls the direct copy served (benchmarks tell the paths apart by it)."""
+
+    _copier: DirectCopier | None = None
+
+    @property
+    def num_direct_transfers(self) -> int:
+        return 0 if self._copier is None else self._copier.num_copies
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "num_direct_transfers": self.num_direct_transfers}  # type: ignore[misc]

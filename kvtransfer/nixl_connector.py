@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from kvtransfer.connector import ConnectorUnavailableError
-from kvtransfer.direct_copy import DirectCopier, DirectSource
+from kvtransfer.direct_copy import CountsDirectCopies, DirectCopier, DirectSource
 from kvtransfer.direct_export import DirectExport
 from kvtransfer.kv_consumer import KVConsumer, Pull, RemoteEngine
 from kvtransfer.kv_region import KVRegion
@@ -114,7 +114,7 @@ class _RemoteAgent:
     blocks: Any  # the prepared descriptor list of all the producer's blocks
 
 
-class NixlConsumer(KVConsumer):
+class NixlConsumer(CountsDirectCopies, KVConsumer):
     def __init__(self, *, agent: Any, same_host_copy: bool = True, **kwargs: Any) -> None:
         """same_host_copy: copy directly from producers on this machine where the route allows."""
         self._agent = agent
@@ -125,13 +125,6 @@ class NixlConsumer(KVConsumer):
         self._in_flight: dict[str, Pull] = {}
         self._unreleased: list[Any] = []  # handles NIXL could not release yet
         super().__init__(**kwargs)
-
-    @property
-    def num_direct_transfers(self) -> int:
-        return 0 if self._copier is None else self._copier.num_copies
-
-    def stats(self) -> dict[str, float]:
-        return {**super().stats(), "num_direct_transfers": self.num_direct_transfers}
 
     def _on_register(self, region: KVRegion) -> None:
         self._local_blocks = self._agent.prep_xfer_dlist(
