@@ -28,10 +28,13 @@ launches of its own (amax, scale, convert) that the Triton path does not make; t
 small-M kernel streams its weights at 90-99% of copy bandwidth, where the fp8 batch-1 step
 through _scaled_mm took 2.59x its weight-read floor on an H100 (docs/quantization.md). The
 Triton path ignores a static input scale (a checkpoint's `input_scale`): x is never quantized
-there, so it differs from _scaled_mm by the activations' fp8 rounding only. The switch is
-off: the kernel has so far run only in Triton's interpreter on a CPU (and been compiled for
-sm90 without a launch); it stays off until it is run and timed on a GPU (`pdserve bench
-decode-step -q fp8 --fp8-small-m both`).
+there, so it differs from _scaled_mm by the activations' fp8 rounding only. The switch also
+lets a Llama-family model whose every packed weight is such an fp8 weight keep the fused
+small-batch layer (norms, SiLU-and-mul and residual adds folded into the matmuls:
+`small_m_operands`), where _scaled_mm needs the layer's general path and its separate kernels.
+The switch is off: the kernel has so far run only in Triton's interpreter on a CPU (and been
+compiled for sm90 without a launch); it stays off until it is run and timed on a GPU
+(`pdserve bench decode-step -q fp8 --fp8-small-m both`).
 """
 
 from __future__ import annotations
@@ -152,6 +155,15 @@ class Fp8Weight:
         if kernels is None or not kernels.small_m_matmul_fits(rows, self.weight):
             return None
         return kernels
+
+    def small_m_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(fp8 values [N, K], fp32 row scales [N]) for the fused small-batch decoder layer
+        (common/models/llama.py `forward_small_batch`), which feeds them to the Triton small-M
+        matmul beside its norm, SiLU and residual fusions: when the switch is on and this is a
+        weight _scaled_mm would serve. Else None, and the layer keeps the general path."""
+        if not USE_TRITON_FP8_SMALL_M or self._scale_row is None:
+            return None
+        return self.weight, self.scale
 
     def _scaled_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         x = rows.float()

@@ -128,7 +128,7 @@ class DecoderLayer(nn.Module):
         into the gate_up matmul's epilogue or else the down projection's operand: five
         launches and the attention when all are on."""
         attn, mlp = self.self_attn, self.mlp
-        qkv = self._normed_matmul(kernels, stream, self.input_layernorm, attn.qkv_proj.weight)
+        qkv = self._normed_matmul(kernels, stream, self.input_layernorm, attn.qkv_proj)
         tokens = stream.shape[0]
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q = q.view(tokens, attn.num_heads, attn.head_dim)
@@ -139,30 +139,40 @@ class DecoderLayer(nn.Module):
             positions, q, k, v, rotary.cos, rotary.sin, kv_cache, attn.layer_idx, meta.slot_mapping
         )
         out = attn.backend.attention(q, kv_cache, attn.layer_idx, meta, attn.scale)
-        kernels.small_m_matmul(out.reshape(tokens, attn.q_size), attn.o_proj.weight, out=stream)
+        _small_m(kernels, out.reshape(tokens, attn.q_size), attn.o_proj, out=stream)
         if layers.FUSE_SILU_INTO_GATE_UP:  # SiLU-and-mul in the gate_up matmul's epilogue
             act = self._normed_matmul(
-                kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj.weight, gate_up_silu=True
+                kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj, gate_up_silu=True
             )
-            kernels.small_m_matmul(act, mlp.down_proj.weight, out=stream)
+            _small_m(kernels, act, mlp.down_proj, out=stream)
             return
-        gate_up = self._normed_matmul(kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj.weight)
+        gate_up = self._normed_matmul(kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj)
         if layers.FUSE_SILU_INTO_MATMUL:
-            kernels.small_m_matmul(gate_up, mlp.down_proj.weight, silu_mul=True, out=stream)
+            _small_m(kernels, gate_up, mlp.down_proj, silu_mul=True, out=stream)
         else:
-            kernels.small_m_matmul(kernels.silu_and_mul(gate_up), mlp.down_proj.weight, out=stream)
+            _small_m(kernels, kernels.silu_and_mul(gate_up), mlp.down_proj, out=stream)
 
     @staticmethod
     def _normed_matmul(
-        kernels, x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor, gate_up_silu: bool = False
+        kernels, x: torch.Tensor, norm: RMSNorm, module: Linear, gate_up_silu: bool = False
     ) -> torch.Tensor:
         if layers.FUSE_NORM_INTO_MATMUL:
-            return kernels.small_m_matmul(
-                x, weight, norm_weight=norm.weight, eps=norm.eps, gate_up_silu=gate_up_silu
-            )
-        return kernels.small_m_matmul(
-            kernels.rms_norm(x, norm.weight, norm.eps), weight, gate_up_silu=gate_up_silu
-        )
+            return _small_m(kernels, x, module, norm_weight=norm.weight, eps=norm.eps, gate_up_silu=gate_up_silu)
+        return _small_m(kernels, kernels.rms_norm(x, norm.weight, norm.eps), module, gate_up_silu=gate_up_silu)
+
+
+def _packed_fp8_operands(packed):
+    operands = getattr(packed, "small_m_operands", None)
+    return None if operands is None else operands()
+
+
+def _small_m(kernels, x: torch.Tensor, module: Linear, **fused) -> torch.Tensor:
+    """The Triton small-M matmul x W^T of a Linear, W its 16-bit weight or its packed fp8
+    values with their row scales (Fp8Weight.small_m_operands)."""
+    if module.packed is None:
+        return kernels.small_m_matmul(x, module.weight, **fused)
+    weight, scale = module.packed.small_m_operands()
+    return kernels.small_m_matmul(x, weight, weight_scale=scale, **fused)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -217,8 +227,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _small_batch_kernels(self, x: torch.Tensor):
         """The fused small-batch kernels when this batch and this model can use them: no
-        biases, no q/k norm, no experts and no packed (fp8, GGUF) weights (those keep the
-        general path)."""
+        biases, no q/k norm, no experts, and no packed weights other than fp8 ones the
+        Triton small-M matmul takes (Fp8Weight.small_m_operands; GGUF blocks and fp8 weights
+        on _scaled_mm keep the general path)."""
         c = self.config
         if (
             c.num_experts
@@ -230,8 +241,10 @@ class LlamaForCausalLM(nn.Module):
             return None  # LoRA adds its products after each layer's own matmul: the general path
         kernels = small_batch_kernels(x)
         if kernels is not None and any(
-            m.packed is not None for m in self.modules() if isinstance(m, Linear)
-        ):  # forward_small_batch multiplies by `.weight`, a packed Linear's zero-strided stand-in
+            m.packed is not None and _packed_fp8_operands(m.packed) is None
+            for m in self.modules()
+            if isinstance(m, Linear)
+        ):  # a packed Linear's `.weight` is a zero-strided stand-in
             return None
         return kernels
 

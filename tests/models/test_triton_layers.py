@@ -419,6 +419,76 @@ def test_the_fused_small_batch_layer_matches_the_general_path(monkeypatch, fuse_
     _close(fused, plain, torch.float16)
 
 
+def _fp8_packed(model, on_scaled_mm: bool):
+    """Every Linear of `model` served from per-row fp8 (Fp8Weight), as a GPU of compute
+    capability 8.9 holds it when `on_scaled_mm` (the _scaled_mm operands, no dense copy); a
+    twin of the model with each weight replaced by its dequantized fp8 values as the reference."""
+    import copy
+
+    from common.models.fp8_weights import Fp8Weight
+    from common.models.layers import Linear
+
+    dense = copy.deepcopy(model)
+    for (name, module), twin in zip(model.named_modules(), dense.modules()):
+        if not isinstance(module, Linear):
+            continue
+        quantized = Fp8Weight.quantize(module.weight.float(), module.weight.dtype)
+        fp8 = Fp8Weight(quantized.weight, quantized.scale, compute_dtype=module.weight.dtype, prepare=False)
+        if on_scaled_mm:
+            fp8._scale_row = fp8.scale.view(1, -1)
+        else:
+            fp8._dense = fp8.dequantize(module.weight.dtype)
+        with torch.no_grad():
+            twin.weight.copy_(fp8.dequantize(module.weight.dtype))
+        module.keep_packed(fp8)
+    return dense
+
+
+@pytest.mark.parametrize("switch", [True, False], ids=["triton-fp8", "switch-off"])
+def test_the_fused_small_batch_layer_serves_fp8_weights_through_the_small_m_kernel(monkeypatch, switch):
+    """fp8 Linears (USE_TRITON_FP8_SMALL_M on) keep the fused small-batch layer, their fp8
+    tiles and row scales fed to the small-M matmul beside the norm, SiLU and residual
+    fusions: the logits of the dense model holding the dequantized weights. With the switch
+    off, or a weight that is not on _scaled_mm's operands, the layer is not taken."""
+    import functools
+    import types
+
+    from common.models import fp8_weights
+    from common.models.llama import LlamaForCausalLM
+
+    monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", switch)
+    device = DEVICE.type
+    model = _tiny_model(device, torch.float16)
+    dense = _fp8_packed(model, on_scaled_mm=True)
+    plain = _tiny_logits(dense, device, torch.float16, (3, 2))
+    interpreted = types.SimpleNamespace(
+        small_m_matmul=functools.partial(kernels.small_m_matmul, config=MATMUL_CONFIG),
+        small_m_matmul_fits=kernels.small_m_matmul_fits,
+        rotary_write_kv=kernels.rotary_write_kv,
+        rms_norm=kernels.rms_norm,
+        silu_and_mul=kernels.silu_and_mul,
+    )
+    monkeypatch.setattr("common.models.llama.small_batch_kernels", lambda x: interpreted)
+    monkeypatch.setattr(fp8_weights, "cuda_layer_kernels", lambda x: interpreted)
+    taken = []
+    real_layer = type(model.layers[0]).forward_small_batch
+
+    def counted(self, *args):
+        taken.append(self)
+        return real_layer(self, *args)
+
+    monkeypatch.setattr(type(model.layers[0]), "forward_small_batch", counted)
+    if not switch:
+        assert LlamaForCausalLM._small_batch_kernels(model, torch.zeros(5, 256, dtype=torch.float16)) is None
+        return
+    fused = _tiny_logits(model, device, torch.float16, (3, 2))
+    assert len(taken) == 3  # every layer took the fused path
+    _close(fused, plain, torch.float16)
+    on_dense = _tiny_model(device, torch.float16)
+    _fp8_packed(on_dense, on_scaled_mm=False)  # a dequantized copy (the CPU's form): general path
+    assert LlamaForCausalLM._small_batch_kernels(on_dense, torch.zeros(5, 256, dtype=torch.float16)) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
