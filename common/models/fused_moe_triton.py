@@ -46,6 +46,18 @@ tensor-core rate and so pays off only at prefill sizes; it is the next step if t
 Tiles come from a small table by the rows an expert gets on average, T*k/E (MOE_CONFIGS):
 decode gives each expert a row or two, so blocks of 16 rows and long K tiles that stream
 the weights; prefill gives each hundreds, so larger blocks that reuse each weight tile.
+
+Small batches (`fused_moe_small_batch`, at most SMALL_BATCH_MAX_TOKENS tokens) take three
+launches from the router's logits instead: at one token the steps above spend more time
+launching small kernels (torch's softmax and top-k, the align step's fills and scatter, the
+sum over k) than reading the experts' weights. Routing (`select_experts`, a program per
+token) gives fp32 weights and the ids; gate/up runs a GEMV per (token, slot) pair, with no
+grouping by expert; down runs a program per (token, BLOCK_N columns) that loops over the
+token's k slots and sums their weighted outputs itself. Each pair reads its expert's rows
+on its own, so at larger batches, where pairs share experts, the grouped path above reads
+the weights fewer times; the limit is where that starts to pay, to be set by measurement.
+The roundings are those of the steps above, so the two paths agree to the fp32
+accumulation order of the matmuls.
 """
 
 from __future__ import annotations
@@ -304,16 +316,20 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
+    _check_experts(x, w13, w2, w13_scale, w2_scale)
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must both "
+            f"be [T, k] with T = {x.shape[0]}, x's rows"
+        )
+
+
+def _check_experts(x, w13, w2, w13_scale, w2_scale) -> None:
     experts, two_inter, hidden = w13.shape
     if x.dim() != 2 or x.shape[1] != hidden or tuple(w2.shape) != (experts, hidden, two_inter // 2):
         raise ValueError(
             f"fused_moe needs x [T, H], w13 [E, 2I, H] and w2 [E, H, I]; got x {tuple(x.shape)}, "
             f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
-        )
-    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must both "
-            f"be [T, k] with T = {x.shape[0]}, x's rows"
         )
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe needs the last dimension of x, w13 and w2 contiguous")
@@ -415,3 +431,290 @@ def fused_moe(
     )
     # each token's k rows summed in fp32, rounded once: the same order on every run
     return per_pair.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+# --- small batches: three launches from the router's logits ---------------------------------
+
+SMALL_BATCH_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SmallBatchConfig:
+    """Tiles of the small-batch kernels. The defaults give Qwen3-30B-A3B (H 2048, I 768, k 8)
+    at one token about a program per SM in each matmul: 8 pairs x 24 gate/up column blocks,
+    128 down column blocks. Not tuned yet."""
+
+    gate_up_block_n: int = 32
+    down_block_n: int = 16
+    block_k: int = 128
+    num_warps: int = 4
+
+
+@triton.jit
+def _select_experts_kernel(
+    logits_ptr,  # [T, E]
+    weights_ptr,  # fp32 [T, TOP_K] out
+    ids_ptr,  # int64 [T, TOP_K] out
+    num_experts,
+    stride_lt,
+    stride_le,
+    RENORMALIZE: tl.constexpr,
+    TOP_K: tl.constexpr,
+    EXPERTS: tl.constexpr,  # num_experts rounded up to a power of 2
+    SLOTS: tl.constexpr,  # TOP_K rounded up to a power of 2
+):
+    token = tl.program_id(0)
+    offs_e = tl.arange(0, EXPERTS)
+    logits = tl.load(
+        logits_ptr + token * stride_lt + offs_e * stride_le, mask=offs_e < num_experts, other=float("-inf")
+    ).to(tl.float32)
+    exps = tl.exp(logits - tl.max(logits, 0))
+    # correctly rounded division, as torch's; Triton's `/` on fp32 is an approximate one on CUDA
+    probs = tl.math.div_rn(exps, tl.sum(exps, 0))
+    offs_s = tl.arange(0, SLOTS)
+    weights = tl.zeros([SLOTS], dtype=tl.float32)
+    ids = tl.zeros([SLOTS], dtype=tl.int64)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(probs, 0)
+        # ties go to the lower expert id; padding (probability 0) sits above every real id
+        expert = tl.min(tl.where(probs == best, offs_e, EXPERTS), 0)
+        weights = tl.where(offs_s == slot, best, weights)
+        ids = tl.where(offs_s == slot, expert, ids)
+        probs = tl.where(offs_e == expert, -1.0, probs)
+    if RENORMALIZE:
+        weights = tl.math.div_rn(weights, tl.broadcast_to(tl.sum(weights, 0), [SLOTS]))
+    tl.store(weights_ptr + token * TOP_K + offs_s, weights, mask=offs_s < TOP_K)
+    tl.store(ids_ptr + token * TOP_K + offs_s, ids, mask=offs_s < TOP_K)
+
+
+@triton.jit
+def _pair_gate_up_kernel(
+    x_ptr,  # [T, H]
+    w13_ptr,  # [E, 2I, H]: gate rows, then up rows
+    w13_scale_ptr,  # fp32 [E, 2I] (FP8)
+    ids_ptr,  # [T*k] expert of each pair
+    h_ptr,  # [T*k, I] out: silu(gate) * up, by pair
+    top_k,
+    hidden,
+    inter,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_h,
+    FP8: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    token = pair // top_k
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token * stride_x + offs_k
+    gate_ptrs = w13_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+    up_ptrs = gate_ptrs + inter * stride_wn
+    # a GEMV: products summed across K once, after the loop
+    gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        if EVEN_K:
+            xs = tl.load(x_ptrs)
+            wg = tl.load(gate_ptrs, mask=n_mask[:, None], other=0.0)
+            wu = tl.load(up_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = k0 + offs_k < hidden
+            xs = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            wg = tl.load(gate_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            wu = tl.load(up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        xs = xs.to(tl.float32)[None, :]
+        gate += wg.to(tl.float32) * xs
+        up += wu.to(tl.float32) * xs
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    gate = tl.sum(gate, 1)
+    up = tl.sum(up, 1)
+    if FP8:
+        scales = w13_scale_ptr + expert * stride_se + offs_n
+        gate = gate * tl.load(scales, mask=n_mask, other=0.0)
+        up = up * tl.load(scales + inter, mask=n_mask, other=0.0)
+    dtype = h_ptr.dtype.element_ty
+    # rounded as _gate_up_kernel rounds: gate and up, the SiLU, the product
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(h_ptr + pair * stride_h + offs_n, (act * up).to(dtype), mask=n_mask)
+
+
+@triton.jit
+def _token_down_kernel(
+    h_ptr,  # [T*k, I]
+    w2_ptr,  # [E, H, I]
+    w2_scale_ptr,  # fp32 [E, H] (FP8)
+    weights_ptr,  # fp32 [T*k] routing weight of each pair
+    ids_ptr,  # [T*k] expert of each pair
+    out_ptr,  # [T, H] out: the weighted sum over the token's k experts
+    top_k,
+    hidden,
+    inter,
+    stride_h,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_out,
+    FP8: tl.constexpr,
+    WEIGHTS_IN_MODEL_DTYPE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for slot in range(top_k):  # in slot order, so every run sums in the same order
+        pair = token * top_k + slot
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        h_ptrs = h_ptr + pair * stride_h + offs_k
+        w_ptrs = w2_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            if EVEN_K:
+                hs = tl.load(h_ptrs)
+                ws = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+            else:
+                k_mask = k0 + offs_k < inter
+                hs = tl.load(h_ptrs, mask=k_mask, other=0.0)
+                ws = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += ws.to(tl.float32) * hs.to(tl.float32)[None, :]
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        expert_out = tl.sum(acc, 1)
+        if FP8:
+            scales = w2_scale_ptr + expert * stride_se + offs_n
+            expert_out = expert_out * tl.load(scales, mask=n_mask, other=0.0)
+        weight = tl.load(weights_ptr + pair)
+        if WEIGHTS_IN_MODEL_DTYPE:  # Qwen3-MoE: the weight rounded to the model's dtype first
+            weight = weight.to(dtype).to(tl.float32)
+        # as _down_kernel: the expert's output in x's dtype, times the weight, rounded once;
+        # then, as fused_moe's sum over k, accumulated in fp32 and rounded once at the end
+        total += (expert_out.to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + offs_n, total.to(dtype), mask=n_mask)
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_moe_reference.select_experts in one launch, a program per token: (topk_weights
+    [T, k] float32, topk_ids [T, k] int64) from router_logits [T, E] of any float dtype.
+
+    Ties go to the lower expert id, in the ids and in their order. torch.topk promises no
+    order for ties (on the CPU it does not take the lower ids first), so on logits with
+    exactly equal probabilities the two may pick different experts of equal weight."""
+    if router_logits.dim() != 2 or not 0 < top_k <= router_logits.shape[1]:
+        raise ValueError(
+            f"select_experts needs router_logits [T, E] and 0 < top_k <= E; got {tuple(router_logits.shape)} "
+            f"and top_k {top_k}"
+        )
+    tokens, experts = router_logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if tokens == 0:
+        return weights, ids
+    _select_experts_kernel[(tokens,)](
+        router_logits,
+        weights,
+        ids,
+        experts,
+        router_logits.stride(0),
+        router_logits.stride(1),
+        RENORMALIZE=renormalize,
+        TOP_K=top_k,
+        EXPERTS=max(2, next_power_of_2(experts)),
+        SLOTS=max(2, next_power_of_2(top_k)),
+    )
+    return weights, ids
+
+
+def fused_moe_small_batch(
+    x: torch.Tensor,  # [T, H], T <= SMALL_BATCH_MAX_TOKENS
+    w13: torch.Tensor,  # [E, 2I, H]: each expert's gate rows, then its up rows
+    w2: torch.Tensor,  # [E, H, I]
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    renormalize: bool,
+    weights_in_model_dtype: bool,  # Qwen3-MoE: routing weights rounded to x's dtype before weighting
+    w13_scale: torch.Tensor | None = None,  # fp32 [E, 2I] when w13 is fp8
+    w2_scale: torch.Tensor | None = None,  # fp32 [E, H] when w2 is fp8
+    config: SmallBatchConfig | None = None,
+) -> torch.Tensor:
+    """select_experts then fused_moe, [T, H] in x's dtype, in three launches: routing, gate/up
+    by (token, slot) pair, down with each token's sum over its k experts."""
+    _check_experts(x, w13, w2, w13_scale, w2_scale)
+    tokens = x.shape[0]
+    experts, hidden, inter = w2.shape
+    if tokens > SMALL_BATCH_MAX_TOKENS:
+        raise ValueError(
+            f"fused_moe_small_batch takes at most {SMALL_BATCH_MAX_TOKENS} tokens, got {tokens}; "
+            "larger batches take fused_moe"
+        )
+    if tuple(router_logits.shape) != (tokens, experts):
+        raise ValueError(
+            f"router_logits must be [T, E] = [{tokens}, {experts}] (x's rows, w13's experts); "
+            f"got {tuple(router_logits.shape)}"
+        )
+    weights, ids = select_experts(router_logits, top_k, renormalize)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    config = config or SmallBatchConfig()
+    fp8 = w13_scale is not None
+    h = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    _pair_gate_up_kernel[(tokens * top_k, triton.cdiv(inter, config.gate_up_block_n))](
+        x,
+        w13,
+        w13_scale if fp8 else w13,
+        ids,
+        h,
+        top_k,
+        hidden,
+        inter,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        w13_scale.stride(0) if fp8 else 0,
+        h.stride(0),
+        FP8=fp8,
+        EVEN_K=hidden % config.block_k == 0,
+        BLOCK_N=config.gate_up_block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+    )
+    _token_down_kernel[(tokens, triton.cdiv(hidden, config.down_block_n))](
+        h,
+        w2,
+        w2_scale if fp8 else w2,
+        weights,
+        ids,
+        out,
+        top_k,
+        hidden,
+        inter,
+        h.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2_scale.stride(0) if fp8 else 0,
+        out.stride(0),
+        FP8=fp8,
+        WEIGHTS_IN_MODEL_DTYPE=weights_in_model_dtype,
+        EVEN_K=inter % config.block_k == 0,
+        BLOCK_N=config.down_block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+    )
+    return out

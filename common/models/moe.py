@@ -30,6 +30,10 @@ from common.models.fused_moe_reference import fused_moe, select_experts
 from common.models.layers import triton_module
 
 USE_TRITON_MOE = True  # False: the torch reference on CUDA too (eager only: it syncs)
+# True: batches of at most SMALL_BATCH_MAX_TOKENS tokens take fused_moe_small_batch (routing,
+# gate/up, down with the sum over k: three launches after the router). Off until it has run on
+# a GPU and `pdserve bench decode-step --model-config qwen3-30b-a3b --batch-sizes 1,16` times it.
+USE_SMALL_BATCH_MOE = False
 
 # architecture -> (the layer's MLP module name, the expert's gate, up and down tensor names)
 _CHECKPOINT_NAMES = {
@@ -58,14 +62,28 @@ class SparseMoeBlock(nn.Module):
         self.group = None  # a TensorParallelGroup when this rank holds a slice of every expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(F.linear(x, self.router_weight), self.top_k, self.renormalize)
-        if self.weights_in_model_dtype:
-            weights = weights.to(x.dtype)
+        logits = F.linear(x, self.router_weight)
         kernels = fused_moe_kernels(x)
-        if kernels is not None:
-            y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)
+        if kernels is not None and USE_SMALL_BATCH_MOE and x.shape[0] <= kernels.SMALL_BATCH_MAX_TOKENS:
+            y = kernels.fused_moe_small_batch(
+                x,
+                self.w13,
+                self.w2,
+                logits,
+                self.top_k,
+                self.renormalize,
+                self.weights_in_model_dtype,
+                self.w13_scale,
+                self.w2_scale,
+            )
         else:
-            y = fused_moe(x, self.w13, self.w2, weights, ids)
+            weights, ids = select_experts(logits, self.top_k, self.renormalize)
+            if self.weights_in_model_dtype:
+                weights = weights.to(x.dtype)
+            if kernels is not None:
+                y = kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)
+            else:
+                y = fused_moe(x, self.w13, self.w2, weights, ids)
         return y if self.group is None else self.group.all_reduce(y)
 
     def quantize_fp8(self) -> None:
