@@ -177,3 +177,14 @@ def test_the_fused_small_batch_path_is_refused_to_a_model_with_packed_weights(mo
     assert model._small_batch_kernels(x) is sentinel
     quantize_linears(model)
     assert model._small_batch_kernels(x) is None
+
+
+def test_try_takes_the_moe_switches_and_refuses_a_module_it_cannot_set():
+    from pdserve.bench.decode_step.step_bench import parse_switches
+
+    assert parse_switches("moe.USE_SMALL_BATCH_MOE=True,fp8.USE_TRITON_FP8_SMALL_M=False") == {
+        "moe.USE_SMALL_BATCH_MOE": True,
+        "fp8.USE_TRITON_FP8_SMALL_M": False,
+    }
+    with pytest.raises(SystemExit, match="MODULE one of layers, kernels, tiles, decode, fp8, moe"):
+        parse_switches("engine.ASYNC=True")

@@ -56,7 +56,8 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="MODULE.NAME=VALUE[,...]",
         help="also time graphs recaptured with these module switches (modules: layers, kernels, tiles, "
-        "decode; values are Python literals), e.g. --try decode.MIN_SPLIT_TOKENS=256; repeatable",
+        "decode, fp8, moe; values are Python literals), e.g. --try decode.MIN_SPLIT_TOKENS=256 or "
+        "--try moe.USE_SMALL_BATCH_MOE=True; repeatable",
     )
     parser.add_argument(
         "--fp8-small-m",

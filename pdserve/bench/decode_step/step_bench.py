@@ -132,10 +132,11 @@ class StepBench:
     def time_variant(self, rows: list[StepRow], field: str | None, switches: dict[str, object]) -> None:
         """Recapture the graphs with module switches set ("layers." common.models.layers,
         "kernels." common.models.triton_layers, "tiles." common.attention.triton_paged_tiles,
-        "decode." common.attention.triton_decode, "fp8." common.models.fp8_weights) and time
+        "decode." common.attention.triton_decode, "fp8." common.models.fp8_weights, "moe."
+        common.models.moe) and time
         every batch; a variant that fails is reported and left out."""
         from common.attention import triton_decode, triton_paged_tiles
-        from common.models import fp8_weights, layers, triton_layers
+        from common.models import fp8_weights, layers, moe, triton_layers
 
         modules = {
             "layers": layers,
@@ -143,6 +144,7 @@ class StepBench:
             "tiles": triton_paged_tiles,
             "decode": triton_decode,
             "fp8": fp8_weights,
+            "moe": moe,
         }
         targets = {key: (modules[key.split(".")[0]], key.split(".")[1]) for key in switches}
         saved = {key: getattr(module, name) for key, (module, name) in targets.items()}
@@ -238,14 +240,18 @@ def _fill_random(kv_cache: torch.Tensor) -> None:
         part.copy_(torch.randn(part.shape, generator=generator, device=kv_cache.device, dtype=torch.bfloat16))
 
 
+SWITCH_MODULES = ("layers", "kernels", "tiles", "decode", "fp8", "moe")  # time_variant's modules
+
+
 def parse_switches(text: str) -> dict[str, object]:
     """ "decode.MIN_SPLIT_TOKENS=256,tiles.USE_PDL=False" as {"decode.MIN_SPLIT_TOKENS": 256, ...}."""
     switches: dict[str, object] = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key.count(".") != 1:
+        if not sep or key.count(".") != 1 or key.split(".")[0].strip() not in SWITCH_MODULES:
             raise SystemExit(
-                f"--try {text!r}: each switch is MODULE.NAME=VALUE, e.g. decode.MIN_SPLIT_TOKENS=256"
+                f"--try {text!r}: each switch is MODULE.NAME=VALUE, MODULE one of {', '.join(SWITCH_MODULES)}, "
+                "e.g. decode.MIN_SPLIT_TOKENS=256"
             )
         try:
             switches[key.strip()] = ast.literal_eval(value.strip())
