@@ -43,6 +43,12 @@ FUSE_SILU_INTO_GATE_UP = False
 # inside its decode kernel (TritonAttentionBackend.decode_with_new_token) instead of a
 # rotary_write_kv launch of its own. False: the separate launch (the benchmark times both).
 FUSE_ROPE_INTO_DECODE = True
+# True lets Qwen3 (per-head q/k RMSNorm, folded into rotary_write_kv) and mixture-of-experts
+# models (Qwen3-MoE, Mixtral; with moe.USE_SMALL_BATCH_MOE, their experts through
+# fused_moe_small_batch) take DecoderLayer.forward_small_batch. Off until it has run on a GPU
+# and `pdserve bench decode-step --model-config qwen3-30b-a3b --batch-sizes 1,16
+# --try layers.FUSE_SMALL_BATCH_QWEN3=True,moe.USE_SMALL_BATCH_MOE=True` times it.
+FUSE_SMALL_BATCH_QWEN3 = False
 
 
 def _cuda_kernels(x: torch.Tensor):

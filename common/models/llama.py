@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attention.metadata import AttentionMetadata
-from common.models import layers
+from common.models import layers, moe
 from common.models.config import ModelConfig
 from common.models.layers import (
     GatedMLP,
@@ -123,10 +123,11 @@ class DecoderLayer(nn.Module):
     ) -> None:
         """The layer for a decode-sized batch on CUDA, adding into the residual stream in place.
 
-        The residual add folded into the matmul before it, RoPE into the K/V write, and (per
-        common.models.layers' switches) each RMSNorm into the matmul after it and SiLU-and-mul
-        into the gate_up matmul's epilogue or else the down projection's operand: five
-        launches and the attention when all are on."""
+        The residual add folded into the matmul before it, RoPE (and Qwen3's q/k norm) into the
+        K/V write, and (per common.models.layers' switches) each RMSNorm into the matmul after it
+        and SiLU-and-mul into the gate_up matmul's epilogue or else the down projection's
+        operand: five launches and the attention when all are on. A mixture-of-experts MLP
+        takes six: RMSNorm, router, fused_moe_small_batch's three, the add into the stream."""
         attn, mlp = self.self_attn, self.mlp
         qkv = self._normed_matmul(kernels, stream, self.input_layernorm, attn.qkv_proj)
         tokens = stream.shape[0]
@@ -135,11 +136,19 @@ class DecoderLayer(nn.Module):
         k = k.view(tokens, attn.num_kv_heads, attn.head_dim)
         v = v.view(tokens, attn.num_kv_heads, attn.head_dim)
         rotary = attn.rotary
+        q_norm = k_norm = None  # Qwen3's per-head norms, applied in the same launch
+        eps = 0.0
+        if attn.q_norm is not None:
+            q_norm, k_norm, eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps
         kernels.rotary_write_kv(
-            positions, q, k, v, rotary.cos, rotary.sin, kv_cache, attn.layer_idx, meta.slot_mapping
-        )
+            positions, q, k, v, rotary.cos, rotary.sin, kv_cache, attn.layer_idx, meta.slot_mapping,
+            q_norm_weight=q_norm, k_norm_weight=k_norm, eps=eps,
+        )  # fmt: skip
         out = attn.backend.attention(q, kv_cache, attn.layer_idx, meta, attn.scale)
         _small_m(kernels, out.reshape(tokens, attn.q_size), attn.o_proj, out=stream)
+        if isinstance(mlp, SparseMoeBlock):
+            self._experts_small_batch(kernels, stream)
+            return
         if layers.FUSE_SILU_INTO_GATE_UP:  # SiLU-and-mul in the gate_up matmul's epilogue
             act = self._normed_matmul(
                 kernels, stream, self.post_attention_layernorm, mlp.gate_up_proj, gate_up_silu=True
@@ -152,13 +161,40 @@ class DecoderLayer(nn.Module):
         else:
             _small_m(kernels, kernels.silu_and_mul(gate_up), mlp.down_proj, out=stream)
 
+    def _experts_small_batch(self, kernels, stream: torch.Tensor) -> None:
+        """The mixture-of-experts MLP of a small batch added into the stream: the norm (its
+        output feeds the router and the experts both, so it is not folded into a matmul), the
+        router's small-M matmul, and SparseMoeBlock.forward's small-batch call."""
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        h = kernels.rms_norm(stream, norm.weight, norm.eps)
+        if kernels.small_m_matmul_fits(h, mlp.router_weight):
+            logits = kernels.small_m_matmul(h, mlp.router_weight)
+        else:
+            logits = F.linear(h, mlp.router_weight)
+        y = moe.fused_moe_kernels(h).fused_moe_small_batch(
+            h,
+            mlp.w13,
+            mlp.w2,
+            logits,
+            mlp.top_k,
+            mlp.renormalize,
+            mlp.weights_in_model_dtype,
+            mlp.w13_scale,
+            mlp.w2_scale,
+        )
+        stream.add_(y)  # rounded as the general path's next add_and_norm rounds the sum
+
     @staticmethod
     def _normed_matmul(
         kernels, x: torch.Tensor, norm: RMSNorm, module: Linear, gate_up_silu: bool = False
     ) -> torch.Tensor:
         if layers.FUSE_NORM_INTO_MATMUL:
-            return _small_m(kernels, x, module, norm_weight=norm.weight, eps=norm.eps, gate_up_silu=gate_up_silu)
-        return _small_m(kernels, kernels.rms_norm(x, norm.weight, norm.eps), module, gate_up_silu=gate_up_silu)
+            return _small_m(
+                kernels, x, module, norm_weight=norm.weight, eps=norm.eps, gate_up_silu=gate_up_silu
+            )
+        return _small_m(
+            kernels, kernels.rms_norm(x, norm.weight, norm.eps), module, gate_up_silu=gate_up_silu
+        )
 
 
 def _packed_fp8_operands(packed):
@@ -173,6 +209,16 @@ def _small_m(kernels, x: torch.Tensor, module: Linear, **fused) -> torch.Tensor:
         return kernels.small_m_matmul(x, module.weight, **fused)
     weight, scale = module.packed.small_m_operands()
     return kernels.small_m_matmul(x, weight, weight_scale=scale, **fused)
+
+
+def _experts_fuse(mlp: SparseMoeBlock, x: torch.Tensor) -> bool:
+    """Whether a mixture-of-experts layer can run x through fused_moe_small_batch inside the
+    fused layer: the switch on, the Triton MoE kernels serving x's device, and the whole
+    layer's experts on this rank (a rank's partial sums need the all-reduce of the general path)."""
+    if not moe.USE_SMALL_BATCH_MOE or mlp.group is not None:
+        return False
+    kernels = moe.fused_moe_kernels(x)
+    return kernels is not None and x.shape[0] <= kernels.SMALL_BATCH_MAX_TOKENS
 
 
 class LlamaForCausalLM(nn.Module):
@@ -227,18 +273,18 @@ class LlamaForCausalLM(nn.Module):
 
     def _small_batch_kernels(self, x: torch.Tensor):
         """The fused small-batch kernels when this batch and this model can use them: no
-        biases, no q/k norm, no experts, and no packed weights other than fp8 ones the
-        Triton small-M matmul takes (Fp8Weight.small_m_operands; GGUF blocks and fp8 weights
-        on _scaled_mm keep the general path)."""
+        biases, no LoRA, q/k norm and experts only under layers.FUSE_SMALL_BATCH_QWEN3 (experts
+        also need _experts_fuse), and no packed weights other than fp8 ones the Triton small-M
+        matmul takes (Fp8Weight.small_m_operands; GGUF blocks and fp8 weights on _scaled_mm
+        keep the general path)."""
         c = self.config
-        if (
-            c.num_experts
-            or c.attention_bias
-            or c.attention_out_bias
-            or c.qk_norm
-            or self.layers[0].mlp.down_proj.lora is not None
-        ):
+        layer = self.layers[0]
+        if c.attention_bias or c.attention_out_bias or layer.self_attn.qkv_proj.lora is not None:
             return None  # LoRA adds its products after each layer's own matmul: the general path
+        if (c.qk_norm or c.num_experts) and not layers.FUSE_SMALL_BATCH_QWEN3:
+            return None
+        if isinstance(layer.mlp, SparseMoeBlock) and not _experts_fuse(layer.mlp, x):
+            return None
         kernels = small_batch_kernels(x)
         if kernels is not None and any(
             m.packed is not None and _packed_fp8_operands(m.packed) is None

@@ -5,6 +5,8 @@ A decode step at batch 1 is a chain of small launches between the weight reads; 
 torch RMSNorm is 8 kernels, the residual add 1 more, RoPE on q and k 18 and SiLU-and-mul 2,
 and inside a CUDA graph each still costs a couple of microseconds. Here each is one
 kernel: RMSNorm with the residual add folded in, RoPE on q and k in place, SiLU-and-mul.
+RoPE with the K/V cache write (rotary_write_kv) takes Qwen3's per-head q/k RMSNorm too,
+which eager torch runs as 8 kernels for each of q and k.
 
 small_m_matmul serves x [M <= 16, K] @ W[N, K]^T, where the step only streams W: every
 program reads a band of W's rows through a pipelined loop (tile shapes tuned on the device
@@ -128,16 +130,44 @@ def _rotate_pair(x1, x2, cos, sin):
 
 
 @triton.jit
+def _norm_heads(x1, x2, weight_ptr, eps, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """RMSNorm of each head, a row of its two halves x1, x2 [heads, HALF_PAD], with weight [2 *
+    HALF]: as RMSNorm._norm rounds, the normalized value to x's dtype, then the weight's product."""
+    dims = tl.arange(0, HALF_PAD)
+    dtype = x1.dtype
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    variance = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF)
+    inv_rms = tl.rsqrt(variance + eps)[:, None]
+    w1 = tl.load(weight_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(weight_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    n1 = (f1 * inv_rms).to(dtype).to(tl.float32)
+    n2 = (f2 * inv_rms).to(dtype).to(tl.float32)
+    return (w1 * n1).to(dtype), (w2 * n2).to(dtype)
+
+
+@triton.jit
 def _rotate_heads(
-    x_ptr, stride_h, num_heads, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr
+    x_ptr,
+    stride_h,
+    num_heads,
+    cos,
+    sin,
+    norm_weight_ptr,
+    eps,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    NORM: tl.constexpr,  # each head RMSNormed (weight norm_weight_ptr) before its rotation
 ):
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HALF_PAD)
     mask = (heads < num_heads)[:, None] & (dims < HALF)[None, :]
     ptrs = x_ptr + heads[:, None] * stride_h + dims[None, :]
-    x1, x2 = _rotate_pair(
-        tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + HALF, mask=mask, other=0.0), cos, sin
-    )
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
+    if NORM:
+        x1, x2 = _norm_heads(x1, x2, norm_weight_ptr, eps, HALF, HALF_PAD)
+    x1, x2 = _rotate_pair(x1, x2, cos, sin)
     tl.store(ptrs, x1, mask=mask)
     tl.store(ptrs + HALF, x2, mask=mask)
 
@@ -178,8 +208,9 @@ def _rotary_kernel(
     cos, sin = _load_cos_sin(
         positions_ptr, token, cos_ptr, sin_ptr, stride_cos, q_ptr.dtype.element_ty, HALF, HALF_PAD
     )
-    _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, Q_HEADS_PAD, HALF, HALF_PAD)
-    _rotate_heads(k_ptr + token * stride_kt, stride_kh, num_k_heads, cos, sin, K_HEADS_PAD, HALF, HALF_PAD)
+    q, k = q_ptr + token * stride_qt, k_ptr + token * stride_kt
+    _rotate_heads(q, stride_qh, num_q_heads, cos, sin, cos_ptr, 0.0, Q_HEADS_PAD, HALF, HALF_PAD, False)
+    _rotate_heads(k, stride_kh, num_k_heads, cos, sin, cos_ptr, 0.0, K_HEADS_PAD, HALF, HALF_PAD, False)
 
 
 def rotary_(
@@ -226,6 +257,9 @@ def _rotary_write_kv_kernel(
     k_cache_ptr,  # layer's K slice of block 0
     v_cache_ptr,  # layer's V slice of block 0
     slot_mapping_ptr,
+    q_norm_ptr,  # QK_NORM: [D] weights of the per-head RMSNorm of q (else unused)
+    k_norm_ptr,  # QK_NORM: of k
+    eps,
     k_scale,
     v_scale,
     stride_qt,
@@ -245,6 +279,7 @@ def _rotary_write_kv_kernel(
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    QK_NORM: tl.constexpr,  # Qwen3: each q and k head RMSNormed before RoPE
     FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
     PDL: tl.constexpr,
@@ -254,7 +289,10 @@ def _rotary_write_kv_kernel(
     cos, sin = _load_cos_sin(
         positions_ptr, token, cos_ptr, sin_ptr, stride_cos, q_ptr.dtype.element_ty, HALF, HALF_PAD
     )
-    _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, Q_HEADS_PAD, HALF, HALF_PAD)
+    _rotate_heads(
+        q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, q_norm_ptr, eps,
+        Q_HEADS_PAD, HALF, HALF_PAD, QK_NORM,
+    )  # fmt: skip
     slot = tl.load(slot_mapping_ptr + token)
     if slot >= 0:
         heads = tl.arange(0, K_HEADS_PAD)
@@ -262,9 +300,11 @@ def _rotary_write_kv_kernel(
         mask = (heads < num_kv_heads)[:, None] & (dims < HALF)[None, :]
         k_ptrs = k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :]
         v_ptrs = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
-        k1, k2 = _rotate_pair(
-            tl.load(k_ptrs, mask=mask, other=0.0), tl.load(k_ptrs + HALF, mask=mask, other=0.0), cos, sin
-        )
+        k1 = tl.load(k_ptrs, mask=mask, other=0.0)
+        k2 = tl.load(k_ptrs + HALF, mask=mask, other=0.0)
+        if QK_NORM:
+            k1, k2 = _norm_heads(k1, k2, k_norm_ptr, eps, HALF, HALF_PAD)
+        k1, k2 = _rotate_pair(k1, k2, cos, sin)
         v1 = tl.load(v_ptrs, mask=mask, other=0.0)
         v2 = tl.load(v_ptrs + HALF, mask=mask, other=0.0)
         if FP8:
@@ -291,10 +331,27 @@ def rotary_write_kv(
     slot_mapping: torch.Tensor,  # [T] int64, -1 = keep nothing
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    q_norm_weight: torch.Tensor | None = None,  # [D]
+    k_norm_weight: torch.Tensor | None = None,  # [D]
+    eps: float = 0.0,
 ) -> None:
-    """RoPE on q in place and on k into the cache, with v: rotary_ then write_kv in one launch."""
+    """RoPE on q in place and on k into the cache, with v: rotary_ then write_kv in one launch.
+
+    With `q_norm_weight` and `k_norm_weight` (Qwen3's q_norm and k_norm), each q and k head is
+    first RMSNormed over its D values (`eps`) with the roundings of RMSNorm._norm: q holds the
+    normalized, rotated heads, and the cache the normalized, rotated k."""
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    qk_norm = q_norm_weight is not None
+    if qk_norm != (k_norm_weight is not None):
+        raise ValueError(
+            "rotary_write_kv normalizes q and k heads together: pass both norm weights or neither"
+        )
+    if qk_norm and any(w.shape != (head_dim,) or w.stride(0) != 1 for w in (q_norm_weight, k_norm_weight)):
+        raise ValueError(
+            f"q/k norm weights must be contiguous [{head_dim}] (the head dimension); "
+            f"got {tuple(q_norm_weight.shape)} and {tuple(k_norm_weight.shape)}"
+        )
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, kv_cache)) or sin.stride() != cos.stride():
         raise ValueError(
             "rotary_write_kv needs q, k, v, cos, sin and the cache contiguous in the head dimension"
@@ -317,6 +374,9 @@ def rotary_write_kv(
         kv_cache[:, layer, 0],
         kv_cache[:, layer, 1],
         slot_mapping,
+        q_norm_weight if qk_norm else cos,
+        k_norm_weight if qk_norm else cos,
+        float(eps),
         float(k_scale),
         float(v_scale),
         q.stride(0),
@@ -336,6 +396,7 @@ def rotary_write_kv(
         HALF=half,
         HALF_PAD=_next_power_of_2(half),
         BLOCK_SIZE=kv_cache.shape[4],
+        QK_NORM=qk_norm,
         FP8=kv_cache.dtype in FP8_DTYPES,
         FP8_MAX=FP8_E4M3_MAX,
         num_warps=4,
