@@ -14,11 +14,6 @@ fp16 only on CPU: the interpreter's tl.dot is wrong on bf16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -29,6 +24,7 @@ from common.models.fp8_weights import FP8, quantize_rows
 from common.models.fused_moe_reference import fused_moe as reference
 from common.models.fused_moe_reference import select_experts
 from tests.lora.lora_op_cases import poisoned, rel_error
+from tests.models.interpreter_child import run_in_interpreter_child
 from tests.tiny_llama import tiny_hf_config
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -47,24 +43,7 @@ SMALL = kernels.MoeConfig(block_m=16, block_n=32, block_k=32)
 if not KERNELS_HERE:  # defined only where it is the way the kernels run, so it never shows as skipped
 
     def test_kernels_in_a_child_process_with_the_interpreter_on():
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-x",
-                "-p",
-                "no:cacheprovider",
-                str(Path(__file__).resolve()),
-            ],
-            cwd=Path(__file__).resolve().parents[2],
-            env={**os.environ, "TRITON_INTERPRET": "1"},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        run_in_interpreter_child(__file__)
 
 
 def experts(num_experts: int, inter: int, hidden: int = HIDDEN, seed: int = 0):

@@ -23,6 +23,7 @@ from common.models import llama as llama_module
 from common.models import triton_layers as kernels
 from common.models.layers import RMSNorm, RotaryEmbedding, _rotate
 from common.models.llama import LlamaForCausalLM
+from tests.models.test_triton_layers import _decode_step_logits
 from tests.tiny_llama import tiny_config
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -152,34 +153,7 @@ def _tiny_model(name: str, dtype: torch.dtype = torch.float16) -> LlamaForCausal
 def _decode_step(model, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a decode step of two requests after their prefill (27 tokens: the general
     path), and the K/V slots the two steps wrote."""
-    from common.engine.model_runner import ModelRunner
-    from common.engine.request import Request
-    from common.engine.scheduled_batch import ScheduledBatch
-    from common.sampling_params import SamplingParams
-
-    runner = ModelRunner(
-        model, model.config, num_blocks=8, block_size=16, kv_cache_dtype="auto", device=DEVICE.type,
-        dtype=dtype, enforce_eager=True,
-    )  # fmt: skip
-    requests = [
-        Request("a", list(range(3, 23)), SamplingParams(temperature=0.0)),
-        Request("b", list(range(50, 57)), SamplingParams(temperature=0.0)),
-    ]
-    blocks = [[1, 2], [5]]
-    with torch.inference_mode():
-        inputs = runner.prepare_inputs(ScheduledBatch(requests, [20, 7], blocks))
-        model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
-        for request, n in zip(requests, [20, 7], strict=True):
-            request.num_computed_tokens = n
-            request.append_output_token(11)
-        inputs = runner.prepare_inputs(ScheduledBatch(requests, [1, 1], blocks))
-        assert inputs.attn_metadata.is_pure_decode
-        hidden = model(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.attn_metadata)
-        cache = runner.kv_cache  # "a" 21 tokens in blocks 1, 2; "b" 8 in block 5
-        written = torch.cat(
-            [cache[1].flatten(), cache[2, :, :, :, :5].flatten(), cache[5, :, :, :, :8].flatten()]
-        )
-        return model.compute_logits(hidden), written
+    return _decode_step_logits(model, DEVICE.type, dtype)
 
 
 INTERPRETED = types.SimpleNamespace(

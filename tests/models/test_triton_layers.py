@@ -429,7 +429,7 @@ def _fp8_packed(model, on_scaled_mm: bool):
     from common.models.layers import Linear
 
     dense = copy.deepcopy(model)
-    for (name, module), twin in zip(model.named_modules(), dense.modules()):
+    for module, twin in zip(model.modules(), dense.modules(), strict=True):
         if not isinstance(module, Linear):
             continue
         quantized = Fp8Weight.quantize(module.weight.float(), module.weight.dtype)
