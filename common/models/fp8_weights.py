@@ -19,22 +19,19 @@ bytes than the dense matmul itself does, so the CPU path serves correctness (the
 the loader) at dense speed, not fp8 speed. The fp8 values are kept beside it (a quarter of
 an fp32 weight) so the stored form stays inspectable.
 
-With `USE_TRITON_FP8_SMALL_M` on, a product of at most 16 rows (a decode step) that
-_scaled_mm would serve goes instead to the Triton small-M matmul's fp8 path
+With `USE_TRITON_FP8_SMALL_M` on (the default), a product of at most 16 rows (a decode step)
+that _scaled_mm would serve goes instead to the Triton small-M matmul's fp8 path
 (common/models/triton_layers.py `small_m_matmul` with `weight_scale`): weight-only, the fp8
 tiles widened to bf16 in the kernel and the row scales applied to the fp32 sums, x left in
 its dtype. At that size the step is bound by reading the weights, and quantizing x costs
-launches of its own (amax, scale, convert) that the Triton path does not make; the bf16
-small-M kernel streams its weights at 90-99% of copy bandwidth, where the fp8 batch-1 step
-through _scaled_mm took 2.59x its weight-read floor on an H100 (docs/quantization.md). The
+launches of its own (amax, scale, convert) that the Triton path does not make. On an H100
+(Llama-3-8B shapes, context 1024, docs/benchmarks.md) the graphed batch-1 decode step took
+4.25 ms this way against 7.10 ms through _scaled_mm (its weight-read floor: 2.71 ms). The
 Triton path ignores a static input scale (a checkpoint's `input_scale`): x is never quantized
-there, so it differs from _scaled_mm by the activations' fp8 rounding only. The switch also
-lets a Llama-family model whose every packed weight is such an fp8 weight keep the fused
-small-batch layer (norms, SiLU-and-mul and residual adds folded into the matmuls:
-`small_m_operands`), where _scaled_mm needs the layer's general path and its separate kernels.
-The switch is off: the kernel has so far run only in Triton's interpreter on a CPU (and been
-compiled for sm90 without a launch); it stays off until it is run and timed on a GPU
-(`pdserve bench decode-step -q fp8 --fp8-small-m both`).
+there, so it differs from _scaled_mm by the activations' fp8 rounding only. Under
+layers.USE_FUSED_SMALL_BATCH a Llama-family model whose every packed weight is such an fp8
+weight also keeps the fused small-batch layer (`small_m_operands`); that was slower on the
+H100 (9.86 ms at batch 1), so it stays that switch's choice (off).
 """
 
 from __future__ import annotations
@@ -49,10 +46,10 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _MIN_AMAX = 1e-12
 _SCALED_MM_ALIGN = 16  # _scaled_mm needs K and N divisible by 16
 # True sends a product of at most 16 rows that _scaled_mm would serve to the Triton small-M
-# matmul's fp8 path instead (see above). False until timed on a GPU; the decode-step benchmark
-# times both (--fp8-small-m). layers.USE_TRITON_KERNELS off turns it off too; USE_TRITON_SMALL_MATMUL,
-# the 16-bit weights' switch, does not.
-USE_TRITON_FP8_SMALL_M = False
+# matmul's fp8 path instead (see above); the decode-step benchmark times both (--fp8-small-m).
+# layers.USE_TRITON_KERNELS off turns it off too; USE_TRITON_SMALL_MATMUL, the 16-bit weights'
+# switch, does not.
+USE_TRITON_FP8_SMALL_M = True
 
 
 class Fp8Weight:

@@ -45,10 +45,11 @@ FUSE_SILU_INTO_GATE_UP = False
 FUSE_ROPE_INTO_DECODE = True
 # True lets Qwen3 (per-head q/k RMSNorm, folded into rotary_write_kv) and mixture-of-experts
 # models (Qwen3-MoE, Mixtral; with moe.USE_SMALL_BATCH_MOE, their experts through
-# fused_moe_small_batch) take DecoderLayer.forward_small_batch. Off until it has run on a GPU
-# and `pdserve bench decode-step --model-config qwen3-30b-a3b --batch-sizes 1,16
-# --try layers.FUSE_SMALL_BATCH_QWEN3=True,moe.USE_SMALL_BATCH_MOE=True` times it.
-FUSE_SMALL_BATCH_QWEN3 = False
+# fused_moe_small_batch) take DecoderLayer.forward_small_batch, whatever USE_FUSED_SMALL_BATCH
+# says (that switch stays the dense Llama's choice). On an H100, Qwen3-30B-A3B bf16, context
+# 1024, a graphed decode step at batch 1 took 5.00 ms on it against 6.10 ms layer by layer (both
+# with the small-batch experts), and 17.45 against 18.57 ms at batch 16 (docs/benchmarks.md).
+FUSE_SMALL_BATCH_QWEN3 = True
 
 
 def _cuda_kernels(x: torch.Tensor):
@@ -75,10 +76,12 @@ def cuda_layer_kernels(x: torch.Tensor):
     return _cuda_kernels(x)
 
 
-def small_batch_kernels(x: torch.Tensor):
+def small_batch_kernels(x: torch.Tensor, qwen3_or_experts: bool = False):
     """The Triton layer kernels when x [tokens, hidden] is a batch the fused small-batch path
-    serves (CUDA, 16-bit, at most 16 rows: a decode step), else None."""
-    if not (USE_FUSED_SMALL_BATCH and USE_TRITON_SMALL_MATMUL):
+    serves (CUDA, 16-bit, at most 16 rows: a decode step), else None. `qwen3_or_experts`: the
+    model has q/k norms or experts, whose fused path FUSE_SMALL_BATCH_QWEN3 turns on."""
+    fused = USE_FUSED_SMALL_BATCH or (qwen3_or_experts and FUSE_SMALL_BATCH_QWEN3)
+    if not (fused and USE_TRITON_SMALL_MATMUL):
         return None
     kernels = _cuda_kernels(x)
     if kernels is None or not kernels.small_m_matmul_fits(x, x):

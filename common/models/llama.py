@@ -275,8 +275,8 @@ class LlamaForCausalLM(nn.Module):
         """The fused small-batch kernels when this batch and this model can use them: no
         biases, no LoRA, q/k norm and experts only under layers.FUSE_SMALL_BATCH_QWEN3 (experts
         also need _experts_fuse), and no packed weights other than fp8 ones the Triton small-M
-        matmul takes (Fp8Weight.small_m_operands; GGUF blocks and fp8 weights on _scaled_mm
-        keep the general path)."""
+        matmul takes (Fp8Weight.small_m_operands), those only under USE_FUSED_SMALL_BATCH (GGUF
+        blocks and fp8 weights on _scaled_mm keep the general path)."""
         c = self.config
         layer = self.layers[0]
         if c.attention_bias or c.attention_out_bias or layer.self_attn.qkv_proj.lora is not None:
@@ -285,13 +285,14 @@ class LlamaForCausalLM(nn.Module):
             return None
         if isinstance(layer.mlp, SparseMoeBlock) and not _experts_fuse(layer.mlp, x):
             return None
-        kernels = small_batch_kernels(x)
-        if kernels is not None and any(
-            m.packed is not None and _packed_fp8_operands(m.packed) is None
-            for m in self.modules()
-            if isinstance(m, Linear)
-        ):  # a packed Linear's `.weight` is a zero-strided stand-in
-            return None
+        kernels = small_batch_kernels(x, qwen3_or_experts=bool(c.qk_norm or c.num_experts))
+        packed = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed is not None]
+        if kernels is not None and packed:
+            # a packed Linear's `.weight` is a zero-strided stand-in; fp8 Linears on the fused
+            # layer were timed only as USE_FUSED_SMALL_BATCH's Llama choice (slower there than
+            # layer by layer, docs/benchmarks.md), so FUSE_SMALL_BATCH_QWEN3 alone leaves them out
+            if not layers.USE_FUSED_SMALL_BATCH or any(_packed_fp8_operands(p) is None for p in packed):
+                return None
         return kernels
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

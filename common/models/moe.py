@@ -31,9 +31,12 @@ from common.models.layers import triton_module
 
 USE_TRITON_MOE = True  # False: the torch reference on CUDA too (eager only: it syncs)
 # True: batches of at most SMALL_BATCH_MAX_TOKENS tokens take fused_moe_small_batch (routing,
-# gate/up, down with the sum over k: three launches after the router). Off until it has run on
-# a GPU and `pdserve bench decode-step --model-config qwen3-30b-a3b --batch-sizes 1,16` times it.
-USE_SMALL_BATCH_MOE = False
+# gate/up, down with the sum over k: three launches after the router). On an H100, Qwen3-30B-A3B
+# bf16, context 1024, a graphed decode step at batch 1 took 6.10 ms with it against 6.48 ms with
+# the grouped kernels, and 18.57 against 18.56 ms at batch 16 (docs/benchmarks.md; `pdserve bench
+# decode-step --model-config qwen3-30b-a3b --batch-sizes 1,16 --try moe.USE_SMALL_BATCH_MOE=True`).
+# Mixtral's expert shapes have not been timed on it.
+USE_SMALL_BATCH_MOE = True
 
 # architecture -> (the layer's MLP module name, the expert's gate, up and down tensor names)
 _CHECKPOINT_NAMES = {

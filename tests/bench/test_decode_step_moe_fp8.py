@@ -95,7 +95,15 @@ def test_an_fp8_step_is_set_against_the_bytes_fp8_weights_take(tmp_path, capsys)
     assert "fp8 linears, the rest float32" in printed and "dequantized copy" in printed
 
 
-def test_fp8_small_m_triton_holds_for_the_whole_run_and_is_put_back_after(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("flags", "switch"),
+    [(["--fp8-small-m", "scaled_mm"], False), (["--fp8-small-m", "triton"], True), ([], True)],
+)
+def test_the_fp8_small_m_path_holds_for_the_whole_run_and_the_switch_is_put_back_after(
+    tmp_path, monkeypatch, flags, switch
+):
+    """scaled_mm or triton for every matmul of the run; left out, triton (serving's default)."""
+    monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", "as before")
     switch_at_each_matmul = []
     matmul = Fp8Weight.matmul
 
@@ -104,9 +112,9 @@ def test_fp8_small_m_triton_holds_for_the_whole_run_and_is_put_back_after(tmp_pa
         return matmul(self, x)
 
     monkeypatch.setattr(Fp8Weight, "matmul", spy)
-    figures = _run(tmp_path, TINY_DENSE, "-q", "fp8", "--fp8-small-m", "triton", "--no-hf")
-    assert switch_at_each_matmul and all(switch_at_each_matmul)
-    assert fp8_weights.USE_TRITON_FP8_SMALL_M is False
+    figures = _run(tmp_path, TINY_DENSE, "-q", "fp8", *flags, "--no-hf")
+    assert switch_at_each_matmul and set(switch_at_each_matmul) == {switch}
+    assert fp8_weights.USE_TRITON_FP8_SMALL_M == "as before"
     assert all(row["fp8_triton_graph_ms"] is None for row in figures["rows"])  # no graphs on the CPU
 
 
@@ -171,7 +179,7 @@ def test_the_experts_counted_are_the_distinct_ones_the_routing_picks():
 
 def test_the_fused_small_batch_path_is_refused_to_a_model_with_packed_weights(monkeypatch):
     sentinel = object()
-    monkeypatch.setattr(llama, "small_batch_kernels", lambda x: sentinel)
+    monkeypatch.setattr(llama, "small_batch_kernels", lambda x, qwen3_or_experts=False: sentinel)
     model = _tiny_model()
     x = torch.zeros(1, model.config.hidden_size)
     assert model._small_batch_kernels(x) is sentinel

@@ -407,8 +407,9 @@ def test_the_triton_switch_sends_at_most_16_rows_of_a_scaled_mm_weight_to_the_fp
         Fp8Weight, "_scaled_matmul", lambda self, rows: scaled_mm_rows.append(len(rows)) or rows[:, :40]
     )
     x = torch.randn(3, 5, 72, generator=g, dtype=torch.float32).half()
+    monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", False)
     fp8.matmul(x)
-    assert scaled_mm_rows == [15]  # the switch is off by default
+    assert scaled_mm_rows == [15]  # the switch off: _scaled_mm at any size
 
     monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", True)
     y = fp8.matmul(x)  # 15 rows; the static input scale plays no part in a weight-only product

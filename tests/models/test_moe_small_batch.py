@@ -3,7 +3,7 @@ gate/up by pair, down with the sum over k) gives what the routing of
 fused_moe_reference.select_experts followed by the experts' sum gives: its routing kernel
 picks the reference's experts and weights, its sum is held to a float64 run of the reference
 and to the grouped kernels (fused_moe_triton.fused_moe), with fp8 experts too, and
-SparseMoeBlock takes it when USE_SMALL_BATCH_MOE is on.
+SparseMoeBlock takes it when USE_SMALL_BATCH_MOE is on (the default).
 
 Kernels run as in test_fused_moe_triton.py: in Triton's interpreter without a CUDA device
 (switched on by tests/models/conftest.py, or in a child process should triton have been
@@ -91,13 +91,17 @@ def dequantized(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def assert_same_roundings(got: torch.Tensor, grouped: torch.Tensor) -> None:
     """The small-batch path and the grouped kernels round at the same steps, so they differ
     only by the matmuls' fp32 accumulation order: by fp32 noise in fp32, and in 16 bits in the
-    few elements where that order moves a rounding by one step."""
+    elements where that order moves a rounding by one step (more of them in bf16's 8 bits: on an
+    H100, 9.3e-4 relative at 5 tokens)."""
     assert got.dtype == grouped.dtype
     if got.dtype == torch.float32:
         assert rel_error(got, grouped.double()) < 1e-6
-    else:
+    elif got.dtype == torch.float16:
         assert rel_error(got, grouped.double()) < 5e-4
         assert (got == grouped).double().mean() > 0.95
+    else:
+        assert rel_error(got, grouped.double()) < 3e-3
+        assert (got == grouped).double().mean() > 0.5
 
 
 # --- routing ---------------------------------------------------------------------------
@@ -280,6 +284,7 @@ def test_the_layer_takes_the_small_batch_path_when_switched_on_with_the_same_out
     small = kernels.fused_moe_small_batch
     monkeypatch.setattr(kernels, "fused_moe_small_batch", lambda *a, **kw: calls.append(a) or small(*a, **kw))
     with torch.no_grad():
+        monkeypatch.setattr(moe, "USE_SMALL_BATCH_MOE", False)
         off = poisoned(lambda: block(x))
         assert not calls
         monkeypatch.setattr(moe, "USE_SMALL_BATCH_MOE", True)
@@ -300,6 +305,7 @@ def test_the_layer_with_fp8_experts_passes_their_scales_to_the_small_batch_path(
     monkeypatch.setattr(moe, "fused_moe_kernels", lambda t: kernels)
     block.quantize_fp8()
     with torch.no_grad():
+        monkeypatch.setattr(moe, "USE_SMALL_BATCH_MOE", False)
         off = poisoned(lambda: block(x))
         monkeypatch.setattr(moe, "USE_SMALL_BATCH_MOE", True)
         on = poisoned(lambda: block(x))

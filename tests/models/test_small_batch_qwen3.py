@@ -2,7 +2,8 @@
 rotary_write_kv with Qwen3's per-head q/k RMSNorm folded in gives torch's norm, RoPE and K/V
 write; a decode step of a tiny Qwen3, Qwen3-MoE and Mixtral through the fused layer gives the
 general path's logits and cache; and the layer is refused them while
-layers.FUSE_SMALL_BATCH_QWEN3 (and, for experts, moe.USE_SMALL_BATCH_MOE) is off.
+layers.FUSE_SMALL_BATCH_QWEN3 (and, for experts, moe.USE_SMALL_BATCH_MOE) is off (both are on
+by default; a dense Llama's own switch, layers.USE_FUSED_SMALL_BATCH, plays no part).
 
 Kernels compile on a CUDA device and run in Triton's interpreter on CPU (switched on by
 conftest.py), in fp32 and fp16 only there: the interpreter's tl.dot is wrong on bf16.
@@ -167,10 +168,8 @@ INTERPRETED = types.SimpleNamespace(
 
 def _kernels_as_on_cuda(monkeypatch) -> None:
     """The layer and MoE kernels offered as on a CUDA device, for batches of at most 16 tokens
-    (a prefill keeps the torch path, as the reference run's did)."""
-    monkeypatch.setattr(
-        llama_module, "small_batch_kernels", lambda x: INTERPRETED if x.shape[0] <= 16 else None
-    )
+    (a prefill keeps the torch path, as the reference run's did); the switches still choose."""
+    monkeypatch.setattr(layers, "_cuda_kernels", lambda x: INTERPRETED if x.shape[0] <= 16 else None)
     monkeypatch.setattr(moe, "fused_moe_kernels", lambda t: fused_moe_triton if t.shape[0] <= 16 else None)
 
 
@@ -214,11 +213,14 @@ def test_with_the_switches_off_qwen3_and_moe_models_keep_the_general_path(monkey
     monkeypatch.setattr(moe, "USE_SMALL_BATCH_MOE", True)
 
     monkeypatch.setattr(layers, "FUSE_SMALL_BATCH_QWEN3", False)
+    monkeypatch.setattr(layers, "USE_FUSED_SMALL_BATCH", True)  # the dense Llama's switch
     assert model._small_batch_kernels(x) is None
     assert llama._small_batch_kernels(x) is INTERPRETED
 
     monkeypatch.setattr(layers, "FUSE_SMALL_BATCH_QWEN3", True)
+    monkeypatch.setattr(layers, "USE_FUSED_SMALL_BATCH", False)  # not needed by these models
     assert model._small_batch_kernels(x) is INTERPRETED
+    assert llama._small_batch_kernels(x) is None
     if not model.config.num_experts:
         return
     monkeypatch.setattr(moe, "USE_SMALL_BATCH_MOE", False)

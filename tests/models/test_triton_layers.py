@@ -446,14 +446,15 @@ def _fp8_packed(model, on_scaled_mm: bool):
 
 @pytest.mark.parametrize("switch", [True, False], ids=["triton-fp8", "switch-off"])
 def test_the_fused_small_batch_layer_serves_fp8_weights_through_the_small_m_kernel(monkeypatch, switch):
-    """fp8 Linears (USE_TRITON_FP8_SMALL_M on) keep the fused small-batch layer, their fp8
-    tiles and row scales fed to the small-M matmul beside the norm, SiLU and residual
-    fusions: the logits of the dense model holding the dequantized weights. With the switch
-    off, or a weight that is not on _scaled_mm's operands, the layer is not taken."""
+    """fp8 Linears (USE_TRITON_FP8_SMALL_M on) keep the fused small-batch layer under
+    USE_FUSED_SMALL_BATCH, their fp8 tiles and row scales fed to the small-M matmul beside the
+    norm, SiLU and residual fusions: the logits of the dense model holding the dequantized
+    weights. With either switch off, or a weight that is not on _scaled_mm's operands, the
+    layer is not taken."""
     import functools
     import types
 
-    from common.models import fp8_weights
+    from common.models import fp8_weights, layers
     from common.models.llama import LlamaForCausalLM
 
     monkeypatch.setattr(fp8_weights, "USE_TRITON_FP8_SMALL_M", switch)
@@ -468,7 +469,8 @@ def test_the_fused_small_batch_layer_serves_fp8_weights_through_the_small_m_kern
         rms_norm=kernels.rms_norm,
         silu_and_mul=kernels.silu_and_mul,
     )
-    monkeypatch.setattr("common.models.llama.small_batch_kernels", lambda x: interpreted)
+    monkeypatch.setattr(layers, "_cuda_kernels", lambda x: interpreted if x.shape[0] <= 16 else None)
+    monkeypatch.setattr(layers, "USE_FUSED_SMALL_BATCH", True)  # fp8 Linears take it only under this
     monkeypatch.setattr(fp8_weights, "cuda_layer_kernels", lambda x: interpreted)
     taken = []
     real_layer = type(model.layers[0]).forward_small_batch
@@ -487,6 +489,8 @@ def test_the_fused_small_batch_layer_serves_fp8_weights_through_the_small_m_kern
     on_dense = _tiny_model(device, torch.float16)
     _fp8_packed(on_dense, on_scaled_mm=False)  # a dequantized copy (the CPU's form): general path
     assert LlamaForCausalLM._small_batch_kernels(on_dense, torch.zeros(5, 256, dtype=torch.float16)) is None
+    monkeypatch.setattr(layers, "USE_FUSED_SMALL_BATCH", False)
+    assert LlamaForCausalLM._small_batch_kernels(model, torch.zeros(5, 256, dtype=torch.float16)) is None
 
 
 @pytest.mark.gpu

@@ -62,11 +62,12 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp8-small-m",
         choices=FP8_SMALL_M_PATHS,
-        default="scaled_mm",
+        default=None,
         help="with -q fp8, how fp8 matmuls of at most 16 rows run: scaled_mm (torch._scaled_mm, "
         "activations quantized per token), triton (the Triton small-M matmul, fp8 weights widened "
-        "to bf16, activations left in bf16; common.models.fp8_weights.USE_TRITON_FP8_SMALL_M) for "
-        "every figure, or both: the figures with scaled_mm and a column of graph replays with triton",
+        "to bf16, activations left in bf16; common.models.fp8_weights.USE_TRITON_FP8_SMALL_M, what "
+        "serving uses) for every figure, or both: the figures with scaled_mm and a column of graph "
+        "replays with triton (default: triton)",
     )
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one replay")
     parser.add_argument("--gemv", action="store_true", help="time each weight's matmul at batch 1")
@@ -101,13 +102,14 @@ def add_decode_step_args(parser: argparse.ArgumentParser) -> None:
 
 def run_decode_step_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table; 0 on success."""
-    if args.fp8_small_m != "scaled_mm" and args.quantization != "fp8":
+    if args.fp8_small_m is not None and args.quantization != "fp8":
         print(
             f"--fp8-small-m {args.fp8_small_m} picks the path of fp8 matmuls; pass -q fp8 with it, "
-            "or leave it at scaled_mm",
+            "or leave it out",
             file=sys.stderr,
         )
         return 2
+    args.fp8_small_m = args.fp8_small_m or "triton"
     from common.models import fp8_weights
 
     # "triton": every figure with the Triton path, set before the runner captures its graphs
