@@ -177,6 +177,24 @@ def test_the_experts_counted_are_the_distinct_ones_the_routing_picks():
     assert measured_experts_touched(model, forward) == pytest.approx(sum(seen) / len(seen))
 
 
+def test_the_experts_are_counted_on_the_layer_by_layer_path_and_the_switch_put_back(monkeypatch):
+    """The fused small-batch layer (the default on CUDA) calls no SparseMoeBlock.forward to
+    count in: the counting forward runs with it off."""
+    from common.models import layers
+
+    model = _tiny_model(**MOE)
+    x = model.embed(torch.arange(3))
+    monkeypatch.setattr(layers, "FUSE_SMALL_BATCH_QWEN3", "on")
+    during = []
+
+    def forward():
+        during.append(layers.FUSE_SMALL_BATCH_QWEN3)
+        return [layer.mlp(x) for layer in model.layers]
+
+    assert measured_experts_touched(model, forward) > 0
+    assert during == [False] and layers.FUSE_SMALL_BATCH_QWEN3 == "on"
+
+
 def test_the_fused_small_batch_path_is_refused_to_a_model_with_packed_weights(monkeypatch):
     sentinel = object()
     monkeypatch.setattr(llama, "small_batch_kernels", lambda x, qwen3_or_experts=False: sentinel)

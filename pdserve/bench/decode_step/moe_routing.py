@@ -13,13 +13,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from common.models import layers
 from common.models.fused_moe_reference import select_experts
 from common.models.moe import SparseMoeBlock
 
 
 def measured_experts_touched(model: torch.nn.Module, forward: Callable[[], object]) -> float:
     """The mean over the model's expert layers of the distinct experts the tokens of one
-    call of `forward` (an eager forward of the batch) route to."""
+    call of `forward` (an eager forward of the batch) route to. The forward runs layer by layer
+    (the fused small-batch layer off), where each block's forward is called and can be
+    counted; the routing is the same on either path."""
     counts: list[int] = []
 
     def count(block: SparseMoeBlock, args: tuple) -> None:
@@ -29,10 +32,13 @@ def measured_experts_touched(model: torch.nn.Module, forward: Callable[[], objec
 
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     handles = [block.register_forward_pre_hook(count) for block in blocks]
+    fused = layers.FUSE_SMALL_BATCH_QWEN3
+    layers.FUSE_SMALL_BATCH_QWEN3 = False
     try:
         with torch.inference_mode():
             forward()
     finally:
+        layers.FUSE_SMALL_BATCH_QWEN3 = fused
         for handle in handles:
             handle.remove()
     if not counts:
