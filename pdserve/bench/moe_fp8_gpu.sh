@@ -20,7 +20,9 @@
 #              whole model. (-q fp8 would halve it, experts included, but the issue asks for bf16.)
 # Budget: every command below runs under a deadline (BUDGET_S, default 580 s from the start), so a
 # stage ends in time and prints its table whatever part overran.
-# Needs (carry): .whl (the wheels, as every GPU script here), and for the e2e stages TOKENIZER
+# Needs (carry): .whl (the wheels, as every GPU script here: `../shared/tools/gpu-wheels.sh llguidance
+# opentelemetry-api annotated-doc`, since `pdserve bench` imports llguidance and fastapi 0.165 imports
+# the other two, which that script's --no-deps download leaves out), and for the e2e stages TOKENIZER
 # (default .bench/smollm2-tokenizer): a folder with tokenizer.json for the bench model folders
 # (pdserve bench make-model --tokenizer); without it make-model exports the embedded GGUF's with
 # transformers, if installed.
