@@ -162,27 +162,13 @@ class DecoderLayer(nn.Module):
             _small_m(kernels, kernels.silu_and_mul(gate_up), mlp.down_proj, out=stream)
 
     def _experts_small_batch(self, kernels, stream: torch.Tensor) -> None:
-        """The mixture-of-experts MLP of a small batch added into the stream: the norm (its
-        output feeds the router and the experts both, so it is not folded into a matmul), the
-        router's small-M matmul, and SparseMoeBlock.forward's small-batch call."""
-        mlp, norm = self.mlp, self.post_attention_layernorm
-        h = kernels.rms_norm(stream, norm.weight, norm.eps)
-        if kernels.small_m_matmul_fits(h, mlp.router_weight):
-            logits = kernels.small_m_matmul(h, mlp.router_weight)
-        else:
-            logits = F.linear(h, mlp.router_weight)
-        y = moe.fused_moe_kernels(h).fused_moe_small_batch(
-            h,
-            mlp.w13,
-            mlp.w2,
-            logits,
-            mlp.top_k,
-            mlp.renormalize,
-            mlp.weights_in_model_dtype,
-            mlp.w13_scale,
-            mlp.w2_scale,
-        )
-        stream.add_(y)  # rounded as the general path's next add_and_norm rounds the sum
+        """The mixture-of-experts MLP of a small batch added into the stream: the norm apart
+        (its output feeds the router and the experts both), then SparseMoeBlock.forward, which
+        takes fused_moe_small_batch for such a batch (_experts_fuse)."""
+        norm = self.post_attention_layernorm
+        stream.add_(
+            self.mlp(kernels.rms_norm(stream, norm.weight, norm.eps))
+        )  # rounded as add_and_norm rounds
 
     @staticmethod
     def _normed_matmul(
@@ -286,8 +272,10 @@ class LlamaForCausalLM(nn.Module):
         if isinstance(layer.mlp, SparseMoeBlock) and not _experts_fuse(layer.mlp, x):
             return None
         kernels = small_batch_kernels(x, qwen3_or_experts=bool(c.qk_norm or c.num_experts))
+        if kernels is None:
+            return None
         packed = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed is not None]
-        if kernels is not None and packed:
+        if packed:
             # a packed Linear's `.weight` is a zero-strided stand-in; fp8 Linears on the fused
             # layer were timed only as USE_FUSED_SMALL_BATCH's Llama choice (slower there than
             # layer by layer, docs/benchmarks.md), so FUSE_SMALL_BATCH_QWEN3 alone leaves them out

@@ -21,13 +21,12 @@ dequantized to the model's dtype once, at load, as dense fp8 layers are on the C
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.models.config import ModelConfig
 from common.models.fp8_weights import FP8, quantize_rows
 from common.models.fused_moe_reference import fused_moe, select_experts
-from common.models.layers import triton_module
+from common.models.layers import linear, triton_module
 
 USE_TRITON_MOE = True  # False: the torch reference on CUDA too (eager only: it syncs)
 # True: batches of at most SMALL_BATCH_MAX_TOKENS tokens take fused_moe_small_batch (routing,
@@ -65,7 +64,7 @@ class SparseMoeBlock(nn.Module):
         self.group = None  # a TensorParallelGroup when this rank holds a slice of every expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.router_weight)
+        logits = linear(x, self.router_weight)  # a small batch on CUDA: the Triton small-M matmul
         kernels = fused_moe_kernels(x)
         if kernels is not None and USE_SMALL_BATCH_MOE and x.shape[0] <= kernels.SMALL_BATCH_MAX_TOKENS:
             y = kernels.fused_moe_small_batch(

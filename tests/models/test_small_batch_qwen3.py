@@ -24,25 +24,8 @@ from common.models import llama as llama_module
 from common.models import triton_layers as kernels
 from common.models.layers import RMSNorm, RotaryEmbedding, _rotate
 from common.models.llama import LlamaForCausalLM
-from tests.models.test_triton_layers import _decode_step_logits
+from tests.models.test_triton_layers import DEVICE, DTYPES, MATMUL_CONFIG, _close, _decode_step_logits, _randn
 from tests.tiny_llama import tiny_config
-
-DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# on CPU the interpreter cannot time configs: one is given
-MATMUL_CONFIG = None if DEVICE.type == "cuda" else {"BLOCK_N": 16, "BLOCK_K": 32}
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    err = ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
-    assert err < TOL[dtype], f"relative error {err:.2e}"
-
-
-def _randn(*shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
-
 
 # --- the kernel --------------------------------------------------------------------------
 
